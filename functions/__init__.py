@@ -1,0 +1,1 @@
+"""Serverless entry points: the HTTP API and the scheduled dispatcher."""

@@ -1,0 +1,227 @@
+"""Executors run cloud ToDos: an async interface, a registry keyed by action, and the built-ins.
+
+An executor gets the ToDo's params (``$ref`` already resolved) and a :class:`Context`, and
+returns a JSON-ready result, or raises :class:`~shared.errors.RetryableError` (the dispatcher
+backs off and retries) or :class:`~shared.errors.PermanentError` (the ToDo fails now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+
+from shared import errors
+
+Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def _no_emit(kind: str, data: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an executor may know about the ToDo it runs."""
+
+    job_id: str
+    todo_id: str
+    key: str
+    tenant_id: str
+    attempt: int = 1
+    emit: Emit = field(default=_no_emit)
+
+
+class Executor(Protocol):
+    """Runs one ToDo."""
+
+    async def __call__(self, params: dict[str, Any], ctx: Context) -> Any: ...
+
+
+class Registry:
+    """Executors by action name; registering an action twice is an error."""
+
+    def __init__(self) -> None:
+        self._executors: dict[str, Executor] = {}
+
+    def register(self, action: str, executor: Executor) -> None:
+        if action in self._executors:
+            raise errors.RegistryError(
+                f"An executor for {action!r} is already registered; register each action once."
+            )
+        self._executors[action] = executor
+
+    def get(self, action: str) -> Executor:
+        try:
+            return self._executors[action]
+        except KeyError:
+            raise errors.RegistryError(
+                f"No executor is registered for {action!r}; it cannot run in the cloud."
+            ) from None
+
+    def __contains__(self, action: object) -> bool:
+        return action in self._executors
+
+    def actions(self) -> list[str]:
+        return sorted(self._executors)
+
+
+# --- built-ins -----------------------------------------------------------------------------
+
+
+async def noop(params: dict[str, Any], ctx: Context) -> Any:
+    """Returns its params; ``duration_ms`` makes it take that long (benchmarks, tests)."""
+    duration = params.get("duration_ms")
+    if isinstance(duration, int | float) and duration > 0:
+        await asyncio.sleep(duration / 1000)
+    return params
+
+
+async def wait(params: dict[str, Any], ctx: Context) -> Any:
+    """The timer itself lives in the dispatcher (``run_after``); this only checks the params."""
+    seconds = params.get("seconds")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        raise errors.PermanentError(
+            f"The wait ToDo {ctx.key!r} needs a non-negative number of seconds, got {seconds!r}."
+        )
+    return {"waited_seconds": seconds}
+
+
+async def notify(params: dict[str, Any], ctx: Context) -> Any:
+    """Emits a notification event that the desktop shows."""
+    note = {
+        "title": params.get("title") or "CPA",
+        "message": str(params.get("message", "")),
+        "level": params.get("level") or "info",
+    }
+    await ctx.emit("notification", {"todo_key": ctx.key, **note})
+    return {"delivered": True, **note}
+
+
+async def _system_resolve(host: str, port: int) -> list[str]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise errors.RetryableError(f"The host {host!r} could not be resolved: {exc}.") from None
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class HttpRequest:
+    """``http.request``: an outbound HTTP call guarded against private and loopback targets.
+
+    ``allow`` lists hosts or CIDR networks that may be reached even though they are not
+    public (e.g. ``127.0.0.1/32`` in tests, an internal API in production).
+    """
+
+    def __init__(
+        self,
+        *,
+        allow: Iterable[str] = (),
+        resolver: Resolver = _system_resolve,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 10.0,
+        max_body: int = 100_000,
+    ) -> None:
+        self._hosts = {a.lower() for a in allow if not _is_network(a)}
+        self._nets = [ipaddress.ip_network(a, strict=False) for a in allow if _is_network(a)]
+        self._resolver = resolver
+        self._client = client
+        self._timeout = timeout
+        self._max_body = max_body
+
+    async def check_target(self, url: str) -> None:
+        """Raise :class:`TargetRefusedError` unless every address of the URL's host is public."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise errors.PermanentError(f"The URL {url!r} must be an absolute http(s) URL.")
+        host = parts.hostname.lower()
+        if host in self._hosts:
+            return
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            addresses = await self._resolver(host, port)
+        for address in addresses:
+            ip = ipaddress.ip_address(address)
+            if any(ip in net for net in self._nets):
+                continue
+            if not ip.is_global or ip.is_multicast:
+                raise errors.TargetRefusedError(
+                    f"The URL {url!r} resolves to {address}, a private, loopback or link-local "
+                    "address; outbound requests may only reach public hosts unless "
+                    "CPA_HTTP_ALLOW lists it."
+                )
+
+    async def __call__(self, params: dict[str, Any], ctx: Context) -> Any:
+        url = str(params["url"])
+        await self.check_target(url)
+        method = str(params.get("method", "GET"))
+        headers = {str(k): str(v) for k, v in (params.get("headers") or {}).items()}
+        timeout = float(params.get("timeout", self._timeout))
+        content = str(params["body"]).encode() if "body" in params else None
+        try:
+            # Redirects are not followed: a public host could redirect to a private one.
+            client = self._client or httpx.AsyncClient(follow_redirects=False)
+            try:
+                response = await client.request(
+                    method,
+                    url,
+                    headers=headers,
+                    timeout=timeout,
+                    json=params.get("json"),
+                    content=content,
+                )
+            finally:
+                if self._client is None:
+                    await client.aclose()
+        except httpx.TimeoutException:
+            raise errors.RetryableError(f"The request to {url!r} timed out.") from None
+        except httpx.TransportError as exc:
+            raise errors.RetryableError(f"The request to {url!r} failed: {exc}.") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            raise errors.RetryableError(
+                f"The request to {url!r} answered {response.status_code}; it will be retried."
+            )
+        if response.status_code >= 400:
+            raise errors.PermanentError(
+                f"The request to {url!r} answered {response.status_code}: {response.text[:200]}"
+            )
+        result: dict[str, Any] = {
+            "status": response.status_code,
+            "headers": {"content-type": response.headers.get("content-type", "")},
+            "text": response.text[: self._max_body],
+        }
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                result["json"] = response.json()
+            except ValueError:
+                pass
+        return result
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def builtin(*, http_allow: Iterable[str] = (), resolver: Resolver | None = None) -> Registry:
+    """A registry with the built-in cloud executors."""
+    registry = Registry()
+    registry.register("noop", noop)
+    registry.register("wait", wait)
+    registry.register("notify", notify)
+    http = HttpRequest(allow=http_allow, resolver=resolver or _system_resolve)
+    registry.register("http.request", http)
+    return registry

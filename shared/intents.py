@@ -1,0 +1,192 @@
+"""Intent router: map a request text onto a plan template with case-insensitive regexes.
+
+Intents come from ``intents.yaml`` and are tried in file order; the first pattern that matches
+the normalised text (trimmed, inner whitespace collapsed) wins. Its named groups fill the plan
+template. Nothing matching gives the intent ``unknown`` and no plan: the planner takes over.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared import catalogue as catalogue_mod
+from shared import errors, graph, protocol
+
+UNKNOWN = "unknown"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_UNIT_SECONDS = {
+    **dict.fromkeys(["s", "sec", "secs", "second", "seconds", "sek", "sekunde", "sekunden"], 1),
+    **dict.fromkeys(["m", "min", "mins", "minute", "minutes", "minuten"], 60),
+    **dict.fromkeys(["h", "hour", "hours", "std", "stunde", "stunden"], 3600),
+}
+# Values the router derives from groups, and the groups each one needs.
+_DERIVED = {"seconds": ("amount", "unit")}
+
+
+class Routed(BaseModel):
+    """The outcome of routing one text."""
+
+    model_config = ConfigDict(frozen=True)
+
+    intent: str
+    text: str
+    groups: dict[str, str] = Field(default_factory=dict)
+    graph: protocol.GraphSpec | None = None
+
+
+class Intent(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    patterns: list[str] = Field(min_length=1)
+    plan: list[dict[str, Any]] = Field(min_length=1)
+    defaults: dict[str, str] = Field(default_factory=dict)
+    examples: dict[str, list[str]] = Field(default_factory=dict)
+
+
+def normalise(text: str) -> str:
+    """Trim and collapse whitespace, so routing ignores spacing."""
+    return " ".join(text.split())
+
+
+def _fill(value: Any, values: Mapping[str, Any]) -> Any:
+    if isinstance(value, str):
+        whole = _PLACEHOLDER.fullmatch(value)
+        if whole and whole.group(1) in values:
+            return values[whole.group(1)]
+        return _PLACEHOLDER.sub(lambda m: str(values.get(m.group(1), m.group(0))), value)
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, values) for v in value]
+    return value
+
+
+def _placeholders(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return set(_PLACEHOLDER.findall(value))
+    if isinstance(value, dict):
+        return set().union(*(_placeholders(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_placeholders(v) for v in value)) if value else set()
+    return set()
+
+
+class Router:
+    """Ordered intents with compiled patterns."""
+
+    def __init__(self, intents: list[Intent], catalogue: catalogue_mod.Catalogue) -> None:
+        self.intents = intents
+        self.catalogue = catalogue
+        self._compiled: list[tuple[Intent, list[re.Pattern[str]]]] = []
+        for intent in intents:
+            compiled = []
+            needed = _placeholders(intent.plan)
+            for pattern in intent.patterns:
+                try:
+                    rx = re.compile(pattern, re.IGNORECASE)
+                except re.error as exc:
+                    raise errors.ConfigError(
+                        f"The intent {intent.name!r} has an invalid pattern {pattern!r}: {exc}."
+                    ) from None
+                available = set(rx.groupindex) | set(intent.defaults)
+                available |= {d for d, src in _DERIVED.items() if set(src) <= available}
+                missing = sorted(needed - available)
+                if missing:
+                    raise errors.ConfigError(
+                        f"The intent {intent.name!r} pattern {pattern!r} has no group for "
+                        f"{', '.join(missing)}; add named groups or defaults for them."
+                    )
+                compiled.append(rx)
+            self._check_plan(intent)
+            self._compiled.append((intent, compiled))
+
+    def _check_plan(self, intent: Intent) -> None:
+        try:
+            todos = [protocol.TodoSpec.model_validate(item) for item in intent.plan]
+            spec = protocol.GraphSpec(todos=todos)
+            for todo in spec.todos:
+                self.catalogue.get(todo.key, todo.action)
+            graph.Graph(
+                graph.ToDo(
+                    key=t.key, action=t.action, params=t.params, depends_on=tuple(t.depends_on)
+                )
+                for t in spec.todos
+            )
+        except (ValidationError, errors.InvalidError) as exc:
+            raise errors.ConfigError(
+                f"The intent {intent.name!r} has an invalid plan template: {exc}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return [intent.name for intent in self.intents]
+
+    def route(self, text: str) -> Routed:
+        """The first matching intent with its filled plan, or ``unknown``."""
+        clean = normalise(text)
+        for intent, patterns in self._compiled:
+            for rx in patterns:
+                match = rx.search(clean)
+                if match is None:
+                    continue
+                groups = {k: v.strip() for k, v in match.groupdict().items() if v}
+                values: dict[str, Any] = {**intent.defaults, **groups}
+                if "amount" in values and "unit" in values:
+                    unit = _UNIT_SECONDS.get(values["unit"].lower(), 1)
+                    values["seconds"] = int(values["amount"]) * unit
+                filled = _fill(intent.plan, values)
+                spec = protocol.GraphSpec.model_validate({"todos": filled})
+                return Routed(intent=intent.name, text=clean, groups=groups, graph=spec)
+        return Routed(intent=UNKNOWN, text=clean)
+
+
+def load_from_dict(
+    data: Mapping[str, Any], catalogue: catalogue_mod.Catalogue | None = None
+) -> Router:
+    """Build a router from the parsed YAML shape ``{"intents": [...]}``."""
+    raw = data.get("intents")
+    if not isinstance(raw, list) or not raw:
+        raise errors.ConfigError("The intents file needs a non-empty 'intents' list.")
+    intents = []
+    seen: set[str] = set()
+    for index, body in enumerate(raw):
+        name = body.get("name", f"#{index}") if isinstance(body, Mapping) else f"#{index}"
+        if not isinstance(body, Mapping):
+            raise errors.ConfigError(f"The intent {name!r} must be a mapping.")
+        try:
+            intent = Intent.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise errors.ConfigError(
+                f"The intent {name!r} is malformed at {where}: {first['msg']}."
+            ) from None
+        if intent.name in seen or intent.name == UNKNOWN:
+            raise errors.ConfigError(f"The intent name {intent.name!r} is used twice or reserved.")
+        seen.add(intent.name)
+        intents.append(intent)
+    return Router(intents, catalogue or catalogue_mod.default())
+
+
+def load_yaml(text: str, catalogue: catalogue_mod.Catalogue | None = None) -> Router:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise errors.ConfigError(f"The intents file is not valid YAML: {exc}.") from None
+    if not isinstance(data, Mapping):
+        raise errors.ConfigError("The intents file must be a YAML mapping.")
+    return load_from_dict(data, catalogue)
+
+
+@functools.cache
+def default() -> Router:
+    """The router for the built-in ``shared/intents.yaml``."""
+    return load_yaml(resources.files("shared").joinpath("intents.yaml").read_text("utf-8"))
