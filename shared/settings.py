@@ -1,0 +1,79 @@
+"""Settings from the environment, validated once. Names are part of the public contract."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    """Everything configurable, read from environment variables by :func:`from_env`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    database_url: str | None = None
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("cpa-scheduler")))
+    supabase_url: str | None = None
+    supabase_jwt_secret: str | None = None
+    supabase_jwks_url: str | None = None
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    upstash_redis_rest_url: str | None = None
+    upstash_redis_rest_token: str | None = None
+    dispatch_secret: str | None = None
+    dispatch_url: str | None = None
+    api_url: str = "http://127.0.0.1:8000"
+    http_allow: tuple[str, ...] = ()
+    pool_max_size: int = 10
+
+    @property
+    def local(self) -> bool:
+        """Local (embedded) mode: no DATABASE_URL was given."""
+        return self.database_url is None
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.supabase_jwks_url:
+            return self.supabase_jwks_url
+        if self.supabase_url:
+            return self.supabase_url.rstrip("/") + "/auth/v1/.well-known/jwks.json"
+        return None
+
+    @property
+    def issuer(self) -> str | None:
+        if self.supabase_url:
+            return self.supabase_url.rstrip("/") + "/auth/v1"
+        return None
+
+
+_ENV = {
+    "database_url": "DATABASE_URL",
+    "data_dir": "CPA_DATA_DIR",
+    "supabase_url": "SUPABASE_URL",
+    "supabase_jwt_secret": "SUPABASE_JWT_SECRET",
+    "supabase_jwks_url": "SUPABASE_JWKS_URL",
+    "openai_api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "llm_model": "CPA_LLM_MODEL",
+    "upstash_redis_rest_url": "UPSTASH_REDIS_REST_URL",
+    "upstash_redis_rest_token": "UPSTASH_REDIS_REST_TOKEN",
+    "dispatch_secret": "CPA_DISPATCH_SECRET",
+    "dispatch_url": "CPA_DISPATCH_URL",
+    "api_url": "CPA_API_URL",
+}
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the process environment (or the given mapping); empty values count as unset."""
+    source = os.environ if env is None else env
+    values: dict[str, object] = {
+        field: source[name] for field, name in _ENV.items() if source.get(name, "").strip()
+    }
+    allow = source.get("CPA_HTTP_ALLOW", "")
+    values["http_allow"] = tuple(a.strip() for a in allow.split(",") if a.strip())
+    return Settings.model_validate(values)

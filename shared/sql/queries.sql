@@ -1,0 +1,109 @@
+-- Named queries of the data layer. Each block starts with "-- name: <noun>_<verb>".
+-- Parameters are psycopg placeholders; nothing here is built with string formatting.
+
+-- name: session_user_scope
+-- Impersonate an end user for this transaction, as PostgREST does.
+select set_config('role', 'authenticated', true),
+       set_config('request.jwt.claims', %(claims)s, true),
+       set_config('statement_timeout', '8s', true);
+
+-- name: session_service_scope
+select set_config('role', 'service_role', true);
+
+-- name: job_create
+select * from public.job_create_v1(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
+                                   %(idempotency_key)s, %(priority)s, %(max_retries)s);
+
+-- name: job_get
+select * from public.jobs where id = %(job_id)s;
+
+-- name: job_list
+-- Keyset pagination, newest first; the cursor is the (created_at, id) of the last row seen.
+select * from public.jobs
+ where (%(status)s::text is null or status = %(status)s::text)
+   and (%(before_created)s::timestamptz is null
+        or (created_at, id) < (%(before_created)s::timestamptz, %(before_id)s::uuid))
+ order by created_at desc, id desc
+ limit %(limit)s;
+
+-- name: job_todos
+select t.*,
+       coalesce((select array_agg(p.key order by p.key)
+                   from public.todo_edges e join public.todos p on p.id = e.depends_on_id
+                  where e.todo_id = t.id), '{}') as depends_on
+  from public.todos t
+ where t.job_id = %(job_id)s
+ order by t.created_at, t.key;
+
+-- name: job_cancel
+select * from public.job_cancel_v1(%(job_id)s);
+
+-- name: job_retry
+select * from public.job_retry_v1(%(job_id)s);
+
+-- name: todo_get
+select * from public.todos where id = %(todo_id)s;
+
+-- name: todo_claim
+select * from public.todo_claim_v1(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
+                                   %(tenant_id)s, %(actions)s);
+
+-- name: todo_complete
+select public.todo_complete_v1(%(items)s::jsonb) as n;
+
+-- name: todo_fail
+select public.todo_fail_v1(%(items)s::jsonb, %(backoff_base)s) as n;
+
+-- name: todo_release
+select public.todo_release_v1(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
+
+-- name: todo_snooze
+select public.todo_snooze_v1(%(todo_id)s, %(owner)s, %(until)s) as ok;
+
+-- name: todo_extend
+select public.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
+
+-- name: todo_confirm
+select * from public.todo_confirm_v1(%(todo_id)s, %(approved)s);
+
+-- name: todo_dependency_results
+-- The results of the direct and transitive dependencies a ToDo's $refs may read.
+select e.todo_id, p.key, p.result
+  from public.todo_edges e join public.todos p on p.id = e.depends_on_id
+ where e.todo_id = any(%(ids)s);
+
+-- name: todo_job_results
+select key, result from public.todos where job_id = %(job_id)s and status = 'done';
+
+-- name: agent_upsert
+select * from public.agent_upsert_v1(%(tenant_id)s, %(agent_key)s, %(name)s, %(actions)s);
+
+-- name: agent_claim
+select * from public.agent_claim_v1(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
+                                    %(lease_seconds)s);
+
+-- name: event_list
+select * from public.job_events
+ where job_id = %(job_id)s and id > %(after_id)s
+ order by id
+ limit %(limit)s;
+
+-- name: event_append
+insert into public.job_events (tenant_id, job_id, todo_id, kind, status, data)
+values (%(tenant_id)s, %(job_id)s, %(todo_id)s, %(kind)s, %(status)s, %(data)s::jsonb)
+returning id;
+
+-- name: tenant_ensure
+insert into public.tenants (id, name) values (%(tenant_id)s, %(name)s)
+on conflict (id) do nothing;
+
+-- name: user_ensure
+insert into auth.users (id, email) values (%(user_id)s, %(email)s)
+on conflict (id) do nothing;
+
+-- name: membership_ensure
+insert into public.memberships (tenant_id, user_id, role) values (%(tenant_id)s, %(user_id)s, %(role)s)
+on conflict (tenant_id, user_id) do nothing;
+
+-- name: tenant_of_user
+select tenant_id from public.memberships where user_id = %(user_id)s order by created_at limit 1;

@@ -1,0 +1,365 @@
+"""The data layer: psycopg 3 (async, pooled) over the named queries in ``sql/queries.sql``.
+
+Three scopes, each one transaction:
+
+- :meth:`Store.user` runs as ``authenticated`` with the verified JWT claims set locally in the
+  transaction (what PostgREST does), so row-level security decides what the caller sees;
+- :meth:`Store.service` runs as ``service_role`` (the dispatcher);
+- :meth:`Store.admin` runs as the login role, for local set-up only (tenants, users).
+
+Connections never use prepared statements (``prepare_threshold=None``), so the layer works
+through Supabase's transaction pooler. Driver errors are translated once, in :func:`translate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from shared import errors, sql
+
+Row = dict[str, Any]
+
+
+@contextlib.contextmanager
+def translate() -> Iterator[None]:
+    """Map driver errors onto domain errors."""
+    try:
+        yield
+    except pgerrors.NoDataFound as exc:  # P0002, raised by the SQL functions
+        hint = exc.diag.message_hint or "It does not exist or is not visible to you."
+        raise errors.NotFoundError(f"Not found: {hint}") from None
+    except pgerrors.ObjectNotInPrerequisiteState as exc:  # 55000
+        raise errors.ConflictError(exc.diag.message_primary or str(exc)) from None
+    except pgerrors.UniqueViolation as exc:
+        raise errors.ConflictError(
+            f"That already exists: {exc.diag.message_detail or exc.diag.message_primary}."
+        ) from None
+    except (pgerrors.InvalidParameterValue, pgerrors.InvalidTextRepresentation) as exc:
+        raise errors.InvalidError(exc.diag.message_primary or str(exc)) from None
+    except (pgerrors.CheckViolation, pgerrors.ForeignKeyViolation, pgerrors.NotNullViolation) as exc:
+        raise errors.InvalidError(
+            f"The data breaks a rule: {exc.diag.message_primary}."
+        ) from None
+    except pgerrors.InsufficientPrivilege as exc:
+        raise errors.NotFoundError(
+            f"Not found: the caller may not do this ({exc.diag.message_primary})."
+        ) from None
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise errors.UnavailableError(
+            f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
+        ) from None
+
+
+def _jsonb(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+class Session:
+    """Named operations inside one transaction."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        self.conn = conn
+
+    async def _all(self, name: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        with translate():
+            cur = await self.conn.execute(sql.get(name), params or {})
+            if cur.description is None:
+                return []
+            return list(await cur.fetchall())
+
+    async def _one(self, name: str, params: Mapping[str, Any] | None = None) -> Row | None:
+        with translate():
+            cur = await self.conn.execute(sql.get(name), params or {})
+            return await cur.fetchone()
+
+    async def _scalar(self, name: str, params: Mapping[str, Any]) -> Any:
+        row = await self._one(name, params)
+        assert row is not None
+        return next(iter(row.values()))
+
+    # jobs ---------------------------------------------------------------------------------
+
+    async def job_create(
+        self,
+        *,
+        tenant_id: uuid.UUID | str,
+        todos: Sequence[Mapping[str, Any]],
+        request: str | None = None,
+        intent: str | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        max_retries: int = 3,
+    ) -> Row:
+        row = await self._one(
+            "job_create",
+            {
+                "tenant_id": str(tenant_id),
+                "request": request,
+                "intent": intent,
+                "todos": _jsonb(list(todos)),
+                "idempotency_key": idempotency_key,
+                "priority": priority,
+                "max_retries": max_retries,
+            },
+        )
+        assert row is not None
+        return row
+
+    async def job_get(self, job_id: uuid.UUID | str) -> Row:
+        row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})
+        if row is None:
+            raise errors.NotFoundError(f"The job {job_id} does not exist or is not yours.")
+        return row
+
+    async def job_list(
+        self,
+        *,
+        status: str | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        limit: int = 50,
+    ) -> list[Row]:
+        return await self._all(
+            "job_list",
+            {
+                "status": status,
+                "before_created": before[0] if before else None,
+                "before_id": before[1] if before else None,
+                "limit": limit,
+            },
+        )
+
+    async def job_todos(self, job_id: uuid.UUID | str) -> list[Row]:
+        return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
+
+    async def job_cancel(self, job_id: uuid.UUID | str) -> Row:
+        row = await self._one("job_cancel", {"job_id": _uuid(job_id, "job")})
+        assert row is not None
+        return row
+
+    async def job_retry(self, job_id: uuid.UUID | str) -> Row:
+        row = await self._one("job_retry", {"job_id": _uuid(job_id, "job")})
+        assert row is not None
+        return row
+
+    # todos --------------------------------------------------------------------------------
+
+    async def todo_get(self, todo_id: uuid.UUID | str) -> Row:
+        row = await self._one("todo_get", {"todo_id": _uuid(todo_id, "ToDo")})
+        if row is None:
+            raise errors.NotFoundError(f"The ToDo {todo_id} does not exist or is not yours.")
+        return row
+
+    async def todo_claim(
+        self,
+        *,
+        target: str,
+        owner: str,
+        limit: int,
+        lease_seconds: float = 60.0,
+        tenant_id: uuid.UUID | str | None = None,
+        actions: Sequence[str] | None = None,
+    ) -> list[Row]:
+        return await self._all(
+            "todo_claim",
+            {
+                "target": target,
+                "owner": owner,
+                "limit": limit,
+                "lease_seconds": lease_seconds,
+                "tenant_id": str(tenant_id) if tenant_id else None,
+                "actions": list(actions) if actions is not None else None,
+            },
+        )
+
+    async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
+        return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))
+
+    async def todo_fail(
+        self, items: Sequence[Mapping[str, Any]], *, backoff_base: float = 1.0
+    ) -> int:
+        params = {"items": _jsonb(list(items)), "backoff_base": backoff_base}
+        return int(await self._scalar("todo_fail", params))
+
+    async def todo_release(
+        self, items: Sequence[Mapping[str, Any]], *, refusal: bool = False, max_refusals: int = 3
+    ) -> int:
+        params = {"items": _jsonb(list(items)), "refusal": refusal, "max_refusals": max_refusals}
+        return int(await self._scalar("todo_release", params))
+
+    async def todo_snooze(self, todo_id: uuid.UUID | str, owner: str, until: datetime) -> bool:
+        params = {"todo_id": str(todo_id), "owner": owner, "until": until}
+        return bool(await self._scalar("todo_snooze", params))
+
+    async def todo_extend(
+        self, ids: Sequence[uuid.UUID | str], owner: str, lease_seconds: float
+    ) -> int:
+        params = {"ids": [str(i) for i in ids], "owner": owner, "lease_seconds": lease_seconds}
+        return int(await self._scalar("todo_extend", params))
+
+    async def todo_confirm(self, todo_id: uuid.UUID | str, *, approved: bool = True) -> Row:
+        params = {"todo_id": _uuid(todo_id, "ToDo"), "approved": approved}
+        row = await self._one("todo_confirm", params)
+        assert row is not None
+        return row
+
+    async def todo_dependency_results(
+        self, ids: Sequence[uuid.UUID | str]
+    ) -> dict[str, dict[str, Any]]:
+        """``{todo_id: {dependency key: result}}`` for the given ToDos' direct dependencies."""
+        rows = await self._all("todo_dependency_results", {"ids": [str(i) for i in ids]})
+        out: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            out.setdefault(str(row["todo_id"]), {})[row["key"]] = row["result"]
+        return out
+
+    async def todo_job_results(self, job_id: uuid.UUID | str) -> dict[str, Any]:
+        rows = await self._all("todo_job_results", {"job_id": str(job_id)})
+        return {row["key"]: row["result"] for row in rows}
+
+    # agents -------------------------------------------------------------------------------
+
+    async def agent_upsert(
+        self, tenant_id: uuid.UUID | str, agent_key: str, name: str | None, actions: Sequence[str]
+    ) -> Row:
+        params = {
+            "tenant_id": str(tenant_id),
+            "agent_key": agent_key,
+            "name": name,
+            "actions": list(actions),
+        }
+        row = await self._one("agent_upsert", params)
+        assert row is not None
+        return row
+
+    async def agent_claim(
+        self,
+        tenant_id: uuid.UUID | str,
+        agent_key: str,
+        actions: Sequence[str] | None,
+        limit: int,
+        lease_seconds: float = 300.0,
+    ) -> list[Row]:
+        params = {
+            "tenant_id": str(tenant_id),
+            "agent_key": agent_key,
+            "actions": list(actions) if actions is not None else None,
+            "limit": limit,
+            "lease_seconds": lease_seconds,
+        }
+        return await self._all("agent_claim", params)
+
+    # events -------------------------------------------------------------------------------
+
+    async def event_list(self, job_id: uuid.UUID | str, after_id: int = 0, limit: int = 500) -> list[Row]:
+        params = {"job_id": _uuid(job_id, "job"), "after_id": after_id, "limit": limit}
+        return await self._all("event_list", params)
+
+    async def event_append(
+        self,
+        *,
+        tenant_id: uuid.UUID | str,
+        job_id: uuid.UUID | str,
+        kind: str,
+        data: Mapping[str, Any],
+        todo_id: uuid.UUID | str | None = None,
+        status: str | None = None,
+    ) -> int:
+        params = {
+            "tenant_id": str(tenant_id),
+            "job_id": str(job_id),
+            "todo_id": str(todo_id) if todo_id else None,
+            "kind": kind,
+            "status": status,
+            "data": _jsonb(dict(data)),
+        }
+        return int(await self._scalar("event_append", params))
+
+    # set-up (admin scope) -----------------------------------------------------------------
+
+    async def membership_ensure(
+        self, tenant_id: uuid.UUID | str, user_id: uuid.UUID | str, *, tenant_name: str,
+        email: str | None = None, role: str = "owner",
+    ) -> None:  # fmt: skip
+        await self._all("user_ensure", {"user_id": str(user_id), "email": email})
+        await self._all("tenant_ensure", {"tenant_id": str(tenant_id), "name": tenant_name})
+        await self._all(
+            "membership_ensure",
+            {"tenant_id": str(tenant_id), "user_id": str(user_id), "role": role},
+        )
+
+    async def tenant_of_user(self, user_id: uuid.UUID | str) -> uuid.UUID | None:
+        row = await self._one("tenant_of_user", {"user_id": str(user_id)})
+        return None if row is None else uuid.UUID(str(row["tenant_id"]))
+
+
+def _uuid(value: uuid.UUID | str, what: str) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise errors.NotFoundError(f"The {what} id {value!r} is not a valid id.") from None
+
+
+class Store:
+    """A connection pool and the three transaction scopes."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"prepare_threshold": None, "row_factory": dict_row, "autocommit": False},
+            connection_class=psycopg.AsyncConnection[DictRow],
+        )
+        self._opened = False
+
+    async def open(self) -> None:
+        if not self._opened:
+            with translate():
+                await self._pool.open(wait=True, timeout=10)
+            self._opened = True
+
+    async def close(self) -> None:
+        if self._opened:
+            await self._pool.close()
+            self._opened = False
+
+    @contextlib.asynccontextmanager
+    async def _scope(self, first: str | None, params: Mapping[str, Any]) -> AsyncIterator[Session]:
+        await self.open()
+        with translate():
+            async with self._pool.connection() as conn, conn.transaction():
+                if first is not None:
+                    await conn.execute(sql.get(first), params)
+                yield Session(conn)
+
+    def user(self, claims: Mapping[str, Any]) -> contextlib.AbstractAsyncContextManager[Session]:
+        """A transaction as ``authenticated`` with these verified claims."""
+        return self._scope("session_user_scope", {"claims": _jsonb(dict(claims))})
+
+    def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
+        """A transaction as ``service_role`` (bypasses RLS)."""
+        return self._scope("session_service_scope", {})
+
+    def admin(self) -> contextlib.AbstractAsyncContextManager[Session]:
+        """A transaction as the login role (local set-up)."""
+        return self._scope(None, {})
+
+    async def ping(self) -> bool:
+        try:
+            async with self.admin() as session:
+                await session.conn.execute("select 1")
+        except errors.UnavailableError:
+            return False
+        return True
