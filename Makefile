@@ -36,3 +36,6 @@ check: lint typecheck test ## everything CI runs
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+supabase-check: $(STAMP) ## db push + security advisors with the real Supabase CLI (needs npx)
+	$(BIN)/python scripts/supabase_check.py

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import LiteralString, cast
 
 import psycopg
 
@@ -65,7 +64,7 @@ def bootstrap(admin_url: str, directory: Path | None = None) -> None:
     with psycopg.connect(admin_url, autocommit=True, prepare_threshold=None) as conn:
         conn.execute("select pg_advisory_lock(7263001)")
         try:
-            conn.execute(cast(LiteralString, sql))
+            conn.execute(sql)
         finally:
             conn.execute("select pg_advisory_unlock(7263001)")
 
@@ -88,7 +87,7 @@ def apply(url: str, directory: Path | None = None) -> list[str]:
                 sql = migration.path.read_text("utf-8")
                 try:
                     with conn.transaction():
-                        conn.execute(cast(LiteralString, sql))
+                        conn.execute(sql)
                         conn.execute(
                             "insert into supabase_migrations.schema_migrations"
                             " (version, statements, name) values (%s, %s, %s)",

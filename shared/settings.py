@@ -16,7 +16,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     database_url: str | None = None
-    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("cpa-scheduler")))
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("cpa-scheduler"))
+    )
     supabase_url: str | None = None
     supabase_jwt_secret: str | None = None
     supabase_jwks_url: str | None = None

@@ -46,10 +46,12 @@ def translate() -> Iterator[None]:
         ) from None
     except (pgerrors.InvalidParameterValue, pgerrors.InvalidTextRepresentation) as exc:
         raise errors.InvalidError(exc.diag.message_primary or str(exc)) from None
-    except (pgerrors.CheckViolation, pgerrors.ForeignKeyViolation, pgerrors.NotNullViolation) as exc:
-        raise errors.InvalidError(
-            f"The data breaks a rule: {exc.diag.message_primary}."
-        ) from None
+    except (
+        pgerrors.CheckViolation,
+        pgerrors.ForeignKeyViolation,
+        pgerrors.NotNullViolation,
+    ) as exc:
+        raise errors.InvalidError(f"The data breaks a rule: {exc.diag.message_primary}.") from None
     except pgerrors.InsufficientPrivilege as exc:
         raise errors.NotFoundError(
             f"Not found: the caller may not do this ({exc.diag.message_primary})."
@@ -260,7 +262,9 @@ class Session:
 
     # events -------------------------------------------------------------------------------
 
-    async def event_list(self, job_id: uuid.UUID | str, after_id: int = 0, limit: int = 500) -> list[Row]:
+    async def event_list(
+        self, job_id: uuid.UUID | str, after_id: int = 0, limit: int = 500
+    ) -> list[Row]:
         params = {"job_id": _uuid(job_id, "job"), "after_id": after_id, "limit": limit}
         return await self._all("event_list", params)
 

@@ -73,7 +73,9 @@ def template_db(pg_server: Server) -> Iterator[str]:
 def db_url(pg_server: Server, template_db: str) -> Iterator[str]:
     name = f"cpa_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server.admin("postgres"), autocommit=True) as conn:
-        conn.execute(f'create database "{name}" template "{template_db}" owner "{pg_server.app_user}"')
+        conn.execute(
+            f'create database "{name}" template "{template_db}" owner "{pg_server.app_user}"'
+        )
     try:
         yield pg_server.url(name)
     finally:
@@ -126,7 +128,9 @@ JobFactory = Callable[..., Awaitable[dict[str, Any]]]
 def job_factory(db: store.Store) -> JobFactory:
     """Create a job through the service scope; todos default to one noop."""
 
-    async def make(member: Member, todos: list[dict[str, Any]] | None = None, **kw: Any) -> dict[str, Any]:
+    async def make(
+        member: Member, todos: list[dict[str, Any]] | None = None, **kw: Any
+    ) -> dict[str, Any]:
         async with db.service() as session:
             return await session.job_create(
                 tenant_id=member.tenant_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
-from typing import LiteralString, cast
+from typing import LiteralString
 
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -18,7 +18,7 @@ def parse(text: str) -> dict[str, LiteralString]:
         lines = [line for line in body.strip().splitlines() if not line.lstrip().startswith("--")]
         if name in queries:
             raise ValueError(f"The query {name!r} is defined twice in queries.sql.")
-        queries[name] = cast(LiteralString, "\n".join(lines).strip().rstrip(";"))
+        queries[name] = "\n".join(lines).strip().rstrip(";")
     return queries
 
 

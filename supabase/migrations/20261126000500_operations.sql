@@ -5,7 +5,8 @@
 -- Functions are security definer with search_path = '': end users (role authenticated) are
 -- checked against their memberships inside; the service role and the dispatcher's login role
 -- act for any tenant. Versioned (_v1) so old and new code can run side by side in a deploy.
--- Lock order everywhere: ToDos (the caller's own leased rows, then others by id), then jobs by
+-- Row locks are FOR NO KEY UPDATE: inserting job_events takes FOR KEY SHARE on the job (its
+-- foreign key), which FOR UPDATE would conflict with. Lock order everywhere: ToDos (the caller's own leased rows, then others by id), then jobs by
 -- id. That keeps concurrent completers, failers and cancellers free of deadlocks.
 
 -- create ---------------------------------------------------------------------------------------
@@ -107,12 +108,12 @@ begin
 
   perform 1 from public.todos t
    where t.job_id = any(v_jobs) and t.status in ('waiting', 'confirming', 'ready')
-   order by t.id for update;
+   order by t.id for no key update;
   update public.todos t
      set status = 'cancelled', finished_at = now(), updated_at = now()
    where t.job_id = any(v_jobs) and t.status in ('waiting', 'confirming', 'ready');
 
-  perform 1 from public.jobs j where j.id = any(v_jobs) order by j.id for update;
+  perform 1 from public.jobs j where j.id = any(v_jobs) order by j.id for no key update;
   update public.jobs j
      set status = 'failed', completed_at = now(),
          error = (select format('ToDo %L failed: %s', t.key, t.error) from public.todos t
@@ -197,7 +198,7 @@ begin
   v_share := greatest(1, ceil(p_limit::numeric / array_length(v_tenants, 1))::integer);
 
   return query
-  with picked as (
+  with picked as materialized (
     select c.id
       from unnest(v_tenants) as a(tenant_id)
       cross join lateral (
@@ -219,9 +220,12 @@ begin
      where t.id = picked.id
     returning t.*
   ), started as (
+    -- Never wait on a job row: whoever holds it is starting or completing the job already.
     update public.jobs j
        set status = 'running', started_at = coalesce(j.started_at, now())
-     where j.id in (select claimed.job_id from claimed) and j.status = 'pending'
+     where j.id in (select p.id from public.jobs p
+                     where p.id in (select claimed.job_id from claimed) and p.status = 'pending'
+                       for update skip locked)
   )
   select * from claimed;
 end;
@@ -263,7 +267,7 @@ begin
   perform 1 from public.todos c
    where c.id in (select e.todo_id from public.todo_edges e where e.depends_on_id = any(v_done))
      and c.status = 'waiting'
-   order by c.id for update;
+   order by c.id for no key update;
   with rel as (
     select e.todo_id, count(*)::integer as n
       from public.todo_edges e where e.depends_on_id = any(v_done)
@@ -279,7 +283,7 @@ begin
     from rel
    where c.id = rel.todo_id and c.status = 'waiting';
 
-  perform 1 from public.jobs j where j.id = any(v_jobs) order by j.id for update;
+  perform 1 from public.jobs j where j.id = any(v_jobs) order by j.id for no key update;
   with n as (
     select t.job_id, count(*)::integer as k from public.todos t where t.id = any(v_done) group by t.job_id
   )
@@ -485,7 +489,7 @@ begin
   -- Running ToDos finish (their results are kept); nothing new starts.
   perform 1 from public.todos t
    where t.job_id = p_job_id and t.status in ('waiting', 'confirming', 'ready')
-   order by t.id for update;
+   order by t.id for no key update;
   update public.todos t
      set status = 'cancelled', finished_at = now(), updated_at = now()
    where t.job_id = p_job_id and t.status in ('waiting', 'confirming', 'ready');
@@ -523,7 +527,7 @@ begin
   end if;
   perform 1 from public.todos t
    where t.job_id = p_job_id and t.status in ('failed', 'cancelled')
-   order by t.id for update;
+   order by t.id for no key update;
   update public.todos t
      set deps_remaining = d.open,
          status = case when d.open > 0 then 'waiting'

@@ -6,14 +6,19 @@ from shared import store
 from tests.conftest import JobFactory, MemberFactory
 
 
-async def test_diamond_runs_in_order(db: store.Store, member_factory: MemberFactory, job_factory: JobFactory) -> None:
+async def test_diamond_runs_in_order(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
     m = await member_factory()
-    job = await job_factory(m, [
-        {"key": "a", "action": "noop"},
-        {"key": "b", "action": "noop", "depends_on": ["a"]},
-        {"key": "c", "action": "noop", "depends_on": ["a"]},
-        {"key": "d", "action": "noop", "depends_on": ["b", "c"]},
-    ])
+    job = await job_factory(
+        m,
+        [
+            {"key": "a", "action": "noop"},
+            {"key": "b", "action": "noop", "depends_on": ["a"]},
+            {"key": "c", "action": "noop", "depends_on": ["a"]},
+            {"key": "d", "action": "noop", "depends_on": ["b", "c"]},
+        ],
+    )
     seen = []
     for _ in range(4):
         async with db.service() as s:
@@ -21,7 +26,12 @@ async def test_diamond_runs_in_order(db: store.Store, member_factory: MemberFact
             if not claimed:
                 break
             seen.append(sorted(r["key"] for r in claimed))
-            await s.todo_complete([{"id": str(r["id"]), "owner": "w", "attempt": r["attempts"], "result": {}} for r in claimed])
+            await s.todo_complete(
+                [
+                    {"id": str(r["id"]), "owner": "w", "attempt": r["attempts"], "result": {}}
+                    for r in claimed
+                ]
+            )
     assert seen == [["a"], ["b", "c"], ["d"]]
     async with db.user(m.claims) as s:
         assert (await s.job_get(job["id"]))["status"] == "done"
