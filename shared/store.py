@@ -331,6 +331,9 @@ class Store:
     async def open(self) -> None:
         if not self._opened:
             with translate():
+                # One direct connection first: a wrong URL fails now, with the server's reason.
+                probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=10)
+                await probe.close()
                 await self._pool.open(wait=True, timeout=10)
             self._opened = True
 

@@ -1,0 +1,257 @@
+"""The dispatch pass: claim ready cloud ToDos, run them concurrently, complete them in groups.
+
+Ready-driven, not level-by-level: whenever capacity frees up the pass claims again, so a ToDo
+released by a completion starts in the same pass and a job's makespan approaches its critical
+path. Completions and failures that finish close together are committed in one transaction.
+Leases are extended while a ToDo runs longer than half its lease. ``wait`` ToDos are timers:
+the first claim parks them with ``run_after`` (no worker is held), the claim after the timer
+completes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared import errors, executor, graph, store
+
+NO_LLM = (
+    "No LLM provider is configured, so {action!r} cannot run; "
+    "set OPENAI_API_KEY or OPENAI_BASE_URL."
+)
+
+
+@dataclass
+class Summary:
+    """What one pass did."""
+
+    claimed: int = 0
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    timers: int = 0
+    elapsed: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "claimed": self.claimed,
+            "done": self.done,
+            "failed": self.failed,
+            "retried": self.retried,
+            "timers": self.timers,
+            "elapsed": round(self.elapsed, 3),
+        }
+
+
+@dataclass
+class _Outcome:
+    row: dict[str, Any]
+    result: Any = None
+    error: str | None = None
+    retryable: bool = False
+    snooze_until: datetime | None = None
+
+
+def resolve_refs(params: Any, results: Mapping[str, Any], key: str) -> Any:
+    """Replace every ``{"$ref": "dep.result.path"}`` with the value it names."""
+    if graph.is_ref(params):
+        ref = str(params[graph.REF_KEY])
+        source, _, rest = ref.partition(".")
+        if source not in results:
+            raise errors.PermanentError(
+                f"The ToDo {key!r} references {ref!r}, but {source!r} has no result; "
+                "it must be a finished dependency."
+            )
+        value: Any = results[source]
+        parts = rest.split(".") if rest else []
+        if parts and parts[0] == "result":
+            parts = parts[1:]
+        for part in parts:
+            if isinstance(value, Mapping) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                raise errors.PermanentError(
+                    f"The ToDo {key!r} references {ref!r}, but the result of {source!r} "
+                    f"has no {part!r}."
+                )
+        return value
+    if isinstance(params, dict):
+        return {k: resolve_refs(v, results, key) for k, v in params.items()}
+    if isinstance(params, list):
+        return [resolve_refs(v, results, key) for v in params]
+    return params
+
+
+@dataclass
+class Dispatcher:
+    """Runs dispatch passes against a store with a registry of cloud executors."""
+
+    store: store.Store
+    registry: executor.Registry = field(default_factory=executor.builtin)
+    owner: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex[:12]}")
+    concurrency: int = 64
+    batch: int = 50
+    lease_seconds: float = 60.0
+    backoff_base: float = 1.0
+
+    async def run_pass(self, budget: float, *, stop: asyncio.Event | None = None) -> Summary:
+        """One pass: claim and run until no work is ready, the budget is spent or ``stop`` is set."""
+        started = time.monotonic()
+        deadline = started + budget
+        summary = Summary()
+        running: dict[asyncio.Task[_Outcome], dict[str, Any]] = {}
+        outcomes: list[_Outcome] = []
+        extender = asyncio.create_task(self._extend_leases(running))
+        try:
+            while True:
+                stopping = (stop is not None and stop.is_set()) or time.monotonic() >= deadline
+                free = self.concurrency - len(running)
+                if not stopping and free > 0:
+                    rows = await self._claim(min(free, self.batch))
+                    summary.claimed += len(rows)
+                    results = await self._results_for(rows)
+                    for row in rows:
+                        task = asyncio.create_task(self._run_one(row, results))
+                        running[task] = row
+                if not running:
+                    break
+                timeout = max(0.0, deadline - time.monotonic()) if not stopping else None
+                done, _ = await asyncio.wait(
+                    running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    running.pop(task)
+                    outcomes.append(task.result())
+                if outcomes:
+                    await self._flush(outcomes, summary)
+                    outcomes = []
+                if not done and time.monotonic() >= deadline:
+                    # Out of time with work still running: give the leases back.
+                    await self._release(list(running.values()))
+                    for task in running:
+                        task.cancel()
+                    running.clear()
+                    break
+        finally:
+            extender.cancel()
+        summary.elapsed = time.monotonic() - started
+        return summary
+
+    async def _claim(self, limit: int) -> list[dict[str, Any]]:
+        async with self.store.service() as session:
+            return await session.todo_claim(
+                target="cloud", owner=self.owner, limit=limit, lease_seconds=self.lease_seconds
+            )
+
+    async def _results_for(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        jobs = {str(r["job_id"]) for r in rows if any(graph.iter_refs(r["params"]))}
+        if not jobs:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        async with self.store.service() as session:
+            for job_id in jobs:
+                out[job_id] = await session.todo_job_results(job_id)
+        return out
+
+    async def _run_one(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
+        key = row["key"]
+        try:
+            params = resolve_refs(row["params"], results.get(str(row["job_id"]), {}), key)
+            if row["action"] == "wait" and row["timer_until"] is None:
+                seconds = params.get("seconds") if isinstance(params, dict) else None
+                await executor.wait({"seconds": seconds}, self._context(row))
+                assert isinstance(seconds, int | float)
+                until = datetime.now(UTC) + timedelta(seconds=float(seconds))
+                return _Outcome(row, snooze_until=until)
+            if row["action"] in ("llm.generate", "plan") and row["action"] not in self.registry:
+                raise errors.PermanentError(NO_LLM.format(action=row["action"]))
+            run = self.registry.get(row["action"])
+            result = await run(params, self._context(row))
+            return _Outcome(row, result=result)
+        except errors.RetryableError as exc:
+            return _Outcome(row, error=exc.message, retryable=True)
+        except errors.CpaError as exc:
+            return _Outcome(row, error=exc.message)
+        except Exception as exc:  # an executor bug must not take the pass down
+            return _Outcome(row, error=f"The executor for {row['action']!r} crashed: {exc!r}")
+
+    def _context(self, row: dict[str, Any]) -> executor.Context:
+        async def emit(kind: str, data: dict[str, Any]) -> None:
+            async with self.store.service() as session:
+                await session.event_append(
+                    tenant_id=row["tenant_id"], job_id=row["job_id"], todo_id=row["id"],
+                    kind=kind, data=data,
+                )  # fmt: skip
+
+        return executor.Context(
+            job_id=str(row["job_id"]),
+            todo_id=str(row["id"]),
+            key=row["key"],
+            tenant_id=str(row["tenant_id"]),
+            attempt=row["attempts"],
+            emit=emit,
+        )
+
+    async def _flush(self, outcomes: list[_Outcome], summary: Summary) -> None:
+        done = [o for o in outcomes if o.error is None and o.snooze_until is None]
+        failed = [o for o in outcomes if o.error is not None]
+        timers = [o for o in outcomes if o.snooze_until is not None]
+        async with self.store.service() as session:
+            if done:
+                summary.done += await session.todo_complete(
+                    [self._item(o.row) | {"result": _jsonable(o.result)} for o in done]
+                )
+            if failed:
+                items = [
+                    self._item(o.row) | {"error": o.error, "retryable": o.retryable} for o in failed
+                ]
+                await session.todo_fail(items, backoff_base=self.backoff_base)
+                for o in failed:
+                    if o.retryable and o.row["attempts"] < o.row["max_attempts"]:
+                        summary.retried += 1
+                    else:
+                        summary.failed += 1
+            for o in timers:
+                assert o.snooze_until is not None
+                await session.todo_snooze(o.row["id"], self.owner, o.snooze_until)
+                summary.timers += 1
+
+    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"id": str(row["id"]), "owner": self.owner, "attempt": row["attempts"]}
+
+    async def _release(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            async with self.store.service() as session:
+                await session.todo_release([self._item(r) for r in rows])
+
+    async def _extend_leases(self, running: dict[asyncio.Task[_Outcome], dict[str, Any]]) -> None:
+        half = self.lease_seconds / 2
+        while True:
+            await asyncio.sleep(half / 2)
+            now = datetime.now(UTC)
+            long = [
+                r["id"]
+                for r in running.values()
+                if r["lease_expires_at"] is not None
+                and r["lease_expires_at"] - now < timedelta(seconds=half)
+            ]
+            if long:
+                async with self.store.service() as session:
+                    await session.todo_extend(long, self.owner, self.lease_seconds)
+                new_expiry = now + timedelta(seconds=self.lease_seconds)
+                for r in running.values():
+                    if r["id"] in long:
+                        r["lease_expires_at"] = new_expiry
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool | list | dict):
+        return value
+    return str(value)

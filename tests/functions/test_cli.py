@@ -1,0 +1,65 @@
+"""The CLI commands implemented so far, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from shared import cli
+
+
+def test_route_shows_intent_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["route", "Erinnere mich morgen um 9 an den Zahnarzt"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["intent"] == "reminder"
+    assert out["plan"][0]["params"] == {"text": "den Zahnarzt", "at": "morgen um 9"}
+
+
+def test_route_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["route", "Bestelle eine Pizza"]) == 0
+    assert json.loads(capsys.readouterr().out)["intent"] == "unknown"
+
+
+def test_migrate_and_dispatch_once_in_a_subprocess(db_url: str) -> None:
+    env = {"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(db_url) as conn:
+        n = conn.execute("select count(*) from supabase_migrations.schema_migrations").fetchone()
+        assert n is not None and n[0] >= 5
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "dispatch", "--once", "--budget", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["claimed"] == 0
+
+
+def test_bad_database_url_is_a_clear_error() -> None:
+    env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "dispatch", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: The database is unavailable: connection failed")
+    assert "port 1" in done.stderr

@@ -1,0 +1,117 @@
+"""The Lambda dispatcher handler with committed event fixtures and a fake context."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import functions.dispatcher as fn
+from shared import dispatch, store
+from tests.conftest import JobFactory, MemberFactory
+
+EVENTS = Path(__file__).parents[1] / "fixtures" / "events"
+
+
+def load_event(name: str) -> dict[str, Any]:
+    return json.loads((EVENTS / name).read_text())
+
+
+class FakeContext:
+    def __init__(self, remaining_ms: int) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+@pytest.fixture
+def wired(db: store.Store, monkeypatch: pytest.MonkeyPatch) -> dispatch.Dispatcher:
+    """Point the module-scope dispatcher at the test database, on the test's loop."""
+    d = dispatch.Dispatcher(db)
+    monkeypatch.setattr(fn, "_dispatcher", d)
+    monkeypatch.setenv("CPA_DISPATCH_SECRET", "kick-secret")
+    return d
+
+
+def test_parses_every_event_shape() -> None:
+    assert fn.Invocation.parse(load_event("scheduler.json")).source == "scheduler"
+    assert fn.Invocation.parse(load_event("eventbridge_scheduled.json")).source == "eventbridge"
+    kick = fn.Invocation.parse(load_event("function_url_kick.json"))
+    assert kick.source == "http" and kick.authorization == "Bearer kick-secret"
+    assert fn.Invocation.parse({}).source == "scheduler"
+
+
+def test_budget_leaves_a_margin() -> None:
+    assert fn.budget(FakeContext(10_000)) == pytest.approx(10 - fn.SAFETY_MARGIN_S)
+    assert fn.budget(FakeContext(1_000)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "name", ["scheduler.json", "eventbridge_scheduled.json", "function_url_kick.json"]
+)
+async def test_handler_runs_a_pass(
+    name: str, wired: dispatch.Dispatcher, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    await job_factory(m, [{"key": f"k{i}", "action": "noop"} for i in range(20)])
+    summary = await wired.run_pass(fn.budget(FakeContext(30_000)))  # what handler() runs
+    assert summary.done == 20
+    invocation = fn.Invocation.parse(load_event(name))
+    if invocation.source == "http":
+        assert fn._authorized(invocation)
+
+
+async def test_short_context_stops_in_time(
+    wired: dispatch.Dispatcher, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    await job_factory(m, [{"key": "slow", "action": "noop", "params": {"duration_ms": 5000}}])
+    summary = await wired.run_pass(fn.budget(FakeContext(3_500)))
+    assert summary.elapsed < 2.0 and summary.done == 0
+
+
+def test_kick_with_a_wrong_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CPA_DISPATCH_SECRET", "other")
+    answer = fn.handler(load_event("function_url_kick.json"), FakeContext(10_000))
+    assert answer["statusCode"] == 401
+    assert "CPA_DISPATCH_SECRET" in json.loads(answer["body"])["detail"]
+
+
+@pytest.mark.parametrize(
+    "name", ["scheduler.json", "eventbridge_scheduled.json", "function_url_kick.json"]
+)
+async def test_real_handler_end_to_end(
+    name: str,
+    db_url: str,
+    db: store.Store,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    m = await member_factory()
+    job = await job_factory(
+        m, [{"key": "a", "action": "noop"}, {"key": "b", "action": "noop", "depends_on": ["a"]}]
+    )
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("CPA_DISPATCH_SECRET", "kick-secret")
+    monkeypatch.setattr(fn, "_loop", None)
+    monkeypatch.setattr(fn, "_dispatcher", None)
+    try:
+        answer = await asyncio.to_thread(fn.handler, load_event(name), FakeContext(20_000))
+    finally:
+
+        def close() -> None:
+            if fn._dispatcher is not None and fn._loop is not None:
+                fn._loop.run_until_complete(fn._dispatcher.store.close())
+                fn._loop.close()
+
+        await asyncio.to_thread(close)
+    summary = json.loads(answer["body"]) if "body" in answer else answer
+    assert summary["done"] == 2 and summary["claimed"] == 2
+    async with db.user(m.claims) as s:
+        assert (await s.job_get(job["id"]))["status"] == "done"

@@ -1,0 +1,165 @@
+"""The dispatch pass against real Postgres: dependency order, timers, refs, errors."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from shared import dispatch, errors, executor, store
+from tests.conftest import JobFactory, Member, MemberFactory
+
+
+async def todos_of(db: store.Store, m: Member, job_id: Any) -> dict[str, dict[str, Any]]:
+    async with db.user(m.claims) as s:
+        return {t["key"]: t for t in await s.job_todos(job_id)}
+
+
+async def test_random_dag_start_times_respect_dependencies(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    rnd = random.Random(7)
+    todos = []
+    for i in range(100):
+        deps = sorted({f"t{rnd.randrange(i)}" for _ in range(rnd.randint(0, 3))}) if i else []
+        todos.append(
+            {"key": f"t{i}", "action": "noop", "params": {"duration_ms": 5}, "depends_on": deps}
+        )
+    m = await member_factory()
+    job = await job_factory(m, todos)
+    summary = await dispatch.Dispatcher(db, concurrency=16).run_pass(60)
+    assert summary.done == 100 and summary.failed == 0
+    rows = await todos_of(db, m, job["id"])
+    for t in todos:
+        for dep in t["depends_on"]:
+            assert rows[t["key"]]["started_at"] >= rows[dep]["finished_at"]
+    async with db.user(m.claims) as s:
+        assert (await s.job_get(job["id"]))["status"] == "done"
+
+
+async def test_refs_are_resolved_from_dependency_results(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(
+        m,
+        [
+            {"key": "a", "action": "noop", "params": {"text": "hallo", "items": [1, 2]}},
+            {"key": "b", "action": "noop", "depends_on": ["a"]},
+            {
+                "key": "c",
+                "action": "noop",
+                "depends_on": ["b"],
+                "params": {"t": {"$ref": "a.result.text"}, "second": {"$ref": "a.result.items.1"}},
+            },
+        ],
+    )
+    await dispatch.Dispatcher(db).run_pass(30)
+    rows = await todos_of(db, m, job["id"])
+    assert rows["c"]["result"] == {"t": "hallo", "second": 2}
+
+
+async def test_missing_ref_fails_with_its_name(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(
+        m,
+        [
+            {"key": "a", "action": "noop", "params": {"text": "x"}},
+            {
+                "key": "b",
+                "action": "noop",
+                "depends_on": ["a"],
+                "params": {"t": {"$ref": "a.result.nope"}},
+            },
+        ],
+    )
+    summary = await dispatch.Dispatcher(db).run_pass(30)
+    assert summary.failed == 1
+    async with db.user(m.claims) as s:
+        final = await s.job_get(job["id"])
+    assert final["status"] == "failed" and "'a.result.nope'" in final["error"]
+
+
+async def test_wait_is_a_timer_that_holds_no_worker(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(
+        m,
+        [
+            {"key": "w", "action": "wait", "params": {"seconds": 0.5}},
+            {"key": "n", "action": "notify", "depends_on": ["w"], "params": {"message": "Tee!"}},
+        ],
+    )
+    d = dispatch.Dispatcher(db)
+    first = await d.run_pass(5)
+    assert first.timers == 1 and first.done == 0  # parked, the pass ended at once
+    assert first.elapsed < 0.5
+    rows = await todos_of(db, m, job["id"])
+    assert rows["w"]["status"] == "ready" and rows["w"]["timer_until"] is not None
+    import asyncio
+
+    await asyncio.sleep(0.6)
+    second = await d.run_pass(5)
+    assert second.done == 2
+    async with db.user(m.claims) as s:
+        events = await s.event_list(job["id"])
+    assert any(e["kind"] == "notification" and e["data"]["message"] == "Tee!" for e in events)
+
+
+async def test_llm_actions_fail_clearly_without_a_provider(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(
+        m,
+        [
+            {"key": "g", "action": "llm.generate", "params": {"prompt": "hi"}},
+            {"key": "ok", "action": "noop"},
+        ],
+    )
+    summary = await dispatch.Dispatcher(db).run_pass(10)
+    assert summary.failed == 1
+    async with db.user(m.claims) as s:
+        final = await s.job_get(job["id"])
+    assert "No LLM provider is configured" in final["error"]
+
+
+async def test_retryable_errors_back_off(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    calls = 0
+
+    async def flaky(params: dict[str, Any], ctx: executor.Context) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls < 2:
+            raise errors.RetryableError("upstream 503")
+        return {"ok": True}
+
+    reg = executor.builtin()
+    reg.register("flaky", flaky)
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "f", "action": "flaky"}])
+    d = dispatch.Dispatcher(db, registry=reg, backoff_base=0.2)
+    first = await d.run_pass(5)
+    assert first.retried == 1
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    second = await d.run_pass(5)
+    assert second.done == 1
+    rows = await todos_of(db, m, job["id"])
+    assert rows["f"]["attempts"] == 2 and rows["f"]["result"] == {"ok": True}
+
+
+async def test_budget_stops_the_pass_and_releases_leases(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "slow", "action": "noop", "params": {"duration_ms": 3000}}])
+    summary = await dispatch.Dispatcher(db).run_pass(0.3)
+    assert summary.elapsed < 1.5 and summary.done == 0
+    rows = await todos_of(db, m, job["id"])
+    assert rows["slow"]["status"] == "ready" and rows["slow"]["attempts"] == 0
