@@ -1,6 +1,6 @@
 """The ``cpa-scheduler`` command line: the local host of the same functions.
 
-Implemented so far: ``migrate``, ``route`` and ``dispatch --once``.
+Implemented so far: ``migrate``, ``route`` and ``dispatch``.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -34,22 +35,31 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _dispatch_once(budget: float) -> dict[str, object]:
+async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
     config = settings.from_env()
-    db = store.Store(database.prepare(config, migrate=config.local))
+    url = database.prepare(config, migrate=config.local)
+    db = store.Store(url)
+    dispatcher = dispatch.Dispatcher(
+        db,
+        registry=executor.builtin(http_allow=config.http_allow),
+        concurrency=args.concurrency,
+        lease_seconds=args.lease,
+    )
     try:
-        registry = executor.builtin(http_allow=config.http_allow)
-        summary = await dispatch.Dispatcher(db, registry=registry).run_pass(budget)
-        return summary.as_dict()
+        if args.once:
+            return (await dispatcher.run_pass(args.budget)).as_dict()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("dispatcher: running; SIGTERM stops it after the ToDos it holds.", file=sys.stderr)
+        return (await dispatcher.run_forever(url, stop=stop)).as_dict()
     finally:
         await db.close()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if not args.once:
-        print("Only 'dispatch --once' is available so far.", file=sys.stderr)
-        return 2
-    print(json.dumps(asyncio.run(_dispatch_once(args.budget))))
+    print(json.dumps(asyncio.run(_dispatch_run(args))))
     return 0
 
 
@@ -60,9 +70,15 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("route", help="show which intent and plan a text maps to")
     r.add_argument("text")
     r.set_defaults(run=_route)
-    d = sub.add_parser("dispatch", help="run one dispatch pass, as the scheduled function does")
-    d.add_argument("--once", action="store_true", help="run one pass and exit")
+    d = sub.add_parser(
+        "dispatch", help="run the dispatcher (long-running, or one pass with --once)"
+    )
+    d.add_argument(
+        "--once", action="store_true", help="run one pass, as the scheduled function does"
+    )
     d.add_argument("--budget", type=float, default=50.0, help="seconds the pass may run")
+    d.add_argument("--lease", type=float, default=60.0, help="lease seconds per claimed ToDo")
+    d.add_argument("--concurrency", type=int, default=64, help="ToDos run at once")
     d.set_defaults(run=_dispatch)
     return p
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from shared import errors, executor, graph, store
 
 NO_LLM = (
@@ -101,8 +103,18 @@ class Dispatcher:
     lease_seconds: float = 60.0
     backoff_base: float = 1.0
 
-    async def run_pass(self, budget: float, *, stop: asyncio.Event | None = None) -> Summary:
-        """One pass: claim and run until no work is ready, the budget is spent or ``stop`` is set."""
+    async def run_pass(
+        self,
+        budget: float,
+        *,
+        stop: asyncio.Event | None = None,
+        wake: asyncio.Event | None = None,
+    ) -> Summary:
+        """One pass: claim and run until no work is ready, the budget is spent or ``stop`` is set.
+
+        ``wake`` (set by LISTEN/NOTIFY in long-running mode) makes a pass that is waiting on
+        running ToDos claim again at once, so new work does not wait for a completion.
+        """
         started = time.monotonic()
         deadline = started + budget
         summary = Summary()
@@ -114,6 +126,8 @@ class Dispatcher:
                 stopping = (stop is not None and stop.is_set()) or time.monotonic() >= deadline
                 free = self.concurrency - len(running)
                 if not stopping and free > 0:
+                    if wake is not None:
+                        wake.clear()  # before the claim: a later NOTIFY wakes the wait below
                     rows = await self._claim(min(free, self.batch))
                     summary.claimed += len(rows)
                     results = await self._results_for(rows)
@@ -123,12 +137,22 @@ class Dispatcher:
                 if not running:
                     break
                 timeout = max(0.0, deadline - time.monotonic()) if not stopping else None
+                waiters: set[asyncio.Future[Any]] = set(running)
+                woken: asyncio.Task[bool] | None = None
+                if wake is not None and not stopping and len(running) < self.concurrency:
+                    woken = asyncio.create_task(wake.wait())
+                    waiters.add(woken)
                 done, _ = await asyncio.wait(
-                    running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in done:
-                    running.pop(task)
-                    outcomes.append(task.result())
+                if woken is not None:
+                    woken.cancel()
+                    done.discard(woken)
+                for finished in done:
+                    running.pop(finished)  # type: ignore[call-overload]
+                    outcomes.append(finished.result())
+                if woken is not None and not done and time.monotonic() < deadline:
+                    continue
                 if outcomes:
                     await self._flush(outcomes, summary)
                     outcomes = []
@@ -143,6 +167,41 @@ class Dispatcher:
             extender.cancel()
         summary.elapsed = time.monotonic() - started
         return summary
+
+    async def run_forever(
+        self, listen_url: str, *, stop: asyncio.Event, sweep_interval: float = 1.0
+    ) -> Summary:
+        """Long-running mode: passes woken by ``NOTIFY cpa_todo_ready``, plus a periodic sweep
+        for timers, backoff and expired leases. Returns when ``stop`` is set, after the ToDos it
+        holds have finished."""
+        total = Summary()
+        wake = asyncio.Event()
+        conn = await psycopg.AsyncConnection.connect(listen_url, autocommit=True)
+        await conn.execute("listen cpa_todo_ready")
+
+        async def listen() -> None:
+            async for _ in conn.notifies():
+                wake.set()
+
+        listener = asyncio.create_task(listen())
+        try:
+            while not stop.is_set():
+                wake.clear()
+                summary = await self.run_pass(3600.0, stop=stop, wake=wake)
+                for name in ("claimed", "done", "failed", "retried", "timers"):
+                    setattr(total, name, getattr(total, name) + getattr(summary, name))
+                if stop.is_set():
+                    break
+                sleepers = [asyncio.create_task(wake.wait()), asyncio.create_task(stop.wait())]
+                await asyncio.wait(
+                    sleepers, timeout=sweep_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                for sleeper in sleepers:
+                    sleeper.cancel()
+        finally:
+            listener.cancel()
+            await conn.close()
+        return total
 
     async def _claim(self, limit: int) -> list[dict[str, Any]]:
         async with self.store.service() as session:

@@ -228,6 +228,10 @@ class Session:
         rows = await self._all("todo_job_results", {"job_id": str(job_id)})
         return {row["key"]: row["result"] for row in rows}
 
+    async def todo_note(self, todo_id: uuid.UUID | str, kind: str, data: Mapping[str, Any]) -> int:
+        params = {"todo_id": _uuid(todo_id, "ToDo"), "kind": kind, "data": _jsonb(dict(data))}
+        return int(await self._scalar("todo_note", params))
+
     # agents -------------------------------------------------------------------------------
 
     async def agent_upsert(

@@ -107,3 +107,6 @@ on conflict (tenant_id, user_id) do nothing;
 
 -- name: tenant_of_user
 select tenant_id from public.memberships where user_id = %(user_id)s order by created_at limit 1;
+
+-- name: todo_note
+select public.todo_note_v1(%(todo_id)s, %(kind)s, %(data)s::jsonb) as id;
