@@ -39,6 +39,14 @@ class Summary:
     timers: int = 0
     elapsed: float = 0.0
 
+    def add(self, other: Summary) -> None:
+        """Add another summary's counts to this one."""
+        self.claimed += other.claimed
+        self.done += other.done
+        self.failed += other.failed
+        self.retried += other.retried
+        self.timers += other.timers
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "claimed": self.claimed,
@@ -98,8 +106,9 @@ class Dispatcher:
     store: store.Store
     registry: executor.Registry = field(default_factory=executor.builtin)
     owner: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex[:12]}")
-    concurrency: int = 64
-    batch: int = 50
+    concurrency: int = 128
+    batch: int = 100
+    lanes: int = 2
     lease_seconds: float = 60.0
     backoff_base: float = 1.0
 
@@ -114,32 +123,63 @@ class Dispatcher:
 
         ``wake`` (set by LISTEN/NOTIFY in long-running mode) makes a pass that is waiting on
         running ToDos claim again at once, so new work does not wait for a completion.
+        The pass runs ``lanes`` claim loops side by side (each with its share of the
+        concurrency): one loop leaves the database idle while it waits on its own round trips.
         """
+        started = time.monotonic()
+        share = max(1, self.concurrency // self.lanes)
+        parts = await asyncio.gather(
+            *(self._lane(budget, share, stop, wake) for _ in range(self.lanes))
+        )
+        total = Summary()
+        for part in parts:
+            total.add(part)
+        total.elapsed = time.monotonic() - started
+        return total
+
+    async def _lane(
+        self,
+        budget: float,
+        concurrency: int,
+        stop: asyncio.Event | None,
+        wake: asyncio.Event | None,
+    ) -> Summary:
         started = time.monotonic()
         deadline = started + budget
         summary = Summary()
         running: dict[asyncio.Task[_Outcome], dict[str, Any]] = {}
-        outcomes: list[_Outcome] = []
+        pending: list[_Outcome] = []  # finished, waiting for the next flush
+        flushing: asyncio.Task[None] | None = None
+        need_claim = True  # a claim must follow every flush: it may have released dependents
         extender = asyncio.create_task(self._extend_leases(running))
         try:
             while True:
                 stopping = (stop is not None and stop.is_set()) or time.monotonic() >= deadline
-                free = self.concurrency - len(running)
+                free = concurrency - len(running) - len(pending)
                 if not stopping and free > 0:
                     if wake is not None:
                         wake.clear()  # before the claim: a later NOTIFY wakes the wait below
                     rows = await self._claim(min(free, self.batch))
+                    need_claim = False
                     summary.claimed += len(rows)
                     results = await self._results_for(rows)
                     for row in rows:
                         task = asyncio.create_task(self._run_one(row, results))
                         running[task] = row
-                if not running:
-                    break
+                if flushing is None and pending:
+                    # Completions commit in the background while the next claim runs.
+                    flushing = asyncio.create_task(self._flush(pending, summary))
+                    pending = []
+                if not running and not pending and flushing is None:
+                    if stopping or not need_claim:
+                        break
+                    continue
                 timeout = max(0.0, deadline - time.monotonic()) if not stopping else None
                 waiters: set[asyncio.Future[Any]] = set(running)
+                if flushing is not None:
+                    waiters.add(flushing)
                 woken: asyncio.Task[bool] | None = None
-                if wake is not None and not stopping and len(running) < self.concurrency:
+                if wake is not None and not stopping and len(running) < concurrency:
                     woken = asyncio.create_task(wake.wait())
                     waiters.add(woken)
                 done, _ = await asyncio.wait(
@@ -148,23 +188,30 @@ class Dispatcher:
                 if woken is not None:
                     woken.cancel()
                     done.discard(woken)
+                if flushing is not None and flushing in done:
+                    done.discard(flushing)
+                    flushing.result()
+                    flushing = None
+                    need_claim = True
                 for finished in done:
                     running.pop(finished)  # type: ignore[call-overload]
-                    outcomes.append(finished.result())
-                if woken is not None and not done and time.monotonic() < deadline:
-                    continue
-                if outcomes:
-                    await self._flush(outcomes, summary)
-                    outcomes = []
-                if not done and time.monotonic() >= deadline:
+                    pending.append(finished.result())
+                if not done and running and time.monotonic() >= deadline:
                     # Out of time with work still running: give the leases back.
+                    if flushing is not None:
+                        await flushing
+                        flushing = None
                     await self._release(list(running.values()))
                     for task in running:
                         task.cancel()
                     running.clear()
+                    if pending:
+                        await self._flush(pending, summary)
                     break
         finally:
             extender.cancel()
+            if flushing is not None:
+                await flushing
         summary.elapsed = time.monotonic() - started
         return summary
 
@@ -187,9 +234,7 @@ class Dispatcher:
         try:
             while not stop.is_set():
                 wake.clear()
-                summary = await self.run_pass(3600.0, stop=stop, wake=wake)
-                for name in ("claimed", "done", "failed", "retried", "timers"):
-                    setattr(total, name, getattr(total, name) + getattr(summary, name))
+                total.add(await self.run_pass(3600.0, stop=stop, wake=wake))
                 if stop.is_set():
                     break
                 sleepers = [asyncio.create_task(wake.wait()), asyncio.create_task(stop.wait())]

@@ -13,6 +13,7 @@ through Supabase's transaction pooler. Driver errors are translated once, in :fu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import uuid
@@ -331,15 +332,22 @@ class Store:
             connection_class=psycopg.AsyncConnection[DictRow],
         )
         self._opened = False
+        self._opening: asyncio.Lock | None = None
 
     async def open(self) -> None:
-        if not self._opened:
+        if self._opened:
+            return
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # concurrent first users must not open the pool twice
+            if self._opened:
+                return
             with translate():
                 # One direct connection first: a wrong URL fails now, with the server's reason.
                 probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=10)
                 await probe.close()
                 await self._pool.open(wait=True, timeout=10)
-            self._opened = True
+                self._opened = True
 
     async def close(self) -> None:
         if self._opened:

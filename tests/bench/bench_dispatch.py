@@ -1,0 +1,365 @@
+"""Dispatcher benchmark: throughput against PgQueuer and Procrastinate, makespan, latency.
+
+Run with ``make bench`` (or ``python -m tests.bench.bench_dispatch``). Every system gets a fresh
+database on the same PostgreSQL server: a durable embedded server under ``.bench/`` unless
+BENCH_DATABASE_URL names a superuser URL of another server. Each figure is measured REPEATS
+times, interleaved, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from shared import dispatch, embedded, graph, migration, store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Server:
+    def __init__(self, admin_url: str, app_user: str) -> None:
+        self.admin_url = admin_url
+        self.app_user = app_user
+
+    def url(self, db: str, user: str | None = None) -> str:
+        p = conninfo_to_dict(self.admin_url)
+        p.update(dbname=db, user=user or self.app_user)
+        return make_conninfo(**p)
+
+    def dsn(self, db: str) -> str:
+        p = conninfo_to_dict(self.admin_url)
+        return (
+            f"postgresql://{self.app_user}@{p.get('host', '127.0.0.1')}:{p.get('port', 5432)}/{db}"
+        )
+
+    def create_db(self, *, supabase: bool) -> str:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(
+            self.url("postgres", user=conninfo_to_dict(self.admin_url)["user"]), autocommit=True
+        ) as c:
+            c.execute(f'create database "{name}" owner "{self.app_user}"')
+        if supabase:
+            admin = conninfo_to_dict(self.admin_url)["user"]
+            migration.bootstrap(self.url(name, user=str(admin)))
+            migration.apply(self.url(name))
+        return name
+
+    def drop_db(self, name: str) -> None:
+        with psycopg.connect(
+            self.url("postgres", user=conninfo_to_dict(self.admin_url)["user"]), autocommit=True
+        ) as c:
+            c.execute(f'drop database if exists "{name}" with (force)')
+
+
+def server() -> tuple[Server, Callable[[], None]]:
+    url = os.environ.get("BENCH_DATABASE_URL")
+    if url:
+        user = conninfo_to_dict(url).get("user") or "postgres"
+        migration.bootstrap(url)
+        return Server(url, str(user)), lambda: None
+    pg = embedded.EmbeddedPostgres(ROOT / ".bench" / "pg", durable=True)
+    pg.start()
+    admin = pg.url(user=embedded.SUPERUSER)
+    migration.bootstrap(admin)
+    return Server(admin, "postgres"), pg.stop
+
+
+async def tenant(db: store.Store) -> uuid.UUID:
+    t, u = uuid.uuid4(), uuid.uuid4()
+    async with db.admin() as s:
+        await s.membership_ensure(t, u, tenant_name="bench")
+    return t
+
+
+async def create_jobs(
+    db: store.Store, tenant_id: uuid.UUID, graphs: list[list[dict[str, Any]]]
+) -> list[Any]:
+    ids = []
+    for todos in graphs:
+        async with db.service() as s:
+            ids.append((await s.job_create(tenant_id=tenant_id, todos=todos))["id"])
+    return ids
+
+
+async def drain(
+    db: store.Store, concurrency: int = 128, batch: int = 100
+) -> tuple[float, dispatch.Summary]:
+    d = dispatch.Dispatcher(db, concurrency=concurrency, batch=batch)
+    t0 = time.perf_counter()
+    summary = await d.run_pass(600)
+    return time.perf_counter() - t0, summary
+
+
+# --- (a) our throughput ------------------------------------------------------------------------
+
+
+async def ours_wide(srv: Server, n: int) -> float:
+    name = srv.create_db(supabase=True)
+    try:
+        db = store.Store(srv.url(name), max_size=4)
+        t = await tenant(db)
+        await create_jobs(
+            db, t, [[{"key": f"k{i}", "action": "noop", "target": "cloud"} for i in range(n)]]
+        )
+        await _vacuum(srv.url(name))
+        elapsed, summary = await drain(db)
+        assert summary.done == n, summary
+        await db.close()
+        return n / elapsed
+    finally:
+        srv.drop_db(name)
+
+
+async def ours_chains(srv: Server, jobs: int, length: int) -> float:
+    name = srv.create_db(supabase=True)
+    try:
+        db = store.Store(srv.url(name), max_size=4)
+        t = await tenant(db)
+        chains = [[{"key": f"c{i}", "action": "noop", "depends_on": [f"c{i - 1}"] if i else []}
+                   for i in range(length)] for _ in range(jobs)]  # fmt: skip
+        await create_jobs(db, t, chains)
+        await _vacuum(srv.url(name))
+        elapsed, summary = await drain(db)
+        assert summary.done == jobs * length, summary
+        await db.close()
+        return jobs * length / elapsed
+    finally:
+        srv.drop_db(name)
+
+
+async def _vacuum(url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+        await c.execute("vacuum analyze")
+
+
+# --- (b) peers ----------------------------------------------------------------------------------
+
+
+async def pgqueuer_run(srv: Server, n: int, batch_size: int) -> float:
+    import asyncpg
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.domain.types import QueueExecutionMode
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+
+    name = srv.create_db(supabase=False)
+    try:
+        conn = await asyncpg.connect(srv.dsn(name))
+        driver = AsyncpgDriver(conn)
+        q = Queries(driver)
+        await q.install()
+        for start in range(0, n, 1000):
+            k = min(1000, n - start)
+            await q.enqueue(["noop"] * k, [None] * k, [0] * k)
+        await conn.execute("vacuum analyze")
+        qm = QueueManager(q)
+
+        @qm.entrypoint("noop")
+        async def noop(job: Any) -> None:
+            return None
+
+        t0 = time.perf_counter()
+        await qm.run(mode=QueueExecutionMode.drain, batch_size=batch_size,
+                     max_concurrent_tasks=max(2 * batch_size, 16))  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        left = await conn.fetchval("select count(*) from pgqueuer")
+        assert left == 0, left
+        await conn.close()
+        return n / elapsed
+    finally:
+        srv.drop_db(name)
+
+
+async def procrastinate_run(srv: Server, n: int, concurrency: int) -> float:
+    import procrastinate
+
+    name = srv.create_db(supabase=False)
+    try:
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=srv.url(name)))
+
+        @app.task(name="noop")
+        async def noop() -> None:
+            return None
+
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+            for start in range(0, n, 1000):
+                await noop.batch_defer_async(*[{} for _ in range(min(1000, n - start))])
+            t0 = time.perf_counter()
+            await app.run_worker_async(
+                wait=False, concurrency=concurrency, install_signal_handlers=False
+            )
+            elapsed = time.perf_counter() - t0
+        with psycopg.connect(srv.url(name)) as c:
+            row = c.execute(
+                "select count(*) from procrastinate_jobs where status <> 'succeeded'"
+            ).fetchone()
+            assert row is not None and row[0] == 0, row
+        return n / elapsed
+    finally:
+        srv.drop_db(name)
+
+
+# --- (d) makespan -------------------------------------------------------------------------------
+
+
+def random_dag(rnd: random.Random, n: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    todos, durations = [], {}
+    for i in range(n):
+        deps = (
+            sorted({f"t{rnd.randrange(max(0, i - 30), i)}" for _ in range(rnd.randint(0, 3))})
+            if i
+            else []
+        )
+        ms = rnd.randint(20, 100)
+        durations[f"t{i}"] = ms / 1000
+        todos.append(
+            {"key": f"t{i}", "action": "noop", "params": {"duration_ms": ms}, "depends_on": deps}
+        )
+    return todos, durations
+
+
+async def makespan(srv: Server, seed: int) -> tuple[float, float]:
+    """(ours / critical path, level-by-level / critical path) for one random 200-ToDo DAG."""
+    rnd = random.Random(seed)
+    todos, durations = random_dag(rnd, 200)
+    g = graph.Graph(
+        graph.ToDo(key=t["key"], action="noop", depends_on=tuple(t["depends_on"])) for t in todos
+    )
+    cp = g.critical_path(durations)
+    name = srv.create_db(supabase=True)
+    try:
+        db = store.Store(srv.url(name), max_size=4)
+        t = await tenant(db)
+        [job_id] = await create_jobs(db, t, [todos])
+        d = dispatch.Dispatcher(db, concurrency=200, batch=200)
+        t0 = time.perf_counter()
+        await d.run_pass(600)
+        ours = time.perf_counter() - t0
+        async with db.service() as s:
+            assert (await s.job_get(job_id))["status"] == "done"
+        await db.close()
+    finally:
+        srv.drop_db(name)
+    # Baseline: run each level with full parallelism, wait for the whole level, then the next.
+    t0 = time.perf_counter()
+    for level in g.batches():
+        await asyncio.gather(*(asyncio.sleep(durations[k]) for k in level))
+    levels = time.perf_counter() - t0
+    return ours / cp, levels / cp
+
+
+# --- (e) latency --------------------------------------------------------------------------------
+
+
+async def latency(srv: Server, jobs: int = 100, length: int = 5) -> list[float]:
+    """Milliseconds from a dependency finishing to its dependent starting, long-running mode."""
+    name = srv.create_db(supabase=True)
+    try:
+        url = srv.url(name)
+        db = store.Store(url, max_size=6)
+        t = await tenant(db)
+        stop = asyncio.Event()
+        d = dispatch.Dispatcher(db, concurrency=64, batch=50)
+        runner = asyncio.create_task(d.run_forever(url, stop=stop, sweep_interval=1.0))
+        await asyncio.sleep(0.5)
+        chain = [
+            {"key": f"c{i}", "action": "noop", "depends_on": [f"c{i - 1}"] if i else []}
+            for i in range(length)
+        ]
+        for _ in range(jobs):
+            await create_jobs(db, t, [chain])
+            await asyncio.sleep(0.01)
+        for _ in range(600):
+            async with db.service() as s:
+                cur = await s.conn.execute(
+                    "select count(*) as n from public.jobs where status <> 'done'"
+                )
+                row = await cur.fetchone()
+            if row is not None and row["n"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await runner
+        async with db.service() as s:
+            cur = await s.conn.execute(
+                "select extract(epoch from (c.started_at - p.finished_at)) * 1000 as ms"
+                " from public.todo_edges e join public.todos c on c.id = e.todo_id"
+                " join public.todos p on p.id = e.depends_on_id"
+            )
+            rows = await cur.fetchall()
+        await db.close()
+        return [float(r["ms"]) for r in rows]
+    finally:
+        srv.drop_db(name)
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", type=int, default=10_000)
+    args = ap.parse_args()
+    srv, stop = server()
+    figures: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        figures.setdefault(key, []).append(value)
+        print(f"  {key}: {value:,.1f}", flush=True)
+
+    runs: list[tuple[str, Callable[[], Awaitable[float]]]] = [
+        ("ours: 1 job x 10,000 independent", lambda: ours_wide(srv, args.n)),
+        ("ours: 100 jobs x 100-ToDo chains", lambda: ours_chains(srv, 100, args.n // 100)),
+        ("PgQueuer 1.6 (asyncpg, batch 10)", lambda: pgqueuer_run(srv, args.n, 10)),
+        ("PgQueuer 1.6 (asyncpg, batch 50)", lambda: pgqueuer_run(srv, args.n, 50)),
+        ("Procrastinate 3.10 (concurrency 16)", lambda: procrastinate_run(srv, args.n, 16)),
+    ]
+    try:
+        for rep in range(args.repeats):
+            print(f"repeat {rep + 1}/{args.repeats}", flush=True)
+            for key, run in runs:
+                record(key, await run())
+            ours_ratio, level_ratio = await makespan(srv, seed=rep)
+            record("makespan / critical path: ours", ours_ratio)
+            record("makespan / critical path: level-by-level", level_ratio)
+            lat = await latency(srv)
+            record("latency p50 ms", pct(lat, 50))
+            record("latency p99 ms", pct(lat, 99))
+    finally:
+        stop()
+
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    print()
+    print(
+        f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    print("| figure | runs | median |\n|---|---|---|")
+    for key, values in figures.items():
+        print(f"| {key} | {', '.join(f'{v:,.1f}' for v in values)} | {med[key]:,.1f} |")
+    best_pgq = max(med["PgQueuer 1.6 (asyncpg, batch 10)"], med["PgQueuer 1.6 (asyncpg, batch 50)"])
+    print()
+    for ours_key in ("ours: 1 job x 10,000 independent", "ours: 100 jobs x 100-ToDo chains"):
+        print(f"| {ours_key} / best PgQueuer | {med[ours_key] / best_pgq:.2f} |")
+        print(
+            f"| {ours_key} / Procrastinate | {med[ours_key] / med['Procrastinate 3.10 (concurrency 16)']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
