@@ -8,6 +8,7 @@ Hierarchy::
     │   │   ├── CycleError           the graph has a cycle; the message names it
     │   │   └── GraphTooLargeError   more ToDos than the limit (HTTP 413)
     │   ├── ActionError              unknown action or params that do not fit its schema
+    │   ├── BodyTooLargeError        the request body is over the size limit (HTTP 413)
     │   ├── ProtocolError            a message that is not a valid protocol message
     │   └── ConfigError              a YAML catalogue or intents file is malformed
     ├── AuthError                    missing, expired or forged token (HTTP 401)
@@ -87,6 +88,13 @@ class ActionError(InvalidError):
     """An unknown action, or params that do not fit the action's schema."""
 
     code = "action_invalid"
+
+
+class BodyTooLargeError(InvalidError):
+    """The request body is larger than allowed."""
+
+    code = "body_too_large"
+    status = 413
 
 
 class ProtocolError(InvalidError):

@@ -32,6 +32,8 @@ class Settings(BaseModel):
     api_url: str = "http://127.0.0.1:8000"
     http_allow: tuple[str, ...] = ()
     pool_max_size: int = 10
+    rate_limit: int = 60
+    rate_window: int = 60
 
     @property
     def local(self) -> bool:
@@ -67,6 +69,8 @@ _ENV = {
     "dispatch_secret": "CPA_DISPATCH_SECRET",
     "dispatch_url": "CPA_DISPATCH_URL",
     "api_url": "CPA_API_URL",
+    "rate_limit": "CPA_RATE_LIMIT",
+    "rate_window": "CPA_RATE_WINDOW",
 }
 
 

@@ -293,6 +293,12 @@ class Session:
         }
         return int(await self._scalar("event_append", params))
 
+    async def rate_limit_hit(self, key: str, limit: int, window_seconds: int) -> tuple[bool, float]:
+        params = {"key": key, "limit": limit, "window_seconds": window_seconds}
+        row = await self._one("rate_limit_hit", params)
+        assert row is not None
+        return bool(row["allowed"]), float(row["retry_after"])
+
     # set-up (admin scope) -----------------------------------------------------------------
 
     async def membership_ensure(
@@ -305,6 +311,11 @@ class Session:
             "membership_ensure",
             {"tenant_id": str(tenant_id), "user_id": str(user_id), "role": role},
         )
+
+    async def my_tenants(self) -> list[uuid.UUID]:
+        """The caller's tenants (user scope), oldest membership first."""
+        rows = await self._all("membership_mine")
+        return [uuid.UUID(str(r["tenant_id"])) for r in rows]
 
     async def tenant_of_user(self, user_id: uuid.UUID | str) -> uuid.UUID | None:
         row = await self._one("tenant_of_user", {"user_id": str(user_id)})

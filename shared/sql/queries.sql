@@ -33,7 +33,7 @@ select t.*,
                   where e.todo_id = t.id), '{}') as depends_on
   from public.todos t
  where t.job_id = %(job_id)s
- order by t.created_at, t.key;
+ order by t.position;
 
 -- name: job_cancel
 select * from public.job_cancel_v1(%(job_id)s);
@@ -110,3 +110,9 @@ select tenant_id from public.memberships where user_id = %(user_id)s order by cr
 
 -- name: todo_note
 select public.todo_note_v1(%(todo_id)s, %(kind)s, %(data)s::jsonb) as id;
+
+-- name: rate_limit_hit
+select * from public.rate_limit_hit_v1(%(key)s, %(limit)s, %(window_seconds)s);
+
+-- name: membership_mine
+select tenant_id from public.memberships where user_id = (select auth.uid()) order by created_at, tenant_id;

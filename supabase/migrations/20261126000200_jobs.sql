@@ -33,6 +33,7 @@ create table public.todos (
   job_id uuid not null references public.jobs (id) on delete cascade,
   tenant_id uuid not null,
   key text not null,
+  position integer not null default 0,
   action text not null,
   target text not null check (target in ('cloud', 'desktop')),
   params jsonb not null default '{}'::jsonb,

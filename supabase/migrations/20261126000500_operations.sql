@@ -51,18 +51,19 @@ begin
     return v_job;
   end if;
 
-  insert into public.todos (job_id, tenant_id, key, action, target, params, status, priority,
-                            max_attempts, requires_confirmation, deps_remaining)
-  select v_job.id, p_tenant_id, x.key, x.action, coalesce(x.target, 'cloud'),
+  insert into public.todos (job_id, tenant_id, key, position, action, target, params, status,
+                            priority, max_attempts, requires_confirmation, deps_remaining)
+  select v_job.id, p_tenant_id, x.key, e.n::integer, x.action, coalesce(x.target, 'cloud'),
          coalesce(x.params, '{}'::jsonb),
          case when coalesce(jsonb_array_length(x.depends_on), 0) > 0 then 'waiting'
               when coalesce(x.requires_confirmation, false) then 'confirming'
               else 'ready' end,
          p_priority, coalesce(x.max_attempts, 3), coalesce(x.requires_confirmation, false),
          coalesce(jsonb_array_length(x.depends_on), 0)
-  from jsonb_to_recordset(p_todos) as x(key text, action text, target text, params jsonb,
-                                        depends_on jsonb, max_attempts integer,
-                                        requires_confirmation boolean);
+  from jsonb_array_elements(p_todos) with ordinality as e(item, n)
+  cross join lateral jsonb_to_record(e.item) as x(key text, action text, target text, params jsonb,
+                                                 depends_on jsonb, max_attempts integer,
+                                                 requires_confirmation boolean);
 
   insert into public.todo_edges (todo_id, depends_on_id, tenant_id)
   select c.id, p.id, p_tenant_id

@@ -1,0 +1,71 @@
+"""Dependencies: authentication, the caller's tenant, and a request-scoped RLS session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from functions.api import state as state_mod
+from shared import auth, errors, store
+
+
+def get_state() -> state_mod.State:
+    return state_mod.get()
+
+
+AppState = Annotated[state_mod.State, Depends(get_state)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    claims: auth.Claims
+    tenant_id: uuid.UUID
+
+
+async def get_caller(
+    request: Request,
+    app: AppState,
+    x_cpa_tenant: Annotated[
+        str | None, Header(description="Act for this tenant (optional).")
+    ] = None,
+) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.AuthError("Send 'Authorization: Bearer <Supabase access token>'.")
+    claims = app.verifier.verify(token.strip())
+    wanted = x_cpa_tenant or claims.app_metadata.get("tenant_id")
+    async with app.store.user(claims.for_database()) as session:
+        tenants = await session.my_tenants()
+    if wanted is not None:
+        try:
+            tenant = uuid.UUID(str(wanted))
+        except ValueError:
+            raise errors.InvalidError(f"The tenant id {wanted!r} is not a UUID.") from None
+        if tenant not in tenants:
+            raise errors.NotFoundError(
+                f"The tenant {tenant} does not exist or you are not a member."
+            )
+        return Caller(claims, tenant)
+    if not tenants:
+        raise errors.NotFoundError(
+            "You are not a member of any tenant; ask an owner to add you (local mode: "
+            "cpa-scheduler token --tenant NAME --user NAME)."
+        )
+    return Caller(claims, tenants[0])
+
+
+CurrentCaller = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_session(app: AppState, caller: CurrentCaller) -> AsyncIterator[store.Session]:
+    """One transaction as ``authenticated`` with the caller's verified claims."""
+    async with app.store.user(caller.claims.for_database()) as session:
+        yield session
+
+
+UserSession = Annotated[store.Session, Depends(get_session)]

@@ -1,0 +1,123 @@
+"""The protocol endpoint (every message type has a defined answer) and the agent claim."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+from pydantic import BaseModel, ConfigDict, Field
+
+from functions.api.deps import AppState, CurrentCaller, UserSession
+from shared import agent, catalogue, errors, intake, intents, protocol
+
+router = APIRouter(tags=["agents"])
+SCHEDULER = agent.SCHEDULER
+
+
+class ClaimBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str = Field(min_length=1, max_length=200)
+    actions: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=100
+    )
+    limit: int = Field(default=10, ge=1, le=50)
+
+
+@router.post("/v1/agents/claim")
+async def claim(
+    body: ClaimBody, caller: CurrentCaller, session: UserSession
+) -> list[dict[str, Any]]:
+    """Claim desktop ToDos for an agent; answers ``assign`` messages."""
+    assigns = await agent.claim(
+        session, tenant_id=caller.tenant_id, agent_id=body.agent_id, actions=body.actions,
+        limit=body.limit,
+    )  # fmt: skip
+    return [protocol.dump(a) for a in assigns]
+
+
+@router.post("/v1/messages")
+async def message(
+    raw: Annotated[dict[str, Any], Body(description="Any protocol message.")],
+    app: AppState,
+    caller: CurrentCaller,
+    session: UserSession,
+) -> dict[str, Any]:
+    """Any protocol message in; a protocol message out."""
+    msg = protocol.parse(raw)
+    return protocol.dump(await answer(msg, app, caller, session))
+
+
+async def answer(msg: protocol.Message, app: Any, caller: Any, session: Any) -> protocol.Message:
+    configured = bool(app.config.openai_api_key or app.config.openai_base_url)
+    match msg:
+        case protocol.Request(payload=p):
+            return await _submit(
+                msg, session, caller, p.text, p.graph, p.idempotency_key, configured
+            )
+        case protocol.Propose(payload=p):
+            # A client's plan: validated, then run as an explicit graph (the agree names the job).
+            return await _submit(msg, session, caller, p.request, p.plan, None, configured)
+        case protocol.Route(payload=p):
+            if p.request is None:
+                return protocol.reply_to(
+                    msg, "refuse", {"code": "invalid", "reason": "A route must embed a request."}
+                )
+            reply = await _submit(
+                msg,
+                session,
+                caller,
+                p.request.text,
+                p.request.graph,
+                p.request.idempotency_key,
+                configured,
+            )
+            return reply
+        case protocol.Discover(payload=p):
+            actions = catalogue.default().names(p.target)
+            return protocol.reply_to(msg, "offer", {"agent_id": SCHEDULER, "name": "CPA Scheduler",
+                                                    "actions": actions, "intents": intents.default().names()})  # fmt: skip
+        case protocol.Offer(payload=p):
+            row = await session.agent_upsert(
+                caller.tenant_id, p.agent_id or msg.sender, p.name, p.actions
+            )
+            return protocol.reply_to(msg, "agree", {"text": f"agent {row['agent_key']} registered"})
+        case protocol.Confirm(payload=p):
+            return await _confirm(msg, session, p)
+        case protocol.Assign():
+            return protocol.reply_to(msg, "refuse", {"code": "not_allowed",
+                                                     "reason": "Only the scheduler assigns ToDos; claim them with POST /v1/agents/claim."})  # fmt: skip
+        case protocol.Agree() | protocol.Refuse() | protocol.Inform() if not _todo_of(msg):
+            return protocol.reply_to(msg, "agree", {"text": "noted"})
+    return await agent.apply(session, msg)
+
+
+def _todo_of(msg: protocol.Message) -> str | None:
+    return getattr(msg.payload, "todo_id", None)
+
+
+async def _submit(msg: protocol.Message, session: Any, caller: Any, text: str | None,
+                  graph: protocol.GraphSpec | None, key: str | None, configured: bool) -> protocol.Message:  # fmt: skip
+    try:
+        job = await intake.submit(session, tenant_id=caller.tenant_id, text=text, spec=graph,
+                                  idempotency_key=key, planner_configured=configured)  # fmt: skip
+    except (errors.InvalidError, errors.PlannerError) as exc:
+        return protocol.reply_to(msg, "refuse", {"code": exc.code, "reason": exc.message})
+    return protocol.reply_to(msg, "agree", {"job_id": str(job["id"]), "text": f"intent {job['intent']}"},
+                             conversation_id=str(job["id"]))  # fmt: skip
+
+
+async def _confirm(
+    msg: protocol.Message, session: Any, p: protocol.ConfirmPayload
+) -> protocol.Message:
+    if p.todo_id:
+        ids = [p.todo_id]
+    else:
+        assert p.job_id is not None
+        ids = [str(t["id"]) for t in await session.job_todos(p.job_id) if t["status"] in ("confirming", "waiting")
+               and t["requires_confirmation"] and t["confirmed_at"] is None]  # fmt: skip
+    for todo_id in ids:
+        await session.todo_confirm(todo_id, approved=p.approved)
+    verb = "approved" if p.approved else "declined"
+    return protocol.reply_to(msg, "inform", {"job_id": p.job_id, "todo_id": p.todo_id,
+                                             "text": f"{len(ids)} ToDo(s) {verb}"})  # fmt: skip

@@ -1,0 +1,105 @@
+"""RFC 9457 problem+json answers for every error, and the request-body size limit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared import errors
+
+MAX_BODY = 256 * 1024
+log = logging.getLogger("cpa.api")
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 413: "Content Too Large", 422: "Unprocessable Content",
+           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
+
+
+def problem(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": _TITLES.get(status, "Error"), "status": status,
+            "code": code, "detail": detail, **extra}  # fmt: skip
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cpa-scheduler"'
+    return JSONResponse(
+        body, status_code=status, media_type="application/problem+json", headers=headers
+    )
+
+
+async def _domain(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.CpaError)
+    extra = {"errors": exc.errors} if exc.errors else {}
+    response = problem(exc.status, exc.code, exc.message, **extra)
+    if isinstance(exc, errors.RateLimitedError):
+        response.headers["Retry-After"] = str(int(exc.retry_after))
+    elif isinstance(exc, errors.UnavailableError):
+        response.headers["Retry-After"] = "5"
+    return response
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errs = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()]  # fmt: skip
+    first = errs[0] if errs else {"loc": [], "msg": "invalid"}
+    where = ".".join(p for p in first["loc"] if p != "body") or "body"
+    return problem(422, "invalid", f"The request is invalid at {where}: {first['msg']}.",
+                   errors=json.loads(json.dumps(errs, default=str)))  # fmt: skip
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return problem(exc.status_code, code, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal", "Something went wrong on our side; the error was logged.")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(errors.CpaError, _domain)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(BodyLimit)
+
+
+class BodyLimit:
+    """Refuse bodies over MAX_BODY bytes with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = problem(
+            413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes."
+        )
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            await too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise errors.BodyTooLargeError(
+                        f"The request body is larger than {MAX_BODY} bytes."
+                    )
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,39 @@
+"""Module-scope state of the API function, created lazily on first use.
+
+Mangum runs the ASGI lifespan on every invocation, so the pool cannot live in a lifespan:
+it is opened on first use and reused by warm invocations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared import auth, database, ratelimit, settings, store
+
+
+@dataclass
+class State:
+    config: settings.Settings
+    store: store.Store
+    verifier: auth.Verifier
+    limiter: ratelimit.Limiter
+
+
+_state: State | None = None
+
+
+def get() -> State:
+    global _state
+    if _state is None:
+        config = settings.from_env()
+        db = store.Store(
+            database.prepare(config, migrate=config.local), max_size=config.pool_max_size
+        )
+        _state = State(config, db, auth.verifier(config), ratelimit.limiter(config, db))
+    return _state
+
+
+def set_state(state: State | None) -> None:
+    """Install a state (the CLI's serve, tests) or forget it."""
+    global _state
+    _state = state

@@ -1,0 +1,107 @@
+"""API fixtures: the ASGI app wired to the per-test database, tokens, and a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from functions import api
+from functions.api import state as api_state
+from shared import auth, ratelimit, settings, store
+from tests.conftest import Member
+
+# Mangum sets up an event loop when it is constructed at import; Lambda reuses it, the tests
+# do not, so it is closed once at the end.
+_MANGUM_LOOP = asyncio.get_event_loop_policy().get_event_loop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_mangum_loop() -> Any:
+    yield
+    if not _MANGUM_LOOP.is_running() and not _MANGUM_LOOP.is_closed():
+        _MANGUM_LOOP.close()
+
+
+SECRET = "test-secret-with-enough-entropy-for-hs256-0123456789"
+ISSUER = "https://test-project.supabase.co/auth/v1"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> settings.Settings:
+    return settings.Settings(
+        database_url="postgresql://unused",
+        data_dir=tmp_path,
+        supabase_jwt_secret=SECRET,
+        supabase_url="https://test-project.supabase.co",
+        rate_limit=1000,
+    )
+
+
+@pytest.fixture
+def wire(db: store.Store, config: settings.Settings) -> Callable[..., api_state.State]:
+    def make(**overrides: Any) -> api_state.State:
+        cfg = config.model_copy(update=overrides)
+        verifier = auth.Verifier(
+            hs256_secret=SECRET,
+            jwks_url=cfg.jwks_url if "supabase_jwks_url" in overrides else None,
+            issuer=ISSUER,
+        )
+        st = api_state.State(cfg, db, verifier, ratelimit.limiter(cfg, db))
+        api_state.set_state(st)
+        return st
+
+    yield make  # type: ignore[misc]
+    api_state.set_state(None)
+
+
+@pytest.fixture
+async def client(wire: Callable[..., api_state.State]) -> AsyncIterator[httpx.AsyncClient]:
+    wire()
+    transport = httpx.ASGITransport(app=api.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def token_for(member: Member, **kw: Any) -> str:
+    return auth.mint(SECRET, member.user_id, issuer=kw.pop("issuer", ISSUER), **kw)
+
+
+def bearer(member: Member, **kw: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(member, **kw)}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def live_api(wire: Callable[..., api_state.State]) -> AsyncIterator[str]:
+    """The app under uvicorn on 127.0.0.1, in this event loop."""
+    wire()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(100):
+        if server.started:
+            break
+        await asyncio.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+def user_id() -> uuid.UUID:
+    return uuid.uuid4()

@@ -1,0 +1,70 @@
+"""The API's Lambda handler (Mangum) with committed API Gateway v2 and Function URL events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from functions import api
+from functions.api import state as api_state
+from shared import auth, ratelimit, settings, store
+from tests.conftest import MemberFactory
+from tests.functions.conftest import ISSUER, SECRET, token_for
+
+EVENTS = Path(__file__).parents[1] / "fixtures" / "events"
+
+
+class Context:
+    function_name = "cpa-api"
+    aws_request_id = "req-1"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 10_000
+
+
+def invoke(event: dict[str, Any], db_url: str, config: settings.Settings) -> dict[str, Any]:
+    """Call the handler in a thread of its own, as Lambda does: its own loop, its own pool."""
+    db = store.Store(db_url)
+    api_state.set_state(
+        api_state.State(
+            config,
+            db,
+            auth.Verifier(hs256_secret=SECRET, issuer=ISSUER),
+            ratelimit.limiter(config, db),
+        )
+    )
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return api.handler(event, Context())  # type: ignore[no-any-return]
+    finally:
+        loop.run_until_complete(db.close())
+        loop.close()
+        asyncio.set_event_loop(None)
+        api_state.set_state(None)
+
+
+async def test_function_url_healthz(db_url: str, config: settings.Settings) -> None:
+    event = json.loads((EVENTS / "function_url_get_healthz.json").read_text())
+    answer = await asyncio.to_thread(invoke, event, db_url, config)
+    assert answer["statusCode"] == 200 and json.loads(answer["body"]) == {"status": "ok"}
+
+
+async def test_api_gateway_v2_post_job(
+    db_url: str, db: store.Store, config: settings.Settings, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    token = token_for(m)
+    raw = (EVENTS / "apigw_v2_post_jobs.json").read_text().replace("{{token}}", token)
+    answer = await asyncio.to_thread(invoke, json.loads(raw), db_url, config)
+    assert answer["statusCode"] == 201, answer["body"]
+    job = json.loads(answer["body"])
+    assert job["intent"] == "timer" and len(job["todos"]) == 2
+    again = await asyncio.to_thread(invoke, json.loads(raw), db_url, config)
+    assert json.loads(again["body"])["id"] == job["id"]  # Idempotency-Key honoured
+    unauth = json.loads(raw.replace(token, "x"))
+    denied = await asyncio.to_thread(invoke, unauth, db_url, config)
+    assert denied["statusCode"] == 401
+    assert denied["headers"]["content-type"].startswith("application/problem+json")
