@@ -65,8 +65,9 @@ grant usage on schema realtime to postgres, anon, authenticated, service_role;
 grant usage, create on schema public to postgres;
 grant usage on schema public to anon, authenticated, service_role;
 
--- New projects no longer expose tables by default: no default grants to the API roles.
-revoke select, insert, update, delete on all tables in schema public from anon, authenticated, service_role;
+-- New projects no longer expose tables by default: plain Postgres has no default grants to
+-- the API roles either, so the migrations' explicit GRANTs are what counts. (The bootstrap
+-- runs again on every local start, so it must never revoke what migrations granted.)
 
 -- Auth ---------------------------------------------------------------------------------------
 create table if not exists auth.users (

@@ -233,3 +233,23 @@ async def test_realtime_topic_is_private_to_members(
             row = await cur.fetchone()
             assert row is not None
             assert (row[0] > 0) is expected
+
+
+async def test_bootstrap_again_keeps_the_grants(
+    db: store.Store,
+    db_url: str,
+    pg_server: Any,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+) -> None:
+    """Local mode re-runs the bootstrap on every start; it must not undo the migrations."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from shared import migration
+
+    a = await member_factory("A")
+    await job_factory(a)
+    migration.bootstrap(pg_server.admin(str(conninfo_to_dict(db_url)["dbname"])))
+    async with db.user(a.claims) as s:
+        assert len(await s.job_list()) == 1
+        assert await s.my_tenants() == [a.tenant_id]
