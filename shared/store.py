@@ -53,6 +53,10 @@ def translate() -> Iterator[None]:
         pgerrors.NotNullViolation,
     ) as exc:
         raise errors.InvalidError(f"The data breaks a rule: {exc.diag.message_primary}.") from None
+    except psycopg.DataError as exc:  # 22xxx: NUL bytes, bad escapes, values out of range
+        raise errors.InvalidError(
+            f"A value cannot be stored: {exc.diag.message_primary or str(exc).strip()}."
+        ) from None
     except pgerrors.InsufficientPrivilege as exc:
         raise errors.NotFoundError(
             f"Not found: the caller may not do this ({exc.diag.message_primary})."

@@ -16,10 +16,11 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from functions.api import problems
 from functions.api.deps import AppState, CurrentCaller, UserSession
 from shared import errors, intake, protocol
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
 Status = Literal["pending", "running", "done", "failed", "cancelled"]
 TERMINAL = {"done", "failed", "cancelled"}
 

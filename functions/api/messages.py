@@ -7,10 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from pydantic import BaseModel, ConfigDict, Field
 
+from functions.api import problems
 from functions.api.deps import AppState, CurrentCaller, UserSession
 from shared import agent, catalogue, errors, intake, intents, protocol
 
-router = APIRouter(tags=["agents"])
+router = APIRouter(tags=["agents"], responses=problems.RESPONSES)
 SCHEDULER = agent.SCHEDULER
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +20,33 @@ log = logging.getLogger("cpa.api")
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Content Too Large", 422: "Unprocessable Content",
            429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with a stable ``code`` and field ``errors``."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    code: str
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def _doc(description: str) -> dict[str, Any]:
+    return {"model": Problem, "description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}  # fmt: skip
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _doc("Missing, expired or invalid access token."),
+    404: _doc("No such entity, or it belongs to another tenant."),
+    409: _doc("The state does not allow this change."),
+    413: _doc("The body or the graph is too large."),
+    422: _doc("The request is invalid; errors name the fields."),
+    429: _doc("Too many jobs created; see Retry-After."),
+    503: _doc("The database is unavailable; see Retry-After."),
+}
 
 
 def problem(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:

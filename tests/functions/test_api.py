@@ -406,3 +406,13 @@ async def test_sse_resume_loses_and_repeats_nothing(
 async def _job_done(db: store.Store, m: Member, job_id: str) -> bool:
     async with db.user(m.claims) as s:
         return (await s.job_get(job_id))["status"] == "done"
+
+
+async def test_nul_bytes_are_a_4xx_not_a_500(
+    client: httpx.AsyncClient, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    r = await client.post(
+        "/v1/agents/claim", headers=bearer(m), json={"agent_id": "a\u0000b", "actions": ["x"]}
+    )
+    assert "cannot be stored" in is_problem(r, 422, "invalid")["detail"]
