@@ -43,3 +43,6 @@ supabase-check: $(STAMP) ## db push + security advisors with the real Supabase C
 bench: $(STAMP) ## benchmarks against PgQueuer and Procrastinate (tests/bench/RESULTS.md)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m tests.bench.bench_dispatch
+
+run: $(STAMP) ## install, then serve the API and dispatcher on the embedded PostgreSQL
+	$(BIN)/cpa-scheduler serve

@@ -213,6 +213,7 @@ async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
                     f"[bold]{event['data'].get('title', '')}[/]: {event['data'].get('message', '')}"
                 )
             live.update(render())
+    console.print()
     final = await c.get(job["id"])
     if final["error"]:
         console.print(f"[red]{final['error']}[/]")

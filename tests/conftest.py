@@ -37,6 +37,20 @@ class Server:
         return make_conninfo(**params)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_mangum_loop() -> Iterator[None]:
+    """Mangum sets up an event loop when constructed (at import of functions.api); Lambda
+    reuses it, the tests do not, so it is closed once at the end."""
+    yield
+    import asyncio
+    import sys
+
+    if "functions.api" in sys.modules:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        if not loop.is_running() and not loop.is_closed():
+            loop.close()
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     url = os.environ.get("TEST_DATABASE_URL")

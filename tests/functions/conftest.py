@@ -18,18 +18,6 @@ from functions.api import state as api_state
 from shared import auth, ratelimit, settings, store
 from tests.conftest import Member
 
-# Mangum sets up an event loop when it is constructed at import; Lambda reuses it, the tests
-# do not, so it is closed once at the end.
-_MANGUM_LOOP = asyncio.get_event_loop_policy().get_event_loop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _close_mangum_loop() -> Any:
-    yield
-    if not _MANGUM_LOOP.is_running() and not _MANGUM_LOOP.is_closed():
-        _MANGUM_LOOP.close()
-
-
 SECRET = "test-secret-with-enough-entropy-for-hs256-0123456789"
 ISSUER = "https://test-project.supabase.co/auth/v1"
 
