@@ -7,6 +7,7 @@ bootstrap and all migrations once; every test clones it (CREATE DATABASE ... TEM
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import functions.api  # noqa: F401  (see _MANGUM_LOOP)
 from shared import embedded, migration, store
 
 
@@ -37,18 +39,17 @@ class Server:
         return make_conninfo(**params)
 
 
+# Mangum sets up an event loop when it is constructed, at import of functions.api; Lambda
+# reuses it, the tests do not. Import it first, keep that loop referenced (so it is not
+# collected unclosed mid-session) and close it at the end.
+_MANGUM_LOOP = asyncio.get_event_loop_policy().get_event_loop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_mangum_loop() -> Iterator[None]:
-    """Mangum sets up an event loop when constructed (at import of functions.api); Lambda
-    reuses it, the tests do not, so it is closed once at the end."""
     yield
-    import asyncio
-    import sys
-
-    if "functions.api" in sys.modules:
-        loop = asyncio.get_event_loop_policy().get_event_loop()
-        if not loop.is_running() and not loop.is_closed():
-            loop.close()
+    if not _MANGUM_LOOP.is_running() and not _MANGUM_LOOP.is_closed():
+        _MANGUM_LOOP.close()
 
 
 @pytest.fixture(scope="session")
