@@ -40,7 +40,7 @@ async def test_sigkill_mid_job_loses_nothing(
         {
             "key": f"t{i}",
             "action": "noop",
-            "params": {"duration_ms": 30},
+            "params": {"duration_ms": 60},
             "depends_on": [f"t{i - 100}"] if i >= 100 else [],
         }
         for i in range(300)
