@@ -10,8 +10,11 @@ from shared import errors, settings, store
 
 
 class Limiter(Protocol):
-    async def hit(self, tenant_id: str) -> None:
-        """Count one request; raise :class:`RateLimitedError` past the limit."""
+    async def hit(self, tenant_id: str, session: store.Session | None = None) -> None:
+        """Count one request; raise :class:`RateLimitedError` past the limit.
+
+        ``session``: the request's transaction, which the Postgres limiter counts in (so a
+        request costs one transaction); without it the limiter opens its own."""
 
 
 def _refuse(limit: int, window: int, retry_after: float) -> errors.RateLimitedError:
@@ -28,11 +31,12 @@ class PostgresLimiter:
     def __init__(self, db: store.Store, *, limit: int, window: int) -> None:
         self._db, self.limit, self.window = db, limit, window
 
-    async def hit(self, tenant_id: str) -> None:
-        async with self._db.service() as session:
-            allowed, retry_after = await session.rate_limit_hit(
-                f"jobs:{tenant_id}", self.limit, self.window
-            )
+    async def hit(self, tenant_id: str, session: store.Session | None = None) -> None:
+        if session is not None:
+            allowed, retry_after = await session.rate_limit_hit(tenant_id, self.limit, self.window)
+        else:
+            async with self._db.service() as own:
+                allowed, retry_after = await own.rate_limit_hit(tenant_id, self.limit, self.window)
         if not allowed:
             raise _refuse(self.limit, self.window, retry_after)
 
@@ -51,7 +55,7 @@ class UpstashLimiter:
             prefix="cpa:jobs",
         )
 
-    async def hit(self, tenant_id: str) -> None:
+    async def hit(self, tenant_id: str, session: store.Session | None = None) -> None:
         try:
             response = await self._ratelimit.limit(tenant_id)
         except Exception as exc:  # the REST call failed: the limiter is unavailable

@@ -131,6 +131,7 @@ class Session:
     async def job_list(
         self,
         *,
+        tenant_id: uuid.UUID | str | None = None,
         status: str | None = None,
         before: tuple[datetime, uuid.UUID] | None = None,
         limit: int = 50,
@@ -138,6 +139,7 @@ class Session:
         return await self._all(
             "job_list",
             {
+                "tenant_id": str(tenant_id) if tenant_id else None,
                 "status": status,
                 "before_created": before[0] if before else None,
                 "before_id": before[1] if before else None,
@@ -297,8 +299,10 @@ class Session:
         }
         return int(await self._scalar("event_append", params))
 
-    async def rate_limit_hit(self, key: str, limit: int, window_seconds: int) -> tuple[bool, float]:
-        params = {"key": key, "limit": limit, "window_seconds": window_seconds}
+    async def rate_limit_hit(
+        self, tenant_id: uuid.UUID | str, limit: int, window_seconds: int
+    ) -> tuple[bool, float]:
+        params = {"tenant_id": str(tenant_id), "limit": limit, "window_seconds": window_seconds}
         row = await self._one("rate_limit_hit", params)
         assert row is not None
         return bool(row["allowed"]), float(row["retry_after"])

@@ -1,4 +1,8 @@
-"""Dependencies: authentication, the caller's tenant, and a request-scoped RLS session."""
+"""Dependencies: authentication, a request-scoped RLS session, the caller's tenant, limits.
+
+A request runs in one transaction as ``authenticated`` with its verified claims; the tenant
+lookup and the Postgres rate limit run inside it too, so a request holds one pooled connection.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,26 @@ def get_state() -> state_mod.State:
 AppState = Annotated[state_mod.State, Depends(get_state)]
 
 
+def get_claims(request: Request, app: AppState) -> auth.Claims:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.AuthError("Send 'Authorization: Bearer <Supabase access token>'.")
+    return app.verifier.verify(token.strip())
+
+
+VerifiedClaims = Annotated[auth.Claims, Depends(get_claims)]
+
+
+async def get_session(app: AppState, claims: VerifiedClaims) -> AsyncIterator[store.Session]:
+    """One transaction as ``authenticated`` with the caller's verified claims."""
+    async with app.store.user(claims.for_database()) as session:
+        yield session
+
+
+UserSession = Annotated[store.Session, Depends(get_session)]
+
+
 @dataclass(frozen=True)
 class Caller:
     claims: auth.Claims
@@ -27,20 +51,14 @@ class Caller:
 
 
 async def get_caller(
-    request: Request,
-    app: AppState,
+    claims: VerifiedClaims,
+    session: UserSession,
     x_cpa_tenant: Annotated[
         str | None, Header(description="Act for this tenant (optional).")
     ] = None,
 ) -> Caller:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise errors.AuthError("Send 'Authorization: Bearer <Supabase access token>'.")
-    claims = app.verifier.verify(token.strip())
     wanted = x_cpa_tenant or claims.app_metadata.get("tenant_id")
-    async with app.store.user(claims.for_database()) as session:
-        tenants = await session.my_tenants()
+    tenants = await session.my_tenants()
     if wanted is not None:
         try:
             tenant = uuid.UUID(str(wanted))
@@ -62,10 +80,9 @@ async def get_caller(
 CurrentCaller = Annotated[Caller, Depends(get_caller)]
 
 
-async def get_session(app: AppState, caller: CurrentCaller) -> AsyncIterator[store.Session]:
-    """One transaction as ``authenticated`` with the caller's verified claims."""
-    async with app.store.user(caller.claims.for_database()) as session:
-        yield session
+async def rate_limited(app: AppState, caller: CurrentCaller, session: UserSession) -> None:
+    """Count a job creation against the tenant's limit (in the request's transaction)."""
+    await app.limiter.hit(str(caller.tenant_id), session)
 
 
-UserSession = Annotated[store.Session, Depends(get_session)]
+RateLimited = Depends(rate_limited)

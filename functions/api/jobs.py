@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from functions.api import problems
-from functions.api.deps import AppState, CurrentCaller, UserSession
+from functions.api.deps import AppState, CurrentCaller, RateLimited, UserSession, VerifiedClaims
 from shared import errors, intake, protocol
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
@@ -83,7 +83,7 @@ async def _kick(url: str, secret: str | None) -> None:
         pass  # the schedule picks the job up anyway
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post("", status_code=201, response_model=JobOut, dependencies=[RateLimited])
 async def create_job(
     body: JobCreate,
     app: AppState,
@@ -92,7 +92,6 @@ async def create_job(
     background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict[str, Any]:
-    await app.limiter.hit(str(caller.tenant_id))
     configured = bool(app.config.openai_api_key or app.config.openai_base_url)
     job = await intake.submit(
         session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
@@ -105,31 +104,38 @@ async def create_job(
 
 @router.get("", response_model=JobPage)
 async def list_jobs(
+    caller: CurrentCaller,
     session: UserSession,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, Any]:
     before = _decode_cursor(cursor) if cursor else None
-    rows = await session.job_list(status=status, before=before, limit=limit)
+    rows = await session.job_list(
+        tenant_id=caller.tenant_id, status=status, before=before, limit=limit
+    )
     nxt = _encode_cursor(rows[-1]) if len(rows) == limit else None
     return {"jobs": [intake.job_view(r, []) for r in rows], "next_cursor": nxt}
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: uuid.UUID, session: UserSession) -> dict[str, Any]:
+async def get_job(job_id: uuid.UUID, caller: CurrentCaller, session: UserSession) -> dict[str, Any]:
     return intake.job_view(await session.job_get(job_id), await session.job_todos(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-async def cancel_job(job_id: uuid.UUID, session: UserSession) -> dict[str, Any]:
+async def cancel_job(
+    job_id: uuid.UUID, caller: CurrentCaller, session: UserSession
+) -> dict[str, Any]:
     await session.job_get(job_id)
     job = await session.job_cancel(job_id)
     return intake.job_view(job, await session.job_todos(job_id))
 
 
 @router.post("/{job_id}/retry", response_model=JobOut)
-async def retry_job(job_id: uuid.UUID, session: UserSession) -> dict[str, Any]:
+async def retry_job(
+    job_id: uuid.UUID, caller: CurrentCaller, session: UserSession
+) -> dict[str, Any]:
     await session.job_get(job_id)
     job = await session.job_retry(job_id)
     return intake.job_view(job, await session.job_todos(job_id))
@@ -141,11 +147,12 @@ async def job_events(
     job_id: uuid.UUID,
     request: Request,
     app: AppState,
-    caller: CurrentCaller,
+    verified: VerifiedClaims,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[int | None, Query(ge=0)] = None,
 ) -> StreamingResponse:
-    claims = caller.claims.for_database()
+    # No request-long session here: the stream opens a short transaction per poll.
+    claims = verified.for_database()
     async with app.store.user(claims) as session:
         await session.job_get(job_id)  # 404 unless the caller's tenant owns it
     try:

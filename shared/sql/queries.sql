@@ -20,7 +20,8 @@ select * from public.jobs where id = %(job_id)s;
 -- name: job_list
 -- Keyset pagination, newest first; the cursor is the (created_at, id) of the last row seen.
 select * from public.jobs
- where (%(status)s::text is null or status = %(status)s::text)
+ where (%(tenant_id)s::uuid is null or tenant_id = %(tenant_id)s::uuid)
+   and (%(status)s::text is null or status = %(status)s::text)
    and (%(before_created)s::timestamptz is null
         or (created_at, id) < (%(before_created)s::timestamptz, %(before_id)s::uuid))
  order by created_at desc, id desc
@@ -112,7 +113,7 @@ select tenant_id from public.memberships where user_id = %(user_id)s order by cr
 select public.todo_note_v1(%(todo_id)s, %(kind)s, %(data)s::jsonb) as id;
 
 -- name: rate_limit_hit
-select * from public.rate_limit_hit_v1(%(key)s, %(limit)s, %(window_seconds)s);
+select * from public.rate_limit_hit_v1(%(tenant_id)s, %(limit)s, %(window_seconds)s);
 
 -- name: membership_mine
 select tenant_id from public.memberships where user_id = (select auth.uid()) order by created_at, tenant_id;

@@ -9,16 +9,19 @@ create table private.rate_limits (
 );
 comment on table private.rate_limits is 'Fixed-window request counters (Postgres-backed rate limiter).';
 
-create function public.rate_limit_hit_v1(p_key text, p_limit integer, p_window_seconds integer)
+-- Job creation by a tenant: members may count against their own tenant only.
+create function public.rate_limit_hit_v1(p_tenant_id uuid, p_limit integer, p_window_seconds integer)
 returns table (allowed boolean, retry_after double precision)
 language plpgsql security definer set search_path = ''
 as $$
 declare
+  v_key text := 'jobs:' || p_tenant_id::text;
   v_start timestamptz := to_timestamp(floor(extract(epoch from now()) / p_window_seconds) * p_window_seconds);
   v_hits integer;
 begin
+  perform private.tenant_authorize_v1(p_tenant_id);
   insert into private.rate_limits as r (key, window_start, hits)
-  values (p_key, v_start, 1)
+  values (v_key, v_start, 1)
   on conflict (key, window_start) do update set hits = r.hits + 1
   returning r.hits into v_hits;
   if random() < 0.01 then
@@ -34,8 +37,8 @@ comment on function public.rate_limit_hit_v1 is 'Count one request against a fix
 
 -- grants ---------------------------------------------------------------------------------------
 revoke all on private.rate_limits from public, anon, authenticated;
-revoke execute on function public.rate_limit_hit_v1(text, integer, integer) from public, anon, authenticated;
-grant execute on function public.rate_limit_hit_v1(text, integer, integer) to service_role;
+revoke execute on function public.rate_limit_hit_v1(uuid, integer, integer) from public, anon;
+grant execute on function public.rate_limit_hit_v1(uuid, integer, integer) to authenticated, service_role;
 
 -- row level security ---------------------------------------------------------------------------
 alter table private.rate_limits enable row level security;
