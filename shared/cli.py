@@ -24,8 +24,8 @@ from shared import (
     database,
     dispatch,
     errors,
-    executor,
     intents,
+    planner,
     protocol,
     settings,
     store,
@@ -59,7 +59,7 @@ async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
     db = store.Store(url)
     dispatcher = dispatch.Dispatcher(
         db,
-        registry=executor.builtin(http_allow=config.http_allow),
+        registry=planner.registry_for(config, db),
         concurrency=args.concurrency,
         lease_seconds=args.lease,
     )
@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     api_state.set_state(
         api_state.State(config, db, auth.verifier(config), ratelimit.limiter(config, db))
     )
-    dispatcher = dispatch.Dispatcher(db, registry=executor.builtin(http_allow=config.http_allow))
+    dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
 
     async def main() -> None:
         from functions import api

@@ -22,6 +22,8 @@ import psycopg
 
 from shared import errors, executor, graph, store
 
+Session = store.Session
+
 NO_LLM = (
     "No LLM provider is configured, so {action!r} cannot run; "
     "set OPENAI_API_KEY or OPENAI_BASE_URL."
@@ -304,28 +306,43 @@ class Dispatcher:
         )
 
     async def _flush(self, outcomes: list[_Outcome], summary: Summary) -> None:
+        async with self.store.service() as session:
+            for o in outcomes:
+                if o.error is None and o.row["action"] == "plan" and isinstance(o.result, dict):
+                    await self._attach(session, o)
+            await self._commit(session, outcomes, summary)
+
+    async def _attach(self, session: Session, o: _Outcome) -> None:
+        """Attach a planned sub-graph in the transaction that completes the plan ToDo."""
+        assert isinstance(o.result, dict)
+        try:
+            async with session.conn.transaction():  # a savepoint: a bad plan fails alone
+                await session.job_attach(o.row["job_id"], o.result.get("attach", []))
+        except errors.CpaError as exc:
+            o.error, o.retryable = f"The plan could not be attached: {exc.message}", False
+
+    async def _commit(self, session: Session, outcomes: list[_Outcome], summary: Summary) -> None:
         done = [o for o in outcomes if o.error is None and o.snooze_until is None]
         failed = [o for o in outcomes if o.error is not None]
         timers = [o for o in outcomes if o.snooze_until is not None]
-        async with self.store.service() as session:
-            if done:
-                summary.done += await session.todo_complete(
-                    [self._item(o.row) | {"result": _jsonable(o.result)} for o in done]
-                )
-            if failed:
-                items = [
-                    self._item(o.row) | {"error": o.error, "retryable": o.retryable} for o in failed
-                ]
-                await session.todo_fail(items, backoff_base=self.backoff_base)
-                for o in failed:
-                    if o.retryable and o.row["attempts"] < o.row["max_attempts"]:
-                        summary.retried += 1
-                    else:
-                        summary.failed += 1
-            for o in timers:
-                assert o.snooze_until is not None
-                await session.todo_snooze(o.row["id"], self.owner, o.snooze_until)
-                summary.timers += 1
+        if done:
+            summary.done += await session.todo_complete(
+                [self._item(o.row) | {"result": _jsonable(o.result)} for o in done]
+            )
+        if failed:
+            items = [
+                self._item(o.row) | {"error": o.error, "retryable": o.retryable} for o in failed
+            ]
+            await session.todo_fail(items, backoff_base=self.backoff_base)
+            for o in failed:
+                if o.retryable and o.row["attempts"] < o.row["max_attempts"]:
+                    summary.retried += 1
+                else:
+                    summary.failed += 1
+        for o in timers:
+            assert o.snooze_until is not None
+            await session.todo_snooze(o.row["id"], self.owner, o.snooze_until)
+            summary.timers += 1
 
     def _item(self, row: dict[str, Any]) -> dict[str, Any]:
         return {"id": str(row["id"]), "owner": self.owner, "attempt": row["attempts"]}

@@ -307,6 +307,19 @@ class Session:
         assert row is not None
         return bool(row["allowed"]), float(row["retry_after"])
 
+    async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
+        params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
+        return int(await self._scalar("job_attach", params))
+
+    async def plan_cache_get(self, tenant_id: uuid.UUID | str, key: str) -> Any:
+        return await self._scalar("plan_cache_get", {"tenant_id": str(tenant_id), "key": key})
+
+    async def plan_cache_put(
+        self, tenant_id: uuid.UUID | str, key: str, plan: Any, ttl: int
+    ) -> None:
+        params = {"tenant_id": str(tenant_id), "key": key, "plan": _jsonb(plan), "ttl": ttl}
+        await self._all("plan_cache_put", params)
+
     # set-up (admin scope) -----------------------------------------------------------------
 
     async def membership_ensure(

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from shared import database, dispatch, executor, settings, store
+from shared import database, dispatch, planner, settings, store
 
 SAFETY_MARGIN_S = 3.0
 DEFAULT_BUDGET_S = 50.0
@@ -58,9 +58,7 @@ def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
         config = settings.from_env()
         _loop = asyncio.new_event_loop()
         db = store.Store(database.prepare(config, migrate=config.local))
-        _dispatcher = dispatch.Dispatcher(
-            db, registry=executor.builtin(http_allow=config.http_allow)
-        )
+        _dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
     return _loop, _dispatcher
 
 

@@ -117,3 +117,12 @@ select * from public.rate_limit_hit_v1(%(tenant_id)s, %(limit)s, %(window_second
 
 -- name: membership_mine
 select tenant_id from public.memberships where user_id = (select auth.uid()) order by created_at, tenant_id;
+
+-- name: job_attach
+select public.job_attach_v1(%(job_id)s, %(todos)s::jsonb) as n;
+
+-- name: plan_cache_get
+select public.plan_cache_get_v1(%(tenant_id)s, %(key)s) as plan;
+
+-- name: plan_cache_put
+select public.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s);
