@@ -224,6 +224,53 @@ def _actions_text(cat: catalogue_mod.Catalogue) -> str:
     return "\n".join(lines)
 
 
+# --- cache -----------------------------------------------------------------------------------
+
+
+class PlanCache(Protocol):
+    async def get(self, tenant_id: str, key: str) -> Any: ...
+
+    async def put(self, tenant_id: str, key: str, plan: Any, ttl: int) -> None: ...
+
+
+@dataclass
+class PostgresPlanCache:
+    """``private.plan_cache`` through the service role."""
+
+    db: store.Store
+
+    async def get(self, tenant_id: str, key: str) -> Any:
+        async with self.db.service() as session:
+            return await session.plan_cache_get(tenant_id, key)
+
+    async def put(self, tenant_id: str, key: str, plan: Any, ttl: int) -> None:
+        async with self.db.service() as session:
+            await session.plan_cache_put(tenant_id, key, plan, ttl)
+
+
+class UpstashPlanCache:
+    """Upstash Redis (REST) with a TTL per entry."""
+
+    def __init__(self, url: str, token: str) -> None:
+        from upstash_redis.asyncio import Redis
+
+        self._redis = Redis(url=url, token=token, allow_telemetry=False)
+
+    async def get(self, tenant_id: str, key: str) -> Any:
+        raw = await self._redis.get(f"cpa:plan:{tenant_id}:{key}")
+        return None if raw is None else json.loads(raw)
+
+    async def put(self, tenant_id: str, key: str, plan: Any, ttl: int) -> None:
+        await self._redis.set(f"cpa:plan:{tenant_id}:{key}", json.dumps(plan), ex=ttl)
+
+
+def cache_for(config: settings.Settings, db: store.Store | None) -> PlanCache | None:
+    """Upstash when configured, else Postgres (when there is a store)."""
+    if config.upstash_redis_rest_url and config.upstash_redis_rest_token:
+        return UpstashPlanCache(config.upstash_redis_rest_url, config.upstash_redis_rest_token)
+    return PostgresPlanCache(db) if db is not None else None
+
+
 # --- planner ---------------------------------------------------------------------------------
 
 
@@ -233,7 +280,7 @@ class Planner:
 
     provider: Provider
     catalogue: catalogue_mod.Catalogue = field(default_factory=catalogue_mod.default)
-    db: store.Store | None = None
+    cache: PlanCache | None = None
     temperature: float = 0.1
     max_todos: int = 50
 
@@ -251,9 +298,8 @@ class Planner:
     ) -> dict[str, Any]:
         """``{"todos": [...], "usage": [...], "cached": bool}`` for a valid plan, else PlannerError."""
         key = self.cache_key(request)
-        if self.db is not None and tenant_id is not None:
-            async with self.db.service() as session:
-                cached = await session.plan_cache_get(tenant_id, key)
+        if self.cache is not None and tenant_id is not None:
+            cached = await self.cache.get(tenant_id, key)
             if cached is not None:
                 return {"todos": cached, "usage": [], "cached": True}
         ctx = context or protocol.UserContext()
@@ -274,9 +320,8 @@ class Planner:
             usage.append(info.as_dict())
             todos, problems = self._validate(text, reserved_keys)
             if not problems:
-                if self.db is not None and tenant_id is not None:
-                    async with self.db.service() as session:
-                        await session.plan_cache_put(tenant_id, key, todos, CACHE_TTL)
+                if self.cache is not None and tenant_id is not None:
+                    await self.cache.put(tenant_id, key, todos, CACHE_TTL)
                 return {"todos": todos, "usage": usage, "cached": False}
             if round_ == 0:
                 messages += [
@@ -361,9 +406,9 @@ class GenerateExecutor:
         return {"text": text, "usage": usage.as_dict()}
 
 
-def register(registry: executor.Registry, provider: Provider, db: store.Store | None) -> Planner:
+def register(registry: executor.Registry, provider: Provider, cache: PlanCache | None) -> Planner:
     """Add ``plan`` and ``llm.generate`` to a registry; returns the planner."""
-    planner = Planner(provider, db=db)
+    planner = Planner(provider, cache=cache)
     registry.register("plan", PlanExecutor(planner))
     registry.register("llm.generate", GenerateExecutor(provider))
     return planner
@@ -374,5 +419,5 @@ def registry_for(config: settings.Settings, db: store.Store | None) -> executor.
     registry = executor.builtin(http_allow=config.http_allow)
     provider = provider_from(config)
     if provider is not None:
-        register(registry, provider, db)
+        register(registry, provider, cache_for(config, db))
     return registry

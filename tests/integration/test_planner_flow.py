@@ -55,7 +55,7 @@ async def test_german_request_is_planned_and_runs_to_done(
     assert job["intent"] == "unknown" and job["todo_count"] == 1  # answered at once: one plan ToDo
     rec = Recorder(chat(BRANCHES))
     registry = executor.builtin()
-    planner.register(registry, rec.provider(), db)
+    planner.register(registry, rec.provider(), planner.PostgresPlanCache(db))
     summary = await dispatch.Dispatcher(db, registry=registry).run_pass(30)
     assert summary.done == 4 and summary.failed == 0
     async with db.user(m.claims) as s:
@@ -82,7 +82,7 @@ async def test_invalid_plan_fails_the_job_with_the_errors(
         job = await intake.submit(s, tenant_id=m.tenant_id, text=GERMAN, planner_configured=True)
     rec = Recorder(chat(bad), chat(bad))
     registry = executor.builtin()
-    planner.register(registry, rec.provider(), db)
+    planner.register(registry, rec.provider(), planner.PostgresPlanCache(db))
     await dispatch.Dispatcher(db, registry=registry).run_pass(30)
     async with db.user(m.claims) as s:
         final = await s.job_get(job["id"])
@@ -93,7 +93,7 @@ async def test_invalid_plan_fails_the_job_with_the_errors(
 async def test_cache_hit_makes_no_call(db: store.Store, member_factory: MemberFactory) -> None:
     m = await member_factory()
     rec = Recorder(chat(BRANCHES))
-    p = planner.Planner(rec.provider(), db=db)
+    p = planner.Planner(rec.provider(), cache=planner.PostgresPlanCache(db))
     first = await p.plan(GERMAN, tenant_id=str(m.tenant_id))
     second = await p.plan(
         "  organisiere BITTE meinen Umzug nach Hamburg nächsten Monat ", tenant_id=str(m.tenant_id)
@@ -158,3 +158,20 @@ async def test_ollama_compatible_server_through_base_url(ollama_stub: dict[str, 
     assert ollama_stub["paths"] == ["/v1/chat/completions"]
     body = ollama_stub["bodies"][0]
     assert body["model"] == "llama3.2" and body["response_format"]["type"] == "json_schema"
+
+
+async def test_upstash_plan_cache(member_factory: MemberFactory) -> None:
+    from tests.functions.upstash_bridge import bridge
+
+    with bridge("tok") as url:
+        cfg = settings.Settings(
+            database_url="x", upstash_redis_rest_url=url, upstash_redis_rest_token="tok"
+        )
+        cache = planner.cache_for(cfg, None)
+        assert isinstance(cache, planner.UpstashPlanCache)
+        rec = Recorder(chat(BRANCHES))
+        p = planner.Planner(rec.provider(), cache=cache)
+        tenant = str(__import__("uuid").uuid4())
+        assert (await p.plan(GERMAN, tenant_id=tenant))["cached"] is False
+        assert (await p.plan(GERMAN, tenant_id=tenant))["cached"] is True
+        assert len(rec.requests) == 1
