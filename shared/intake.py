@@ -30,23 +30,29 @@ def todo_rows(g: graph.Graph) -> list[dict[str, Any]]:
 
 
 def plan(
-    *, text: str | None, spec: protocol.GraphSpec | None, planner_configured: bool
+    *,
+    text: str | None,
+    spec: protocol.GraphSpec | None,
+    planner_configured: bool,
+    force_planner: bool = False,
 ) -> tuple[str, graph.Graph]:
-    """The intent and validated graph for a request text or an explicit graph."""
+    """The intent and validated graph for a request text or an explicit graph.
+
+    ``force_planner`` skips the intent router: the client asked for LLM planning."""
     cat = catalogue.default()
     if spec is not None:
         return "explicit", cat.build(spec)
     if text is None or not text.strip():
         raise errors.InvalidError("The request text is empty; say what should be done.")
     routed = intents.default().route(text)
-    if routed.graph is not None:
+    if routed.graph is not None and not force_planner:
         return routed.intent, cat.build(routed.graph)
     if not planner_configured:
         raise errors.PlannerError(NO_PLANNER)
     planning = protocol.GraphSpec(
         todos=[protocol.TodoSpec(key="plan", action="plan", params={"request": routed.text})]
     )
-    return routed.intent, cat.build(planning)
+    return ("planned" if force_planner else routed.intent), cat.build(planning)
 
 
 async def submit(
@@ -58,9 +64,12 @@ async def submit(
     idempotency_key: str | None = None,
     priority: int = 0,
     planner_configured: bool = False,
+    force_planner: bool = False,
 ) -> dict[str, Any]:
     """Validate and create the job in one transaction; a repeated key returns the same job."""
-    intent, g = plan(text=text, spec=spec, planner_configured=planner_configured)
+    intent, g = plan(
+        text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner
+    )
     return await session.job_create(
         tenant_id=tenant_id,
         todos=todo_rows(g),

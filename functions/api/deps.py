@@ -78,11 +78,3 @@ async def get_caller(
 
 
 CurrentCaller = Annotated[Caller, Depends(get_caller)]
-
-
-async def rate_limited(app: AppState, caller: CurrentCaller, session: UserSession) -> None:
-    """Count a job creation against the tenant's limit (in the request's transaction)."""
-    await app.limiter.hit(str(caller.tenant_id), session)
-
-
-RateLimited = Depends(rate_limited)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from functions.api import problems
-from functions.api.deps import AppState, CurrentCaller, RateLimited, UserSession, VerifiedClaims
+from functions.api.deps import AppState, CurrentCaller, UserSession, VerifiedClaims
 from shared import errors, intake, protocol
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
@@ -33,6 +33,7 @@ class JobCreate(BaseModel):
     request: str | None = Field(default=None, min_length=1, max_length=4000)
     graph: protocol.GraphSpec | None = None
     priority: int = Field(default=0, ge=0, le=10)
+    plan: bool = Field(default=False, description="Skip the intent router and ask the LLM planner.")
 
     @model_validator(mode="after")
     def _one(self) -> JobCreate:
@@ -83,7 +84,7 @@ async def _kick(url: str, secret: str | None) -> None:
         pass  # the schedule picks the job up anyway
 
 
-@router.post("", status_code=201, response_model=JobOut, dependencies=[RateLimited])
+@router.post("", status_code=201, response_model=JobOut)
 async def create_job(
     body: JobCreate,
     app: AppState,
@@ -96,7 +97,11 @@ async def create_job(
     job = await intake.submit(
         session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
         idempotency_key=idempotency_key, priority=body.priority, planner_configured=configured,
+        force_planner=body.plan,
     )  # fmt: skip
+    # Counted last: the tenant's counter row stays locked only until this transaction commits,
+    # and a refusal rolls the job back with it.
+    await app.limiter.hit(str(caller.tenant_id), session)
     if app.config.dispatch_url:
         background.add_task(_kick, app.config.dispatch_url, app.config.dispatch_secret)
     return intake.job_view(job, await session.job_todos(job["id"]))

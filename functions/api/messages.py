@@ -54,11 +54,11 @@ async def answer(msg: protocol.Message, app: Any, caller: Any, session: Any) -> 
     match msg:
         case protocol.Request(payload=p):
             return await _submit(
-                msg, session, caller, p.text, p.graph, p.idempotency_key, configured
+                msg, app, session, caller, p.text, p.graph, p.idempotency_key, configured
             )
         case protocol.Propose(payload=p):
             # A client's plan: validated, then run as an explicit graph (the agree names the job).
-            return await _submit(msg, session, caller, p.request, p.plan, None, configured)
+            return await _submit(msg, app, session, caller, p.request, p.plan, None, configured)
         case protocol.Route(payload=p):
             if p.request is None:
                 return protocol.reply_to(
@@ -66,6 +66,7 @@ async def answer(msg: protocol.Message, app: Any, caller: Any, session: Any) -> 
                 )
             reply = await _submit(
                 msg,
+                app,
                 session,
                 caller,
                 p.request.text,
@@ -97,12 +98,13 @@ def _todo_of(msg: protocol.Message) -> str | None:
     return getattr(msg.payload, "todo_id", None)
 
 
-async def _submit(msg: protocol.Message, session: Any, caller: Any, text: str | None,
+async def _submit(msg: protocol.Message, app: Any, session: Any, caller: Any, text: str | None,
                   graph: protocol.GraphSpec | None, key: str | None, configured: bool) -> protocol.Message:  # fmt: skip
     try:
         job = await intake.submit(session, tenant_id=caller.tenant_id, text=text, spec=graph,
                                   idempotency_key=key, planner_configured=configured)  # fmt: skip
-    except (errors.InvalidError, errors.PlannerError) as exc:
+        await app.limiter.hit(str(caller.tenant_id), session)
+    except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:
         return protocol.reply_to(msg, "refuse", {"code": exc.code, "reason": exc.message})
     return protocol.reply_to(msg, "agree", {"job_id": str(job["id"]), "text": f"intent {job['intent']}"},
                              conversation_id=str(job["id"]))  # fmt: skip

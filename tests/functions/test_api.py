@@ -416,3 +416,27 @@ async def test_nul_bytes_are_a_4xx_not_a_500(
         "/v1/agents/claim", headers=bearer(m), json={"agent_id": "a\u0000b", "actions": ["x"]}
     )
     assert "cannot be stored" in is_problem(r, 422, "invalid")["detail"]
+
+
+async def test_planning_on_request_and_for_unknown_text(
+    wire: Any, member_factory: MemberFactory
+) -> None:
+    from functions import api
+
+    wire(
+        openai_base_url="http://127.0.0.1:9/v1"
+    )  # configured; the planner runs later, in the dispatcher
+    m = await member_factory()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api.app), base_url="http://t"
+    ) as c:
+        forced = await c.post(
+            "/v1/jobs", headers=bearer(m), json={"request": "Öffne Spotify", "plan": True}
+        )
+        unknown = await c.post(
+            "/v1/jobs", headers=bearer(m), json={"request": "Bestelle eine Pizza"}
+        )
+    assert forced.status_code == 201 and forced.json()["intent"] == "planned"
+    assert [t["action"] for t in forced.json()["todos"]] == ["plan"]
+    assert unknown.json()["intent"] == "unknown"
+    assert unknown.json()["todos"][0]["params"] == {"request": "Bestelle eine Pizza"}
