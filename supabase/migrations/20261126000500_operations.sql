@@ -9,6 +9,49 @@
 -- foreign key), which FOR UPDATE would conflict with. Lock order everywhere: ToDos (the caller's own leased rows, then others by id), then jobs by
 -- id. That keeps concurrent completers, failers and cancellers free of deadlocks.
 
+-- insert a graph (internal) --------------------------------------------------------------------
+-- ToDos and their edges for a job, positions after p_base; used by create and by attach.
+create function private.todos_insert_v1(
+  p_job_id uuid, p_tenant_id uuid, p_priority integer, p_base integer, p_todos jsonb
+) returns integer
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_edges integer;
+  v_expected integer;
+begin
+  insert into public.todos (job_id, tenant_id, key, position, action, target, params, status,
+                            priority, max_attempts, requires_confirmation, deps_remaining)
+  select p_job_id, p_tenant_id, x.key, p_base + e.n::integer, x.action, coalesce(x.target, 'cloud'),
+         coalesce(x.params, '{}'::jsonb),
+         case when coalesce(jsonb_array_length(x.depends_on), 0) > 0 then 'waiting'
+              when coalesce(x.requires_confirmation, false) then 'confirming'
+              else 'ready' end,
+         p_priority, coalesce(x.max_attempts, 3), coalesce(x.requires_confirmation, false),
+         coalesce(jsonb_array_length(x.depends_on), 0)
+  from jsonb_array_elements(p_todos) with ordinality as e(item, n)
+  cross join lateral jsonb_to_record(e.item) as x(key text, action text, target text, params jsonb,
+                                                 depends_on jsonb, max_attempts integer,
+                                                 requires_confirmation boolean);
+
+  insert into public.todo_edges (todo_id, depends_on_id, tenant_id)
+  select c.id, p.id, p_tenant_id
+  from jsonb_to_recordset(p_todos) as x(key text, depends_on jsonb)
+  cross join lateral jsonb_array_elements_text(coalesce(x.depends_on, '[]'::jsonb)) as d(dep)
+  join public.todos c on c.job_id = p_job_id and c.key = x.key
+  join public.todos p on p.job_id = p_job_id and p.key = d.dep;
+  get diagnostics v_edges = row_count;
+  select coalesce(sum(jsonb_array_length(coalesce(x.depends_on, '[]'::jsonb))), 0)::integer
+    into v_expected
+  from jsonb_to_recordset(p_todos) as x(depends_on jsonb);
+  if v_edges <> v_expected then
+    raise exception 'A ToDo depends on a key that is not in the graph.' using errcode = '22023';
+  end if;
+  return jsonb_array_length(p_todos);
+end;
+$$;
+revoke execute on function private.todos_insert_v1(uuid, uuid, integer, integer, jsonb) from public;
+
 -- create ---------------------------------------------------------------------------------------
 create function public.job_create_v1(
   p_tenant_id uuid,
@@ -23,8 +66,6 @@ language plpgsql security definer set search_path = ''
 as $$
 declare
   v_job public.jobs;
-  v_edges integer;
-  v_expected integer;
 begin
   perform private.tenant_authorize_v1(p_tenant_id);
   if jsonb_typeof(p_todos) is distinct from 'array' or jsonb_array_length(p_todos) = 0 then
@@ -51,33 +92,7 @@ begin
     return v_job;
   end if;
 
-  insert into public.todos (job_id, tenant_id, key, position, action, target, params, status,
-                            priority, max_attempts, requires_confirmation, deps_remaining)
-  select v_job.id, p_tenant_id, x.key, e.n::integer, x.action, coalesce(x.target, 'cloud'),
-         coalesce(x.params, '{}'::jsonb),
-         case when coalesce(jsonb_array_length(x.depends_on), 0) > 0 then 'waiting'
-              when coalesce(x.requires_confirmation, false) then 'confirming'
-              else 'ready' end,
-         p_priority, coalesce(x.max_attempts, 3), coalesce(x.requires_confirmation, false),
-         coalesce(jsonb_array_length(x.depends_on), 0)
-  from jsonb_array_elements(p_todos) with ordinality as e(item, n)
-  cross join lateral jsonb_to_record(e.item) as x(key text, action text, target text, params jsonb,
-                                                 depends_on jsonb, max_attempts integer,
-                                                 requires_confirmation boolean);
-
-  insert into public.todo_edges (todo_id, depends_on_id, tenant_id)
-  select c.id, p.id, p_tenant_id
-  from jsonb_to_recordset(p_todos) as x(key text, depends_on jsonb)
-  cross join lateral jsonb_array_elements_text(coalesce(x.depends_on, '[]'::jsonb)) as d(dep)
-  join public.todos c on c.job_id = v_job.id and c.key = x.key
-  join public.todos p on p.job_id = v_job.id and p.key = d.dep;
-  get diagnostics v_edges = row_count;
-  select coalesce(sum(jsonb_array_length(coalesce(x.depends_on, '[]'::jsonb))), 0)::integer
-    into v_expected
-  from jsonb_to_recordset(p_todos) as x(depends_on jsonb);
-  if v_edges <> v_expected then
-    raise exception 'A ToDo depends on a key that is not in the graph.' using errcode = '22023';
-  end if;
+  perform private.todos_insert_v1(v_job.id, p_tenant_id, p_priority, 0, p_todos);
   return v_job;
 end;
 $$;

@@ -11,8 +11,6 @@ declare
   v_job public.jobs;
   v_count integer := jsonb_array_length(p_todos);
   v_base integer;
-  v_edges integer;
-  v_expected integer;
 begin
   select * into v_job from public.jobs j where j.id = p_job_id for no key update;
   if not found then
@@ -29,32 +27,7 @@ begin
   end if;
   select coalesce(max(t.position), 0) into v_base from public.todos t where t.job_id = p_job_id;
 
-  insert into public.todos (job_id, tenant_id, key, position, action, target, params, status,
-                            priority, max_attempts, requires_confirmation, deps_remaining)
-  select p_job_id, v_job.tenant_id, x.key, v_base + e.n::integer, x.action, coalesce(x.target, 'cloud'),
-         coalesce(x.params, '{}'::jsonb),
-         case when coalesce(jsonb_array_length(x.depends_on), 0) > 0 then 'waiting'
-              when coalesce(x.requires_confirmation, false) then 'confirming'
-              else 'ready' end,
-         v_job.priority, coalesce(x.max_attempts, 3), coalesce(x.requires_confirmation, false),
-         coalesce(jsonb_array_length(x.depends_on), 0)
-  from jsonb_array_elements(p_todos) with ordinality as e(item, n)
-  cross join lateral jsonb_to_record(e.item) as x(key text, action text, target text, params jsonb,
-                                                 depends_on jsonb, max_attempts integer,
-                                                 requires_confirmation boolean);
-
-  insert into public.todo_edges (todo_id, depends_on_id, tenant_id)
-  select c.id, p.id, v_job.tenant_id
-  from jsonb_to_recordset(p_todos) as x(key text, depends_on jsonb)
-  cross join lateral jsonb_array_elements_text(coalesce(x.depends_on, '[]'::jsonb)) as d(dep)
-  join public.todos c on c.job_id = p_job_id and c.key = x.key
-  join public.todos p on p.job_id = p_job_id and p.key = d.dep;
-  get diagnostics v_edges = row_count;
-  select coalesce(sum(jsonb_array_length(coalesce(x.depends_on, '[]'::jsonb))), 0)::integer
-    into v_expected from jsonb_to_recordset(p_todos) as x(depends_on jsonb);
-  if v_edges <> v_expected then
-    raise exception 'A planned ToDo depends on a key that is not in the plan.' using errcode = '22023';
-  end if;
+  perform private.todos_insert_v1(p_job_id, v_job.tenant_id, v_job.priority, v_base, p_todos);
 
   update public.jobs j set todo_count = j.todo_count + v_count where j.id = p_job_id;
   return v_count;
