@@ -241,6 +241,10 @@ class Session:
 
     # agents -------------------------------------------------------------------------------
 
+    async def job_route(self, job_id: uuid.UUID | str, agent_key: str) -> int:
+        """Pin the job's unstarted desktop ToDos to one agent."""
+        return int(await self._scalar("job_route", {"job_id": str(job_id), "agent_key": agent_key}))
+
     async def agent_upsert(
         self, tenant_id: uuid.UUID | str, agent_key: str, name: str | None, actions: Sequence[str]
     ) -> Row:

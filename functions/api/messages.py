@@ -74,6 +74,14 @@ async def answer(msg: protocol.Message, app: Any, caller: Any, session: Any) -> 
                 p.request.idempotency_key,
                 configured,
             )
+            if isinstance(reply, protocol.Agree) and reply.payload.job_id:
+                # Forward to the named agent's queue: only it may claim the desktop ToDos.
+                pinned = await session.job_route(reply.payload.job_id, p.to_agent)
+                return protocol.reply_to(
+                    msg, "agree",
+                    {"job_id": reply.payload.job_id, "text": f"{pinned} ToDo(s) routed to {p.to_agent}"},
+                    conversation_id=reply.payload.job_id,
+                )  # fmt: skip
             return reply
         case protocol.Discover(payload=p):
             actions = catalogue.default().names(p.target)

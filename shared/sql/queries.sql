@@ -126,3 +126,6 @@ select public.plan_cache_get_v1(%(tenant_id)s, %(key)s) as plan;
 
 -- name: plan_cache_put
 select public.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s);
+
+-- name: job_route
+select public.job_route_v1(%(job_id)s, %(agent_key)s) as n;

@@ -45,6 +45,7 @@ create table public.todos (
   requires_confirmation boolean not null default false,
   confirmed_at timestamptz,
   refusals integer not null default 0,
+  assigned_agent text,
   run_after timestamptz not null default now(),
   timer_until timestamptz,
   lease_owner text,
@@ -59,6 +60,7 @@ create table public.todos (
   unique (job_id, key)
 );
 comment on table public.todos is 'One unit of work. waiting (dependencies open) -> confirming (needs approval) -> ready -> running (leased) -> done | failed | cancelled.';
+comment on column public.todos.assigned_agent is 'A desktop agent this ToDo was routed to; only that agent may claim it (null: any agent of the tenant).';
 comment on column public.todos.deps_remaining is 'Unfinished dependencies; completion decrements it and the ToDo is ready at 0.';
 -- The claim path: ready ToDos per target and tenant, in priority order.
 create index todos_ready_idx on public.todos (target, tenant_id, priority desc, run_after)

@@ -222,6 +222,7 @@ begin
          where t.status = 'ready' and t.target = p_target and t.tenant_id = a.tenant_id
            and t.run_after <= now()
            and (p_actions is null or t.action = any(p_actions))
+           and (t.assigned_agent is null or 'agent:' || t.assigned_agent = p_owner)
          order by t.priority desc, t.run_after
          limit v_share
          for update skip locked

@@ -1,5 +1,6 @@
--- Agent notes: a desktop agent's agree, inform and refuse messages are recorded in the job's
--- progress log (end users cannot insert into job_events directly).
+-- Agents: a desktop agent's agree, inform and refuse messages are recorded in the job's
+-- progress log (end users cannot insert into job_events directly), and a routed request's
+-- desktop ToDos can be pinned to one agent.
 
 create function public.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb)
 returns bigint
@@ -27,3 +28,29 @@ comment on function public.todo_note_v1 is 'Record an agent''s agree, inform or 
 
 revoke execute on function public.todo_note_v1(uuid, text, jsonb) from public, anon;
 grant execute on function public.todo_note_v1(uuid, text, jsonb) to authenticated, service_role;
+
+-- Pin the job's unfinished desktop ToDos to one agent (the `route` message).
+create function public.job_route_v1(p_job_id uuid, p_agent_key text)
+returns integer
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_job public.jobs;
+  v_count integer;
+begin
+  select * into v_job from public.jobs j where j.id = p_job_id;
+  if not found then
+    raise exception 'not found' using errcode = 'P0002', hint = 'No such job.';
+  end if;
+  perform private.tenant_authorize_v1(v_job.tenant_id);
+  update public.todos t set assigned_agent = p_agent_key, updated_at = now()
+   where t.job_id = p_job_id and t.target = 'desktop'
+     and t.status in ('waiting', 'confirming', 'ready');
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$$;
+comment on function public.job_route_v1 is 'Route a job''s unstarted desktop ToDos to one agent of its tenant.';
+
+revoke execute on function public.job_route_v1(uuid, text) from public, anon;
+grant execute on function public.job_route_v1(uuid, text) to authenticated, service_role;

@@ -316,7 +316,19 @@ async def test_every_message_type_has_an_answer(
     )
     assert bad_plan["type"] == "refuse" and "depends on itself" in bad_plan["payload"]["reason"]
     routed = await send("route", {"to_agent": "laptop-2", "request": {"text": "Öffne Spotify"}})
-    assert routed["type"] == "agree"
+    assert routed["type"] == "agree" and "1 ToDo(s) routed to laptop-2" in routed["payload"]["text"]
+    other = await client.post(
+        "/v1/agents/claim",
+        headers=bearer(m),
+        json={"agent_id": "laptop-1", "actions": ["desktop.open_app"]},
+    )
+    assert other.json() == []  # routed to laptop-2 only
+    mine = await client.post(
+        "/v1/agents/claim",
+        headers=bearer(m),
+        json={"agent_id": "laptop-2", "actions": ["desktop.open_app"]},
+    )
+    assert [a["payload"]["job_id"] for a in mine.json()] == [routed["payload"]["job_id"]]
     mail = (
         await client.post(
             "/v1/jobs", headers=bearer(m), json={"request": "Sende eine Mail an a@b.de: Hallo"}
