@@ -8,8 +8,9 @@ from fastapi import APIRouter, Body
 from pydantic import BaseModel, ConfigDict, Field
 
 from functions.api import problems
-from functions.api.deps import AppState, CurrentCaller, UserSession
-from shared import agent, catalogue, errors, intake, intents, protocol
+from functions.api import state as state_mod
+from functions.api.deps import AppState, Caller, CurrentCaller, UserSession
+from shared import agent, catalogue, errors, intake, intents, protocol, store
 
 router = APIRouter(tags=["agents"], responses=problems.RESPONSES)
 SCHEDULER = agent.SCHEDULER
@@ -49,7 +50,9 @@ async def message(
     return protocol.dump(await answer(msg, app, caller, session))
 
 
-async def answer(msg: protocol.Message, app: Any, caller: Any, session: Any) -> protocol.Message:
+async def answer(
+    msg: protocol.Message, app: state_mod.State, caller: Caller, session: store.Session
+) -> protocol.Message:
     configured = bool(app.config.openai_api_key or app.config.openai_base_url)
     match msg:
         case protocol.Request(payload=p):
@@ -106,7 +109,7 @@ def _todo_of(msg: protocol.Message) -> str | None:
     return getattr(msg.payload, "todo_id", None)
 
 
-async def _submit(msg: protocol.Message, app: Any, session: Any, caller: Any, text: str | None,
+async def _submit(msg: protocol.Message, app: state_mod.State, session: store.Session, caller: Caller, text: str | None,
                   graph: protocol.GraphSpec | None, key: str | None, configured: bool) -> protocol.Message:  # fmt: skip
     try:
         job = await intake.submit(session, tenant_id=caller.tenant_id, text=text, spec=graph,
