@@ -483,10 +483,10 @@ begin
 end;
 $$;
 
--- cancel ---------------------------------------------------------------------------------------
-create function public.job_cancel_v1(p_job_id uuid)
+-- a visible job (internal) ---------------------------------------------------------------------
+create function private.job_authorized_v1(p_job_id uuid)
 returns public.jobs
-language plpgsql security definer set search_path = ''
+language plpgsql stable security definer set search_path = ''
 as $$
 declare
   v_job public.jobs;
@@ -496,6 +496,20 @@ begin
     raise exception 'not found' using errcode = 'P0002', hint = 'No such job.';
   end if;
   perform private.tenant_authorize_v1(v_job.tenant_id);
+  return v_job;
+end;
+$$;
+revoke execute on function private.job_authorized_v1(uuid) from public;
+
+-- cancel ---------------------------------------------------------------------------------------
+create function public.job_cancel_v1(p_job_id uuid)
+returns public.jobs
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_job public.jobs;
+begin
+  v_job := private.job_authorized_v1(p_job_id);
   if v_job.status = 'cancelled' then
     return v_job;
   end if;
@@ -529,11 +543,7 @@ as $$
 declare
   v_job public.jobs;
 begin
-  select * into v_job from public.jobs j where j.id = p_job_id;
-  if not found then
-    raise exception 'not found' using errcode = 'P0002', hint = 'No such job.';
-  end if;
-  perform private.tenant_authorize_v1(v_job.tenant_id);
+  v_job := private.job_authorized_v1(p_job_id);
   if v_job.status not in ('failed', 'cancelled') then
     raise exception 'The job is %; only failed or cancelled jobs can be retried.', v_job.status
       using errcode = '55000';

@@ -38,11 +38,7 @@ declare
   v_job public.jobs;
   v_count integer;
 begin
-  select * into v_job from public.jobs j where j.id = p_job_id;
-  if not found then
-    raise exception 'not found' using errcode = 'P0002', hint = 'No such job.';
-  end if;
-  perform private.tenant_authorize_v1(v_job.tenant_id);
+  v_job := private.job_authorized_v1(p_job_id);
   update public.todos t set assigned_agent = p_agent_key, updated_at = now()
    where t.job_id = p_job_id and t.target = 'desktop'
      and t.status in ('waiting', 'confirming', 'ready');
