@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shared import embedded, migration
+from cpa_scheduler import embedded, migration
 
 CLI = ["npx", "--yes", "supabase@2.117.0"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from cpa_scheduler import embedded, migration, store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import functions.api  # noqa: F401  (see _MANGUM_LOOP)
-from shared import embedded, migration, store
 
 
 @dataclass(frozen=True)

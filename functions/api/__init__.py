@@ -1,41 +1,10 @@
-"""The HTTP API: FastAPI routes composing ``shared/``, and the Lambda handler via Mangum."""
+"""Lambda entry of the HTTP API: the package's FastAPI app behind Mangum."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from cpa_scheduler.api import app
 from mangum import Mangum
 
-from functions.api import jobs, messages, problems
-from functions.api.deps import AppState
-
-app = FastAPI(
-    title="CPA Scheduler",
-    version="1.0.0",
-    description="Jobs as ToDo graphs for CPA Desktop AI. Authenticate with a Supabase access token.",
-)
-problems.install(app)
-app.include_router(jobs.router)
-app.include_router(messages.router)
-
-
-@app.get("/healthz", tags=["health"])
-async def healthz() -> dict[str, Any]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
-
-
-@app.get(
-    "/readyz", tags=["health"], responses={503: {"description": "The database is unreachable."}}
-)
-async def readyz(state: AppState) -> Any:
-    """Readiness: the database is reachable."""
-    if await state.store.ping():
-        return {"status": "ready"}
-    return JSONResponse({"status": "unavailable", "detail": "The database is unreachable."},
-                        status_code=503, headers={"Retry-After": "5"})  # fmt: skip
-
-
 handler = Mangum(app, lifespan="off")
+
+__all__ = ["app", "handler"]

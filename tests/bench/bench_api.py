@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import psycopg
+from cpa_scheduler import auth
 
-from shared import auth
 from tests.bench.bench_dispatch import pct, server
 
 SECRET = "bench-secret-bench-secret-bench-secret-0123456789"
@@ -122,7 +122,7 @@ async def main() -> None:
     }
     ours_port, bare_port = free_port(), free_port()
     ours = start(
-        [sys.executable, "-m", "shared.cli", "serve", "--port", str(ours_port)],
+        [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(ours_port)],
         env,
         f"http://127.0.0.1:{ours_port}",
     )

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from cpa_scheduler import dispatch, embedded, graph, migration, store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from shared import dispatch, embedded, graph, migration, store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from cpa_scheduler import auth, ratelimit, settings, store
+from cpa_scheduler.api import state as api_state
 
 from functions import api
-from functions.api import state as api_state
-from shared import auth, ratelimit, settings, store
 from tests.conftest import Member
 
 SECRET = "test-secret-with-enough-entropy-for-hs256-0123456789"

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 import httpx
+from cpa_scheduler import dispatch, store
 
-from shared import dispatch, store
 from tests.conftest import Member, MemberFactory
 from tests.functions.conftest import bearer
 

@@ -8,8 +8,7 @@ import sys
 
 import psycopg
 import pytest
-
-from shared import cli
+from cpa_scheduler import cli
 
 
 def test_route_shows_intent_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -27,7 +26,7 @@ def test_route_unknown(capsys: pytest.CaptureFixture[str]) -> None:
 def test_migrate_and_dispatch_once_in_a_subprocess(db_url: str) -> None:
     env = {"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "migrate"],
+        [sys.executable, "-m", "cpa_scheduler.cli", "migrate"],
         env=env,
         capture_output=True,
         text=True,
@@ -39,7 +38,7 @@ def test_migrate_and_dispatch_once_in_a_subprocess(db_url: str) -> None:
         n = conn.execute("select count(*) from supabase_migrations.schema_migrations").fetchone()
         assert n is not None and n[0] >= 5
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "dispatch", "--once", "--budget", "5"],
+        [sys.executable, "-m", "cpa_scheduler.cli", "dispatch", "--once", "--budget", "5"],
         env=env,
         capture_output=True,
         text=True,
@@ -53,7 +52,7 @@ def test_migrate_and_dispatch_once_in_a_subprocess(db_url: str) -> None:
 def test_bad_database_url_is_a_clear_error() -> None:
     env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "dispatch", "--once"],
+        [sys.executable, "-m", "cpa_scheduler.cli", "dispatch", "--once"],
         env=env,
         capture_output=True,
         text=True,

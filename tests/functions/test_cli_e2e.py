@@ -17,7 +17,7 @@ from tests.functions.conftest import free_port
 
 def cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "cpa_scheduler.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -36,7 +36,7 @@ def served(tmp_path: Path) -> Iterator[dict[str, str]]:
     }
     env.update(CPA_DATA_DIR=str(tmp_path / "data"), CPA_API_URL=f"http://127.0.0.1:{port}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -78,7 +78,7 @@ def test_submit_a_german_request_to_done(served: dict[str, str]) -> None:
 
 def test_agent_completes_a_desktop_todo(served: dict[str, str], tmp_path: Path) -> None:
     submit = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "submit", 'Schreibe "Hallo Welt" in gruss.txt'],
+        [sys.executable, "-m", "cpa_scheduler.cli", "submit", 'Schreibe "Hallo Welt" in gruss.txt'],
         env=served,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cpa_scheduler import dispatch, store
+from cpa_scheduler import invocation as fn
 
-import functions.dispatcher as fn
-from shared import dispatch, store
 from tests.conftest import JobFactory, MemberFactory
 
 EVENTS = Path(__file__).parents[1] / "fixtures" / "events"

@@ -12,9 +12,8 @@ from typing import Any
 
 import jwt
 import pytest
+from cpa_scheduler import auth, errors
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from shared import auth, errors
 
 ISSUER = "https://proj.supabase.co/auth/v1"
 
@@ -87,7 +86,7 @@ def test_es256_failures(signing_key: ec.EllipticCurvePrivateKey, jwks_url: str) 
 
 
 def test_settings_derive_jwks_and_issuer() -> None:
-    from shared import settings
+    from cpa_scheduler import settings
 
     cfg = settings.from_env(
         {"SUPABASE_URL": "https://abc.supabase.co/", "DATABASE_URL": "postgresql://x"}

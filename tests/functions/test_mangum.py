@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cpa_scheduler import auth, ratelimit, settings, store
+from cpa_scheduler.api import state as api_state
+
 from functions import api
-from functions.api import state as api_state
-from shared import auth, ratelimit, settings, store
 from tests.conftest import MemberFactory
 from tests.functions.conftest import ISSUER, SECRET, token_for
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cpa_scheduler import errors, ratelimit, settings
 
-from shared import errors, ratelimit, settings
 from tests.conftest import MemberFactory
 from tests.functions.conftest import bearer
 from tests.functions.upstash_bridge import bridge

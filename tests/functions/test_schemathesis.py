@@ -19,11 +19,11 @@ import httpx
 import psycopg
 import pytest
 import schemathesis
+from cpa_scheduler import auth
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from shared import auth
 from tests.conftest import Server
 from tests.functions.conftest import ISSUER, SECRET, free_port
 
@@ -55,7 +55,7 @@ def served_api(pg_server: Server, template_db: str) -> Iterator[dict[str, str]]:
         "CPA_RATE_LIMIT": "100000",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from shared import dispatch, errors, executor, store
+from cpa_scheduler import dispatch, errors, executor, store
+
 from tests.conftest import JobFactory, Member, MemberFactory
 
 

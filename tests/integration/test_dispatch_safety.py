@@ -11,8 +11,8 @@ import time
 from typing import Any
 
 import psycopg
+from cpa_scheduler import agent, dispatch, protocol, store
 
-from shared import agent, dispatch, protocol, store
 from tests.conftest import JobFactory, Member, MemberFactory
 
 
@@ -51,7 +51,7 @@ async def test_sigkill_mid_job_loses_nothing(
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "cpa_scheduler.cli",
             "dispatch",
             "--once",
             "--budget",
@@ -94,7 +94,7 @@ async def test_three_concurrent_passes_never_run_a_todo_twice(
         await asyncio.sleep(0.001)
         return {}
 
-    from shared import executor
+    from cpa_scheduler import executor
 
     m = await member_factory()
     job = await job_factory(m, [{"key": f"w{i}", "action": "count"} for i in range(600)])

@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from cpa_scheduler import errors, store
 
-from shared import errors, store
 from tests.conftest import JobFactory, Member, MemberFactory
 
 

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from cpa_scheduler import dispatch, executor, intake, planner, settings, store
 
-from shared import dispatch, executor, intake, planner, settings, store
 from tests.conftest import MemberFactory
 from tests.unit.test_planner import Recorder, chat
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from cpa_scheduler import store
 
-from shared import store
 from tests.conftest import JobFactory, Member, MemberFactory
 
 TABLES = [
@@ -193,7 +193,7 @@ async def test_user_cannot_create_a_job_in_another_tenant(
 ) -> None:
     a = await member_factory("A")
     b = await member_factory("B")
-    from shared import errors
+    from cpa_scheduler import errors
 
     async with db.user(a.claims) as s:
         with pytest.raises(errors.NotFoundError):
@@ -243,9 +243,8 @@ async def test_bootstrap_again_keeps_the_grants(
     job_factory: JobFactory,
 ) -> None:
     """Local mode re-runs the bootstrap on every start; it must not undo the migrations."""
+    from cpa_scheduler import migration
     from psycopg.conninfo import conninfo_to_dict
-
-    from shared import migration
 
     a = await member_factory("A")
     await job_factory(a)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from shared import store
+from cpa_scheduler import store
+
 from tests.conftest import JobFactory, MemberFactory
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from shared import catalogue, errors, protocol
+from cpa_scheduler import catalogue, errors, protocol
 
 
 def spec(*todos: dict[str, object]) -> protocol.GraphSpec:

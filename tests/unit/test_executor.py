@@ -7,8 +7,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-
-from shared import errors, executor
+from cpa_scheduler import errors, executor
 
 CTX = executor.Context(job_id="j", todo_id="t", key="k", tenant_id="tn")
 

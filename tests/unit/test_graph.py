@@ -6,10 +6,9 @@ import itertools
 import random
 
 import pytest
+from cpa_scheduler import errors, graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from shared import errors, graph
 
 
 def todo(key: str, *deps: str, **params: object) -> graph.ToDo:

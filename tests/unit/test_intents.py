@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from shared import catalogue, errors, intents
+from cpa_scheduler import catalogue, errors, intents
 
 ROUTER = intents.default()
 POSITIVE = [(i.name, s) for i in ROUTER.intents for s in i.examples.get("positive", [])]

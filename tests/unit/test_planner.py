@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx2
 import pytest
-
-from shared import catalogue, errors, executor, planner
+from cpa_scheduler import catalogue, errors, executor, planner
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "openai"
 GOOD = {
@@ -220,7 +219,7 @@ async def test_plan_executor_reports_attach_and_refuses_reserved_keys() -> None:
 
 
 def test_no_provider_without_configuration() -> None:
-    from shared import settings
+    from cpa_scheduler import settings
 
     assert planner.provider_from(settings.Settings(database_url="x")) is None
     assert isinstance(

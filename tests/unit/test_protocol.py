@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
-from shared import errors, protocol
+from cpa_scheduler import errors, protocol
 
 PAYLOADS: dict[str, dict[str, Any]] = {
     "request": {"text": "Erinnere mich morgen um 9 an den Zahnarzt"},

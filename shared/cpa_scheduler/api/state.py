@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared import auth, database, ratelimit, settings, store
+from cpa_scheduler import auth, database, ratelimit, settings, store
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from shared import errors, protocol
+from cpa_scheduler import errors, protocol
 
 TERMINAL = {"done", "failed", "cancelled"}
 _BY_STATUS: dict[int, type[errors.CpaError]] = {

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared import (
+from cpa_scheduler import (
     catalogue,
     database,
     dispatch,
@@ -30,7 +30,7 @@ from shared import (
     settings,
     store,
 )
-from shared import client as client_mod
+from cpa_scheduler import client as client_mod
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -96,8 +96,8 @@ def _ident(value: str, kind: str) -> uuid.UUID:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from functions.api import state as api_state
-    from shared import auth, ratelimit
+    from cpa_scheduler import auth, ratelimit
+    from cpa_scheduler.api import state as api_state
 
     config = settings.from_env()
     url = database.prepare(config, migrate=True)
@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
 
     async def main() -> None:
-        from functions import api
+        from cpa_scheduler import api
 
         server = uvicorn.Server(
             uvicorn.Config(
@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from shared import auth
+    from cpa_scheduler import auth
 
     config = settings.from_env()
     if config.local:

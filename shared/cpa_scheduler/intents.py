@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import catalogue as catalogue_mod
-from shared import errors, graph, protocol
+from cpa_scheduler import catalogue as catalogue_mod
+from cpa_scheduler import errors, graph, protocol
 
 UNKNOWN = "unknown"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -188,5 +188,5 @@ def load_yaml(text: str, catalogue: catalogue_mod.Catalogue | None = None) -> Ro
 
 @functools.cache
 def default() -> Router:
-    """The router for the built-in ``shared/intents.yaml``."""
-    return load_yaml(resources.files("shared").joinpath("intents.yaml").read_text("utf-8"))
+    """The router for the built-in ``cpa_scheduler/intents.yaml``."""
+    return load_yaml(resources.files("cpa_scheduler").joinpath("intents.yaml").read_text("utf-8"))

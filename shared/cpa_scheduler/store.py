@@ -26,7 +26,7 @@ from psycopg import errors as pgerrors
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from shared import errors, sql
+from cpa_scheduler import errors, sql
 
 Row = dict[str, Any]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from shared import errors, executor, graph, store
+from cpa_scheduler import errors, executor, graph, store
 
 Session = store.Session
 

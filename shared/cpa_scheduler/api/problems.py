@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared import errors
+from cpa_scheduler import errors
 
 MAX_BODY = 256 * 1024
 log = logging.getLogger("cpa.api")

@@ -16,9 +16,9 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from functions.api import problems
-from functions.api.deps import AppState, CurrentCaller, UserSession, VerifiedClaims
-from shared import errors, intake, protocol
+from cpa_scheduler import errors, intake, protocol
+from cpa_scheduler.api import problems
+from cpa_scheduler.api.deps import AppState, CurrentCaller, UserSession, VerifiedClaims
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
 Status = Literal["pending", "running", "done", "failed", "cancelled"]

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from shared import dispatch, errors, protocol, store
+from cpa_scheduler import dispatch, errors, protocol, store
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3

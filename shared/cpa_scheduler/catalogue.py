@@ -18,7 +18,7 @@ import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import errors, graph, protocol
+from cpa_scheduler import errors, graph, protocol
 
 
 class Action(BaseModel):
@@ -163,5 +163,5 @@ def load_yaml(text: str) -> Catalogue:
 
 @functools.cache
 def default() -> Catalogue:
-    """The built-in catalogue shipped as ``shared/actions.yaml``."""
-    return load_yaml(resources.files("shared").joinpath("actions.yaml").read_text("utf-8"))
+    """The built-in catalogue shipped as ``cpa_scheduler/actions.yaml``."""
+    return load_yaml(resources.files("cpa_scheduler").joinpath("actions.yaml").read_text("utf-8"))

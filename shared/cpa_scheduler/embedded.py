@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared import errors
+from cpa_scheduler import errors
 
 SUPERUSER = "supabase_admin"
 _SYSTEM_USER = "embedded_postgres"

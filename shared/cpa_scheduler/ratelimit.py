@@ -6,7 +6,7 @@ import math
 import time
 from typing import Protocol
 
-from shared import errors, settings, store
+from cpa_scheduler import errors, settings, store
 
 
 class Limiter(Protocol):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import errors
+from cpa_scheduler import errors
 
 MAX_TODOS = 500
 REF_KEY = "$ref"

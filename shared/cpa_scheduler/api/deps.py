@@ -13,8 +13,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from functions.api import state as state_mod
-from shared import auth, errors, store
+from cpa_scheduler import auth, errors, store
+from cpa_scheduler.api import state as state_mod
 
 
 def get_state() -> state_mod.State:

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import openai
 
-from shared import catalogue as catalogue_mod
-from shared import errors, executor, intents, protocol, settings, store
+from cpa_scheduler import catalogue as catalogue_mod
+from cpa_scheduler import errors, executor, intents, protocol, settings, store
 
 log = logging.getLogger("cpa.planner")
 CACHE_TTL = 24 * 3600
@@ -356,7 +356,7 @@ class Planner:
             return [], [exc.message, *(str(e.get("msg")) for e in exc.errors[1:])]
         except ValueError as exc:
             return [], [f"the plan does not fit the ToDo shape: {exc}"]
-        from shared import intake
+        from cpa_scheduler import intake
 
         return intake.todo_rows(graph), []
 

@@ -24,7 +24,7 @@ def parse(text: str) -> dict[str, LiteralString]:
 
 @functools.cache
 def queries() -> dict[str, LiteralString]:
-    return parse(resources.files("shared.sql").joinpath("queries.sql").read_text("utf-8"))
+    return parse(resources.files("cpa_scheduler.sql").joinpath("queries.sql").read_text("utf-8"))
 
 
 def get(name: str) -> LiteralString:

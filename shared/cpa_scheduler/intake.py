@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from shared import catalogue, errors, graph, intents, protocol, store
+from cpa_scheduler import catalogue, errors, graph, intents, protocol, store
 
 NO_PLANNER = (
     "No intent matches this request and no planner is configured; "

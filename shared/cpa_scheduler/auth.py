@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 from pydantic import BaseModel, ConfigDict
 
-from shared import errors, settings
+from cpa_scheduler import errors, settings
 
 AUDIENCE = "authenticated"
 LOCAL_ISSUER = "cpa-scheduler-local"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from shared import errors
+from cpa_scheduler import errors
 
 _HISTORY = """
 create schema if not exists supabase_migrations;
@@ -28,7 +28,7 @@ create table if not exists supabase_migrations.schema_migrations (
 def supabase_dir() -> Path:
     """The ``supabase/`` folder: ``CPA_SUPABASE_DIR``, or the one beside the package."""
     configured = os.environ.get("CPA_SUPABASE_DIR")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[1] / "supabase"
+    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "supabase"
     if not (path / "migrations").is_dir():
         raise errors.ConfigError(
             f"No migrations folder at {path / 'migrations'}; run from a checkout or set "

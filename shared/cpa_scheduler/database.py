@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared import embedded, migration, settings
+from cpa_scheduler import embedded, migration, settings
 
 
 def prepare(config: settings.Settings, *, migrate: bool = True) -> str:

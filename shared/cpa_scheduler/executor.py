@@ -1,8 +1,8 @@
 """Executors run cloud ToDos: an async interface, a registry keyed by action, and the built-ins.
 
 An executor gets the ToDo's params (``$ref`` already resolved) and a :class:`Context`, and
-returns a JSON-ready result, or raises :class:`~shared.errors.RetryableError` (the dispatcher
-backs off and retries) or :class:`~shared.errors.PermanentError` (the ToDo fails now).
+returns a JSON-ready result, or raises :class:`~cpa_scheduler.errors.RetryableError` (the dispatcher
+backs off and retries) or :class:`~cpa_scheduler.errors.PermanentError` (the ToDo fails now).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from shared import errors
+from cpa_scheduler import errors
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 Resolver = Callable[[str, int], Awaitable[list[str]]]

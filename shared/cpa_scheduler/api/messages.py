@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from pydantic import BaseModel, ConfigDict, Field
 
-from functions.api import problems
-from functions.api import state as state_mod
-from functions.api.deps import AppState, Caller, CurrentCaller, UserSession
-from shared import agent, catalogue, errors, intake, intents, protocol, store
+from cpa_scheduler import agent, catalogue, errors, intake, intents, protocol, store
+from cpa_scheduler.api import problems
+from cpa_scheduler.api import state as state_mod
+from cpa_scheduler.api.deps import AppState, Caller, CurrentCaller, UserSession
 
 router = APIRouter(tags=["agents"], responses=problems.RESPONSES)
 SCHEDULER = agent.SCHEDULER

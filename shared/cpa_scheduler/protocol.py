@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from shared import errors
+from cpa_scheduler import errors
 
 PROTOCOL_VERSION = "cpa-acp/1"
 
@@ -316,7 +316,7 @@ def _describe(errs: list[dict[str, Any]]) -> str:
 def parse(data: str | bytes | dict[str, Any]) -> Message:
     """Validate a message from JSON text or a decoded dict.
 
-    Raises :class:`shared.errors.ProtocolError` whose message names each bad field.
+    Raises :class:`cpa_scheduler.errors.ProtocolError` whose message names each bad field.
     """
     try:
         if isinstance(data, str | bytes):

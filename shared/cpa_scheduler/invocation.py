@@ -1,0 +1,85 @@
+"""Scheduled dispatcher: ``handler(event, context)`` runs one dispatch pass in the time left.
+
+Accepts any event: an EventBridge Scheduler input, an EventBridge "Scheduled Event" envelope,
+an HTTP kick (Function URL or API Gateway v2, authenticated with ``CPA_DISPATCH_SECRET``), or
+``{}``. The store and its event loop live at module scope, so warm invocations reuse them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from cpa_scheduler import database, dispatch, planner, settings, store
+
+SAFETY_MARGIN_S = 3.0
+DEFAULT_BUDGET_S = 50.0
+
+
+class LambdaContext(Protocol):
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+class Invocation(BaseModel):
+    """The event, parsed at the edge."""
+
+    source: Literal["http", "eventbridge", "scheduler"]
+    authorization: str | None = None
+
+    @classmethod
+    def parse(cls, event: dict[str, Any]) -> Invocation:
+        if "requestContext" in event and "http" in event.get("requestContext", {}):
+            headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+            return cls(source="http", authorization=headers.get("authorization"))
+        if event.get("detail-type") == "Scheduled Event" or event.get("source") == "aws.events":
+            return cls(source="eventbridge")
+        return cls(source="scheduler")
+
+
+def budget(context: LambdaContext | None) -> float:
+    """Seconds this pass may run: the invocation's remaining time minus a margin."""
+    if context is None:
+        return float(os.environ.get("CPA_DISPATCH_BUDGET", DEFAULT_BUDGET_S))
+    return max(0.0, context.get_remaining_time_in_millis() / 1000 - SAFETY_MARGIN_S)
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_dispatcher: dispatch.Dispatcher | None = None
+
+
+def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
+    global _loop, _dispatcher
+    if _loop is None or _dispatcher is None:
+        config = settings.from_env()
+        _loop = asyncio.new_event_loop()
+        db = store.Store(database.prepare(config, migrate=config.local))
+        _dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
+    return _loop, _dispatcher
+
+
+def _authorized(invocation: Invocation) -> bool:
+    secret = os.environ.get("CPA_DISPATCH_SECRET", "")
+    given = (invocation.authorization or "").removeprefix("Bearer ").strip()
+    return bool(secret) and hmac.compare_digest(given, secret)
+
+
+def handler(event: dict[str, Any], context: LambdaContext | None = None) -> dict[str, Any]:
+    invocation = Invocation.parse(event if isinstance(event, dict) else {})
+    if invocation.source == "http" and not _authorized(invocation):
+        body = {"type": "about:blank", "title": "Unauthorized", "status": 401,
+                "code": "unauthenticated",
+                "detail": "The dispatcher kick needs 'Authorization: Bearer <CPA_DISPATCH_SECRET>'."}  # fmt: skip
+        return {"statusCode": 401, "headers": {"content-type": "application/problem+json"},
+                "body": json.dumps(body)}  # fmt: skip
+    loop, dispatcher = _get_dispatcher()
+    summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+    summary["source"] = invocation.source
+    if invocation.source == "http":
+        return {"statusCode": 200, "headers": {"content-type": "application/json"},
+                "body": json.dumps(summary)}  # fmt: skip
+    return summary
