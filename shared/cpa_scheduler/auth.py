@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import jwt
 from pydantic import BaseModel, ConfigDict
 
 from cpa_scheduler import errors, settings
@@ -56,12 +55,16 @@ class Verifier:
             raise errors.ConfigError(
                 "No way to verify tokens: set SUPABASE_JWT_SECRET or SUPABASE_URL/SUPABASE_JWKS_URL."
             )
+        import jwt  # deferred to the first request: PyJWT + cryptography are slow to import
+
         self._secret = hs256_secret
         self._issuer = issuer
         self._leeway = leeway
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=600) if jwks_url else None
 
     def verify(self, token: str) -> Claims:
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -156,4 +159,6 @@ def mint(
         "email": email,
         "app_metadata": {"tenant_id": str(tenant_id)} if tenant_id else {},
     }
+    import jwt
+
     return jwt.encode(claims, secret, algorithm="HS256")

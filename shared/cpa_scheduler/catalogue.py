@@ -14,8 +14,6 @@ from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any
 
-import jsonschema
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cpa_scheduler import errors, graph, protocol
@@ -39,6 +37,8 @@ class Catalogue:
     def __init__(self, actions: Iterable[Action], *, version: str) -> None:
         self.actions: dict[str, Action] = {a.name: a for a in actions}
         self.version = version
+        import jsonschema  # deferred: only validation needs it, not the cold import
+
         self._validators = {
             name: jsonschema.Draft202012Validator(action.params)
             for name, action in self.actions.items()
@@ -133,6 +133,8 @@ def load_from_dict(data: Mapping[str, Any]) -> Catalogue:
     raw = data.get("actions")
     if not isinstance(raw, Mapping) or not raw:
         raise errors.ConfigError("The action catalogue needs a non-empty 'actions' mapping.")
+    import jsonschema
+
     actions = []
     for name, body in raw.items():
         if not isinstance(body, Mapping):
@@ -152,6 +154,8 @@ def load_from_dict(data: Mapping[str, Any]) -> Catalogue:
 
 
 def load_yaml(text: str) -> Catalogue:
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

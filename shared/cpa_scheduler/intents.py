@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cpa_scheduler import catalogue as catalogue_mod
@@ -177,6 +176,8 @@ def load_from_dict(
 
 
 def load_yaml(text: str, catalogue: catalogue_mod.Catalogue | None = None) -> Router:
+    import yaml  # deferred: the router is loaded on first use, not at cold import
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

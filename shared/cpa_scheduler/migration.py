@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-
-import psycopg
 
 from cpa_scheduler import errors
 
@@ -25,14 +25,22 @@ create table if not exists supabase_migrations.schema_migrations (
 """
 
 
-def supabase_dir() -> Path:
-    """The ``supabase/`` folder: ``CPA_SUPABASE_DIR``, or the one beside the package."""
+def supabase_dir() -> Traversable:
+    """The ``supabase/`` folder: ``CPA_SUPABASE_DIR``, or the copy shipped in the package.
+
+    In a checkout the package's ``supabase`` entry is a link to the top-level ``supabase/``
+    (the one the Supabase CLI reads); a built wheel carries a copy of its migrations and the
+    local bootstrap, so an installed package migrates from any directory.
+    """
     configured = os.environ.get("CPA_SUPABASE_DIR")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "supabase"
-    if not (path / "migrations").is_dir():
+    path: Traversable = (
+        Path(configured) if configured else resources.files("cpa_scheduler").joinpath("supabase")
+    )
+    if not path.joinpath("migrations").is_dir():
+        where = f"CPA_SUPABASE_DIR={configured}" if configured else "the installed package"
         raise errors.ConfigError(
-            f"No migrations folder at {path / 'migrations'}; run from a checkout or set "
-            "CPA_SUPABASE_DIR to the project's supabase/ folder."
+            f"No migrations folder in {where}; set CPA_SUPABASE_DIR to the project's supabase/ "
+            "folder, or reinstall cpa-scheduler (its wheel ships the migrations)."
         )
     return path
 
@@ -41,15 +49,16 @@ def supabase_dir() -> Path:
 class Migration:
     version: str
     name: str
-    path: Path
+    path: Traversable
 
 
-def migrations(directory: Path | None = None) -> list[Migration]:
+def migrations(directory: Traversable | None = None) -> list[Migration]:
     """Migration files in version order."""
-    folder = (directory or supabase_dir()) / "migrations"
+    folder = (directory or supabase_dir()).joinpath("migrations")
     found = []
-    for path in sorted(folder.glob("*.sql")):
-        version, _, name = path.stem.partition("_")
+    files = (entry for entry in folder.iterdir() if entry.name.endswith(".sql"))
+    for path in sorted(files, key=lambda entry: entry.name):
+        version, _, name = path.name.removesuffix(".sql").partition("_")
         if not version.isdigit():
             raise errors.ConfigError(
                 f"The migration {path.name!r} must be named <timestamp>_<name>.sql."
@@ -58,9 +67,11 @@ def migrations(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-def bootstrap(admin_url: str, directory: Path | None = None) -> None:
+def bootstrap(admin_url: str, directory: Traversable | None = None) -> None:
     """Make a plain Postgres database Supabase-like (idempotent; needs a superuser)."""
-    sql = ((directory or supabase_dir()) / "local" / "bootstrap.sql").read_text("utf-8")
+    import psycopg  # deferred: the Lambda handlers import this module but never migrate
+
+    sql = (directory or supabase_dir()).joinpath("local", "bootstrap.sql").read_text("utf-8")
     with psycopg.connect(admin_url, autocommit=True, prepare_threshold=None) as conn:
         conn.execute("select pg_advisory_lock(7263001)")
         try:
@@ -69,8 +80,10 @@ def bootstrap(admin_url: str, directory: Path | None = None) -> None:
             conn.execute("select pg_advisory_unlock(7263001)")
 
 
-def apply(url: str, directory: Path | None = None) -> list[str]:
+def apply(url: str, directory: Traversable | None = None) -> list[str]:
     """Apply pending migrations; returns the versions applied now."""
+    import psycopg
+
     applied_now: list[str] = []
     with psycopg.connect(url, prepare_threshold=None) as conn:
         with conn.transaction():

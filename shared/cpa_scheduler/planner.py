@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import openai
-
 from cpa_scheduler import catalogue as catalogue_mod
 from cpa_scheduler import errors, executor, intents, protocol, settings, store
 
@@ -66,6 +64,8 @@ class Provider(Protocol):
 
 
 def _map_error(exc: Exception) -> errors.CpaError:
+    import openai
+
     if isinstance(exc, openai.APITimeoutError):
         return errors.RetryableError(f"The language model timed out: {exc}.")
     if isinstance(exc, openai.APIConnectionError):
@@ -96,6 +96,8 @@ class OpenAIProvider:
         max_retries: int = 1,
         http_client: Any = None,
     ) -> None:
+        import openai  # imported here: the SDK is slow to import and most paths never call it
+
         self.model = model
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "not-needed",  # Ollama and friends ignore it; the SDK needs one
@@ -108,6 +110,8 @@ class OpenAIProvider:
     async def chat(
         self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, temperature: float
     ) -> tuple[str, Usage]:
+        import openai
+
         kwargs: dict[str, Any] = {}
         if schema is not None:
             kwargs["response_format"] = {

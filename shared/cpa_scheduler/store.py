@@ -19,14 +19,16 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
-
-import psycopg
-from psycopg import errors as pgerrors
-from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from typing import TYPE_CHECKING, Any
 
 from cpa_scheduler import errors, sql
+
+# psycopg is imported where it is first used (the pool, the error mapping): on Lambda the
+# handler's import then stays near a bare FastAPI import (scripts/import_time.py).
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg.rows import DictRow
+    from psycopg_pool import AsyncConnectionPool
 
 Row = dict[str, Any]
 
@@ -34,6 +36,9 @@ Row = dict[str, Any]
 @contextlib.contextmanager
 def translate() -> Iterator[None]:
     """Map driver errors onto domain errors."""
+    import psycopg
+    from psycopg import errors as pgerrors
+
     try:
         yield
     except pgerrors.NoDataFound as exc:  # P0002, raised by the SQL functions
@@ -358,6 +363,10 @@ class Store:
     """A connection pool and the three transaction scopes."""
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        import psycopg
+        from psycopg.rows import DictRow, dict_row
+        from psycopg_pool import AsyncConnectionPool
+
         self.url = url
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
             url,
@@ -378,6 +387,8 @@ class Store:
         async with self._opening:  # concurrent first users must not open the pool twice
             if self._opened:
                 return
+            import psycopg
+
             with translate():
                 # One direct connection first: a wrong URL fails now, with the server's reason.
                 probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=10)

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-import httpx
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,6 +75,8 @@ class JobPage(BaseModel):
 
 
 async def _kick(url: str, secret: str | None) -> None:
+    import httpx  # deferred: only deployments with CPA_DISPATCH_URL kick
+
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     try:
         async with httpx.AsyncClient(timeout=2.0) as client:
