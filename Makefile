@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install test test-slow lint typecheck check run bench supabase-check clean
+.PHONY: help install test test-slow lint typecheck check run bench supabase-check sam-check clean \
+	build-ApiFunction build-DispatcherFunction
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	  { echo "CPA Scheduler needs Python 3.11 or newer; run: make PY=python3.11 ..."; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[local,dev]'
 	@rm -f $(VENV)/.stamp-*; touch $@
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
@@ -34,15 +35,44 @@ typecheck: $(STAMP) ## mypy --strict on shared/ and functions/
 
 check: lint typecheck test ## everything CI runs
 
-clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+clean: ## remove the virtual environments, caches and build output
+	rm -rf $(VENV) $(DEPLOY_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The AWS SAM CLI lives in a venv of its own: its pins must not move the project's.
+DEPLOY_VENV := .venv-deploy
+$(DEPLOY_VENV)/bin/sam:
+	$(PY) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q -U pip
+	$(DEPLOY_VENV)/bin/python -m pip install -q 'aws-sam-cli>=1.150,<2' 'cfn-lint>=1.30,<2'
+
+sam-check: $(STAMP) $(DEPLOY_VENV)/bin/sam ## sam validate --lint + sam build (no container), artifacts checked
+	PATH=$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH $(BIN)/python scripts/sam_check.py
 
 supabase-check: $(STAMP) ## db push + security advisors with the real Supabase CLI (needs npx)
 	$(BIN)/python scripts/supabase_check.py
 
 bench: $(STAMP) ## benchmarks against PgQueuer and Procrastinate (tests/bench/RESULTS.md)
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[local,dev,bench]'
 	$(BIN)/python -m tests.bench.bench_dispatch
 
 run: $(STAMP) ## install, then serve the API and dispatcher on the embedded PostgreSQL
 	$(BIN)/cpa-scheduler serve
+
+# AWS Lambda artifacts, run by `sam build` (Metadata BuildMethod: makefile) with ARTIFACTS_DIR set:
+# our wheel plus every runtime dependency as manylinux wheels for the template's runtime and
+# architecture, so the build needs no Lambda-like Python and carries psycopg's libpq.
+LAMBDA_PY ?= 3.12
+LAMBDA_ARCH ?= x86_64
+LAMBDA_PIP := --no-compile --only-binary=:all: --implementation cp --python-version $(LAMBDA_PY) \
+	--platform manylinux2014_$(LAMBDA_ARCH) --platform manylinux_2_28_$(LAMBDA_ARCH)
+
+build-ApiFunction build-DispatcherFunction:
+	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (sam build sets it)"; exit 1; }
+	rm -rf "$(ARTIFACTS_DIR)/.wheel"
+	$(PY) -m pip wheel -q --no-deps -w "$(ARTIFACTS_DIR)/.wheel" .
+	$(PY) -m pip install -q $(LAMBDA_PIP) --target "$(ARTIFACTS_DIR)" "$(ARTIFACTS_DIR)"/.wheel/*.whl
+	rm -rf "$(ARTIFACTS_DIR)/.wheel" "$(ARTIFACTS_DIR)/bin"
+	mkdir -p "$(ARTIFACTS_DIR)/functions/api" "$(ARTIFACTS_DIR)/functions/dispatcher"
+	cp functions/__init__.py "$(ARTIFACTS_DIR)/functions/"
+	cp functions/api/__init__.py "$(ARTIFACTS_DIR)/functions/api/"
+	cp functions/dispatcher/__init__.py "$(ARTIFACTS_DIR)/functions/dispatcher/"
