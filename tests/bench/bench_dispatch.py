@@ -211,6 +211,16 @@ async def procrastinate_run(srv: Server, n: int, concurrency: int) -> float:
         srv.drop_db(name)
 
 
+async def baseline_run(srv: Server, chains: list[int]) -> float:
+    from tests.bench import baseline
+
+    name = srv.create_db(supabase=False)
+    try:
+        return await baseline.run(srv.url(name), chains)
+    finally:
+        srv.drop_db(name)
+
+
 # --- (d) makespan -------------------------------------------------------------------------------
 
 
@@ -333,6 +343,11 @@ async def main() -> None:
         ("PgQueuer 1.6 (asyncpg, batch 10)", lambda: pgqueuer_run(srv, args.n, 10)),
         ("PgQueuer 1.6 (asyncpg, batch 50)", lambda: pgqueuer_run(srv, args.n, 50)),
         ("Procrastinate 3.10 (concurrency 16)", lambda: procrastinate_run(srv, args.n, 16)),
+        ("hand-written baseline: 1 x 10,000", lambda: baseline_run(srv, [1] * args.n)),
+        (
+            "hand-written baseline: 100 x 100 chains",
+            lambda: baseline_run(srv, [args.n // 100] * 100),
+        ),
     ]
     try:
         for rep in range(args.repeats):
@@ -358,6 +373,12 @@ async def main() -> None:
         print(f"| {key} | {', '.join(fmt(v) for v in values)} | {fmt(med[key])} |")
     best_pgq = max(med["PgQueuer 1.6 (asyncpg, batch 10)"], med["PgQueuer 1.6 (asyncpg, batch 50)"])
     print()
+    pairs = {
+        "ours: 1 job x 10,000 independent": "hand-written baseline: 1 x 10,000",
+        "ours: 100 jobs x 100-ToDo chains": "hand-written baseline: 100 x 100 chains",
+    }
+    for ours_key, base_key in pairs.items():
+        print(f"| {ours_key} / hand-written baseline | {med[ours_key] / med[base_key]:.2f} |")
     for ours_key in ("ours: 1 job x 10,000 independent", "ours: 100 jobs x 100-ToDo chains"):
         print(f"| {ours_key} / best PgQueuer | {med[ours_key] / best_pgq:.2f} |")
         print(
