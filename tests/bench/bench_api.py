@@ -1,11 +1,15 @@
-"""API benchmark: POST /v1/jobs (5-ToDo graph) at 32 concurrent clients against `serve`,
-against a bare FastAPI route doing one insert into the same Postgres. Run: make bench."""
+"""API benchmark: POST /v1/jobs (5-ToDo graph) against `serve` and a bare FastAPI route doing
+one insert into the same Postgres. Single-client latency, then open-loop load from a separate
+process at fixed arrival rates (tests/bench/openloop.py), and the highest rate whose p99 stays
+under 100 ms. Run: make bench."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -67,39 +71,52 @@ def start(cmd: list[str], env: dict[str, str], base: str) -> subprocess.Popen[by
     raise RuntimeError(f"{cmd} did not start")
 
 
-async def load(
-    url: str, body: Any, headers: dict[str, str], clients: int, seconds: float
-) -> tuple[float, list[float]]:
+def openloop(
+    url: str, body: Any, headers: dict[str, str], rate: float, seconds: float
+) -> dict[str, float]:
+    """One open-loop run at ``rate`` req/s in a separate load process."""
+    cmd = [sys.executable, "-m", "tests.bench.openloop", url, "--rate", str(rate),
+           "--seconds", str(seconds), "--body", json.dumps(body)]  # fmt: skip
+    for name, value in headers.items():
+        cmd += ["--header", f"{name}: {value}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds * 20)
+    result: dict[str, float] = json.loads(done.stdout)
+    assert result["errors"] == 0, result
+    return result
+
+
+async def single_client(url: str, body: Any, headers: dict[str, str], n: int) -> list[float]:
+    """Milliseconds per request, one request at a time (the desktop's usual case)."""
     lat: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as c:
-
-        async def worker(stop_at: float) -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                r = await c.post(url, json=body, headers=headers)
-                if r.status_code != 201:
-                    errors += 1
+    async with httpx.AsyncClient(timeout=30) as c:
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            r = await c.post(url, json=body, headers=headers)
+            assert r.status_code in (200, 201), r.text
+            if i >= 20:  # warm-up
                 lat.append((time.perf_counter() - t0) * 1000)
+    return lat
 
-        await asyncio.gather(
-            *(worker(time.perf_counter() + 1.5) for _ in range(clients))
-        )  # warm-up
-        lat.clear()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(t0 + seconds) for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-    assert errors == 0, f"{errors} requests failed"
-    return len(lat) / elapsed, lat
+
+RATES = (25, 50, 100)
+SEARCH = (25, 50, 75, 100, 150, 200, 300, 400)
+
+
+def sustainable(url: str, body: Any, headers: dict[str, str], seconds: float) -> float:
+    """The highest rate of SEARCH whose p99 stays under 100 ms (0 if none)."""
+    best = 0.0
+    for rate in SEARCH:
+        if openloop(url, body, headers, rate, seconds)["p99"] >= 100:
+            break
+        best = rate
+    return best
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per open-loop rate")
+    ap.add_argument("--single", type=int, default=200, help="single-client requests")
     args = ap.parse_args()
     srv, stop = server()
     name = srv.create_db(supabase=True)
@@ -140,34 +157,32 @@ async def main() -> None:
         env,
         f"http://127.0.0.1:{bare_port}",
     )
-    results: dict[str, list[tuple[float, float, float]]] = {
-        "ours": [],
-        "ours (desktop graph)": [],
-        "bare": [],
-    }
+    targets = {
+        "ours": (f"http://127.0.0.1:{ours_port}/v1/jobs", {"graph": GRAPH},
+                 {"Authorization": f"Bearer {token}"}),
+        "ours (desktop graph)": (f"http://127.0.0.1:{ours_port}/v1/jobs", {"graph": DESKTOP},
+                                 {"Authorization": f"Bearer {token}"}),
+        "bare": (f"http://127.0.0.1:{bare_port}/bare", {"graph": GRAPH}, {}),
+    }  # fmt: skip
+    figures: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        figures.setdefault(key, []).append(value)
+        print(f"  {key}: {value:.1f}", flush=True)
+
     try:
-        for rep in range(args.repeats):
-            for key, target, body, headers in [
-                (
-                    "ours",
-                    f"http://127.0.0.1:{ours_port}/v1/jobs",
-                    {"graph": GRAPH},
-                    {"Authorization": f"Bearer {token}"},
-                ),
-                (
-                    "ours (desktop graph)",
-                    f"http://127.0.0.1:{ours_port}/v1/jobs",
-                    {"graph": DESKTOP},
-                    {"Authorization": f"Bearer {token}"},
-                ),
-                ("bare", f"http://127.0.0.1:{bare_port}/bare", {"graph": GRAPH}, {}),
-            ]:
-                rate, lat = await load(target, body, headers, args.clients, args.seconds)
-                results[key].append((rate, pct(lat, 50), pct(lat, 99)))
-                print(
-                    f"repeat {rep + 1} {key}: {rate:,.0f} req/s p50 {pct(lat, 50):.1f} ms p99 {pct(lat, 99):.1f} ms",
-                    flush=True,
-                )
+        for rep in range(args.repeats):  # interleaved: each repeat measures every server
+            print(f"repeat {rep + 1}/{args.repeats}", flush=True)
+            for key, (url, body, headers) in targets.items():
+                lat = await single_client(url, body, headers, args.single)
+                record(f"{key}: single client p50 ms", pct(lat, 50))
+                record(f"{key}: single client p99 ms", pct(lat, 99))
+                for rate in RATES:
+                    result = openloop(url, body, headers, rate, args.seconds)
+                    record(f"{key}: {rate} req/s p50 ms", result["p50"])
+                    record(f"{key}: {rate} req/s p99 ms", result["p99"])
+                record(f"{key}: sustainable req/s (p99 < 100 ms)",
+                       sustainable(url, body, headers, args.seconds))  # fmt: skip
     finally:
         ours.terminate()
         bare.terminate()
@@ -175,21 +190,20 @@ async def main() -> None:
         bare.wait(30)
         srv.drop_db(name)
         stop()
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    print(f"\nmachine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}; {args.repeats} interleaved repeats")  # fmt: skip
+    print("| figure | median | range |\n|---|---|---|")
+    for key, values in figures.items():
+        print(f"| {key} | {med[key]:.1f} | {min(values):.1f}–{max(values):.1f} |")
     print()
-    print(
-        "| server | req/s (runs) | median req/s | median p50 ms | median p99 ms |\n|---|---|---|---|---|"
-    )
-    med = {}
-    for key, rows in results.items():
-        med[key] = statistics.median(r[0] for r in rows)
-        print(
-            f"| {key} | {', '.join(f'{r[0]:,.0f}' for r in rows)} | {med[key]:,.0f} | "
-            f"{statistics.median(r[1] for r in rows):.1f} | {statistics.median(r[2] for r in rows):.1f} |"
+    for key in ("ours", "ours (desktop graph)"):
+        p50 = med[f"{key}: single client p50 ms"] / med["bare: single client p50 ms"]
+        rate = med[f"{key}: sustainable req/s (p99 < 100 ms)"] / max(
+            med["bare: sustainable req/s (p99 < 100 ms)"], 1
         )
-    print(f"\nratio ours / bare route: {med['ours'] / med['bare']:.2f}")
-    print(
-        f"ratio ours (desktop graph) / bare route: {med['ours (desktop graph)'] / med['bare']:.2f}"
-    )
+        print(f"| {key} / bare: single-client p50 | {p50:.2f}x (target <= 2) |")
+        print(f"| {key} / bare: sustainable rate | {rate:.2f}x (target >= 0.6) |")
 
 
 if __name__ == "__main__":
