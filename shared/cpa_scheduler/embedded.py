@@ -49,6 +49,21 @@ def _free_port() -> int:
         return port
 
 
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # no /proc: trust the signal
+    return "\nState:\tZ" not in status
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -201,10 +216,16 @@ class EmbeddedPostgres:
             self._stop_server()
 
     def _stop_server(self) -> None:
+        pid = self.postmaster_pid()
         if self._running():
             self._run(
                 [str(self._bin("pg_ctl")), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"]
             )
+            # pg_ctl returns once postmaster.pid is gone; the process may take a moment more.
+            for _ in range(100):
+                if pid is None or not _alive(pid):
+                    break
+                time.sleep(0.05)
         (self.data_dir / ".owner").unlink(missing_ok=True)
 
     def postmaster_pid(self) -> int | None:
