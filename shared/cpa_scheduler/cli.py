@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +35,8 @@ from cpa_scheduler import client as client_mod
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    url = database.prepare(settings.from_env(), migrate=True)
-    print(f"Migrations are applied to {url.split('@')[-1]}.")
+    with database.prepared(settings.from_env(), migrate=True) as url:
+        print(f"Migrations are applied to {url.split('@')[-1]}.")
     return 0
 
 
@@ -53,9 +54,9 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
-    config = settings.from_env()
-    url = database.prepare(config, migrate=config.local)
+async def _dispatch_run(
+    args: argparse.Namespace, config: settings.Settings, url: str
+) -> dict[str, object]:
     db = store.Store(url)
     dispatcher = dispatch.Dispatcher(
         db,
@@ -77,7 +78,9 @@ async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    print(json.dumps(asyncio.run(_dispatch_run(args))))
+    config = settings.from_env()
+    with database.prepared(config, migrate=config.local) as url:
+        print(json.dumps(asyncio.run(_dispatch_run(args, config, url))))
     return 0
 
 
@@ -94,13 +97,19 @@ def _ident(value: str, kind: str) -> uuid.UUID:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    config = settings.from_env()
+    # The embedded PostgreSQL this starts is stopped when serve ends (see database.prepared).
+    with database.prepared(config, migrate=True) as url:
+        _serve_on(args, config, url)
+    return 0
+
+
+def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> None:
     from cpa_scheduler import auth, extra, ratelimit
 
     uvicorn = extra.require("uvicorn", "cpa-scheduler serve")
     from cpa_scheduler.api import state as api_state
 
-    config = settings.from_env()
-    url = database.prepare(config, migrate=True)
     db = store.Store(url, max_size=config.pool_max_size)
     api_state.set_state(
         api_state.State(config, db, auth.verifier(config), ratelimit.limiter(config, db))
@@ -130,8 +139,10 @@ def _serve(args: argparse.Namespace) -> int:
         await asyncio.gather(web, worker)
         await db.close()
 
-    asyncio.run(main())
-    return 0
+    try:
+        asyncio.run(main())
+    finally:
+        api_state.set_state(None)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -148,8 +159,8 @@ def _token(args: argparse.Namespace) -> int:
         )
     tenant_id, user_id = _ident(args.tenant, "tenant"), _ident(args.user, "user")
 
-    async def ensure() -> None:
-        db = store.Store(database.prepare(config, migrate=True), max_size=1)
+    async def ensure(url: str) -> None:
+        db = store.Store(url, max_size=1)
         try:
             async with db.admin() as session:
                 await session.membership_ensure(
@@ -158,7 +169,8 @@ def _token(args: argparse.Namespace) -> int:
         finally:
             await db.close()
 
-    asyncio.run(ensure())
+    with database.prepared(config, migrate=True) as url:
+        asyncio.run(ensure(url))
     print(auth.mint(secret, user_id, issuer=issuer, tenant_id=tenant_id, ttl=args.ttl))
     return 0
 
@@ -342,8 +354,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so that context managers (the embedded PostgreSQL's
+    # session) clean up; serve's event loop handles both signals itself while it runs.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code: int = args.run(args)
     except errors.CpaError as exc:
@@ -351,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
 
 

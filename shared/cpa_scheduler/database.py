@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from cpa_scheduler import embedded, migration, settings
 
 
 def prepare(config: settings.Settings, *, migrate: bool = True) -> str:
-    """The app's connection URL; in local mode start the embedded server, bootstrap and migrate it."""
+    """The app's connection URL; in local mode start the embedded server, bootstrap and migrate it.
+
+    An embedded server started here keeps running after the process (the Lambda entries' local
+    fallback); commands use :func:`prepared`, which stops it again.
+    """
     if config.database_url:
         if migrate:
             migration.apply(config.database_url)
@@ -17,3 +24,24 @@ def prepare(config: settings.Settings, *, migrate: bool = True) -> str:
         migration.bootstrap(pg.url(user=embedded.SUPERUSER))
         migration.apply(url)
     return url
+
+
+@contextlib.contextmanager
+def prepared(config: settings.Settings, *, migrate: bool = True) -> Iterator[str]:
+    """:func:`prepare` for the life of the block.
+
+    In local mode the embedded server is used as a session: when the block ends (normally, by an
+    exception or by Ctrl-C) a server that this or another command started is stopped once no
+    other command uses it; a server that was already running on its own is left running.
+    """
+    if config.database_url:
+        if migrate:
+            migration.apply(config.database_url)
+        yield config.database_url
+        return
+    pg = embedded.EmbeddedPostgres(config.data_dir)
+    with pg.session() as url:
+        if migrate:
+            migration.bootstrap(pg.url(user=embedded.SUPERUSER))
+            migration.apply(url)
+        yield url

@@ -1,8 +1,14 @@
-"""The CLI end to end: serve (embedded PostgreSQL), token, submit, agent, watch."""
+"""The CLI end to end: serve (embedded PostgreSQL), token, submit, agent, watch.
+
+Every serve started here is stopped, and with it the embedded PostgreSQL it started: the
+fixtures count the postmasters under their data directories after.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,8 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cpa_scheduler import embedded
 
 from tests.functions.conftest import free_port
+from tests.postmasters import postmasters
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -26,46 +34,107 @@ def cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.Comp
     )
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[dict[str, str]]:
-    port = free_port()
+def _env(data_dir: Path, port: int) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_JWT_SECRET")
     }
-    env.update(CPA_DATA_DIR=str(tmp_path / "data"), CPA_API_URL=f"http://127.0.0.1:{port}")
+    env.update(CPA_DATA_DIR=str(data_dir), CPA_API_URL=f"http://127.0.0.1:{port}")
+    return env
+
+
+def _serve(env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start serve and wait until it answers /healthz."""
+    port = env["CPA_API_URL"].rsplit(":", 1)[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", port],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{env['CPA_API_URL']}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.1)
+    _stop(proc, signal.SIGKILL)
+    raise AssertionError("serve did not answer /healthz in 90 s")
+
+
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{env['CPA_API_URL']}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited: {proc.stdout.read() if proc.stdout else ''}")
-            time.sleep(0.2)
-        else:
-            raise AssertionError("serve did not answer /healthz in 90 s")
-        assert httpx.get(f"{env['CPA_API_URL']}/readyz", timeout=5).status_code == 200
-        token = cli("token", "--tenant", "demo", "--user", "me", env=env)
-        assert token.returncode == 0, token.stderr
-        assert token.stdout.count(".") == 2 and "\n" == token.stdout[-1]  # only the token
-        env["CPA_TOKEN"] = token.stdout.strip()
-        yield env
+        return proc.wait(30)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         if proc.stdout:
             proc.stdout.close()
+
+
+@contextlib.contextmanager
+def _no_server_left(data_dir: Path) -> Iterator[None]:
+    """Fail if a postmaster under data_dir outlives the block; stop it all the same."""
+    try:
+        yield
+    finally:
+        left = postmasters(data_dir)
+        if left:
+            embedded.EmbeddedPostgres(data_dir).stop()
+        assert left == [], f"postmasters left running under {data_dir}: {left}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One serve (own embedded PostgreSQL) for the module; stopped, with its server, after."""
+    data_dir = tmp_path_factory.mktemp("served") / "data"
+    env = _env(data_dir, free_port())
+    with _no_server_left(data_dir):
+        proc = _serve(env)
+        try:
+            assert httpx.get(f"{env['CPA_API_URL']}/readyz", timeout=5).status_code == 200
+            token = cli("token", "--tenant", "demo", "--user", "me", env=env)
+            assert token.returncode == 0, token.stderr
+            assert token.stdout.count(".") == 2 and "\n" == token.stdout[-1]  # only the token
+            env["CPA_TOKEN"] = token.stdout.strip()
+            yield env
+        finally:
+            assert _stop(proc) == 0
+
+
+def test_serve_stops_the_postgres_it_started_and_leaves_one_it_found(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = _env(data_dir, free_port())
+    with _no_server_left(data_dir):
+        assert postmasters(data_dir) == []
+        # serve starts the embedded server; Ctrl-C stops both.
+        proc = _serve(env)
+        assert len(postmasters(data_dir)) == 1
+        assert _stop(proc, signal.SIGINT) == 0
+        assert postmasters(data_dir) == []
+        # A command that starts it (token, with no serve running) stops it too.
+        assert cli("token", "--tenant", "t", "--user", "u", env=env).returncode == 0
+        assert postmasters(data_dir) == []
+        # A server that was already running is left running, on SIGTERM as well.
+        pg = embedded.EmbeddedPostgres(data_dir)
+        pg.start()
+        try:
+            running = postmasters(data_dir)
+            assert len(running) == 1
+            assert _stop(_serve(env), signal.SIGTERM) == 0
+            assert postmasters(data_dir) == running
+        finally:
+            pg.stop()
+        assert postmasters(data_dir) == []
 
 
 def test_submit_a_german_request_to_done(served: dict[str, str]) -> None:

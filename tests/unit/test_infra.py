@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,12 @@ def test_railway_configs() -> None:
         assert config["deploy"]["restartPolicyType"] in {"ON_FAILURE", "ALWAYS", "NEVER"}
     worker = json.loads((ROOT / "infra" / "railway" / "dispatcher.json").read_text())
     assert worker["deploy"]["startCommand"] == "cpa-scheduler dispatch"
+
+
+def test_supabase_major_is_the_one_the_matrix_runs() -> None:
+    # A new hosted project runs 17; `make test-pg17` (in .ci/run) runs the database suites on it.
+    config = tomllib.loads((ROOT / "supabase" / "config.toml").read_text())
+    assert config["db"]["major_version"] == 17
+    pinned = re.search(r"^PG17_VERSION := (\d+)\.", (ROOT / "Makefile").read_text(), re.M)
+    assert pinned is not None and int(pinned.group(1)) == config["db"]["major_version"]
+    assert "make test-pg17" in (ROOT / ".ci" / "run").read_text()
