@@ -1,0 +1,153 @@
+"""The Python client over Realtime: the real ``supabase`` realtime client against the test double.
+
+The double (tests/realtime_double.py) relays what the database broadcasts and authorizes joins
+with the migrations' RLS policy; the API the client fills gaps from is the real app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from cpa_scheduler import client as client_mod
+from cpa_scheduler import dispatch, store
+
+from tests import events_contract
+from tests.conftest import Member, MemberFactory
+from tests.functions.conftest import ISSUER, SECRET, token_for
+from tests.realtime_double import RealtimeDouble
+
+KEY = "sb_publishable_test-double-key"
+# realtime 2.34 logs a dropped socket's close code through a deprecated websockets attribute.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:ConnectionClosed.code is deprecated:DeprecationWarning",
+    "ignore:ConnectionClosed.reason is deprecated:DeprecationWarning",
+)
+
+
+@pytest.fixture
+async def realtime(db_url: str) -> AsyncIterator[RealtimeDouble]:
+    async with RealtimeDouble(db_url, SECRET, ISSUER) as rt:
+        yield rt
+
+
+def chain(n: int, ms: int) -> dict[str, Any]:
+    return {"todos": [
+        {"key": f"s{i}", "action": "noop", "params": {"duration_ms": ms},
+         "depends_on": [f"s{i - 1}"] if i else []}
+        for i in range(n)
+    ]}  # fmt: skip
+
+
+async def stored_ids(db: store.Store, m: Member, job_id: str) -> list[int]:
+    async with db.user(m.claims) as s:
+        return [e["id"] for e in await s.event_list(job_id, 0, 1000)]
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def collect(c: client_mod.Client, job_id: str, out: list[dict[str, Any]]) -> None:
+    async for event in c.events(job_id):
+        out.append(events_contract.validate(event))
+
+
+async def test_join_with_the_access_token_and_receive_the_jobs_events_in_order(
+    live_api: str, db: store.Store, realtime: RealtimeDouble, member_factory: MemberFactory
+) -> None:
+    a, b = await member_factory("A"), await member_factory("B")
+    token = token_for(a)
+    config = client_mod.RealtimeConfig(realtime.url, KEY)
+    async with client_mod.Client(live_api, token, realtime=config) as c:
+        job = await c.submit(graph=chain(4, 20))
+        async with client_mod.Client(live_api, token_for(b)) as cb:
+            other = await cb.submit(graph=chain(3, 20))  # another tenant's progress, same time
+        got: list[dict[str, Any]] = []
+        follower = asyncio.create_task(collect(c, job["id"], got))
+        await until(lambda: realtime.joined == 1)
+        await dispatch.Dispatcher(db).run_pass(20)
+        await asyncio.wait_for(follower, 10)
+
+    assert realtime.joins[0] == {
+        "topic": f"tenant:{a.tenant_id}", "token": token, "accepted": True
+    }  # fmt: skip
+    assert [e["id"] for e in got] == await stored_ids(db, a, job["id"])
+    assert {e["job_id"] for e in got} == {job["id"]} and other["id"] != job["id"]
+    assert (got[-1]["kind"], got[-1]["status"]) == ("job.status", "done")
+    assert realtime.relayed >= 4  # the running and done changes came over the socket
+
+
+async def test_another_tenants_topic_is_refused(
+    live_api: str, realtime: RealtimeDouble, member_factory: MemberFactory
+) -> None:
+    from realtime import RealtimeSubscribeStates
+    from supabase import AsyncClientOptions, acreate_client
+
+    a, b = await member_factory("A"), await member_factory("B")
+    sb = await acreate_client(realtime.url, KEY, AsyncClientOptions(persist_session=False))
+    await sb.realtime.set_auth(token_for(a))
+    states: list[Any] = []
+    channel = sb.channel(f"tenant:{b.tenant_id}", {"config": {"private": True}})  # type: ignore[typeddict-item]
+    await channel.subscribe(lambda state, _err: states.append(state))
+    await sb.remove_all_channels()
+    assert states[0] == RealtimeSubscribeStates.CHANNEL_ERROR
+    assert realtime.joins[-1]["accepted"] is False
+
+
+async def test_a_dropped_socket_resumes_without_a_gap(
+    live_api: str, db: store.Store, realtime: RealtimeDouble, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    config = client_mod.RealtimeConfig(realtime.url, KEY, reconnect_backoff=0.2)
+    async with client_mod.Client(live_api, token_for(m), realtime=config) as c:
+        job = await c.submit(graph=chain(12, 100))
+        got: list[dict[str, Any]] = []
+        follower = asyncio.create_task(collect(c, job["id"], got))
+        await until(lambda: realtime.joined == 1)
+        runner = asyncio.create_task(dispatch.Dispatcher(db).run_pass(30))
+        await until(lambda: len(got) >= 6)
+        relayed_before = realtime.relayed
+        await realtime.drop(refuse_for=0.5)  # events of ~5 ToDos happen while it is down
+        await until(lambda: realtime.joined == 1)  # the client reconnected and rejoined
+        await asyncio.wait_for(follower, 15)
+        await runner
+
+    ids = [e["id"] for e in got]
+    assert ids == await stored_ids(db, m, job["id"])  # nothing lost, nothing repeated
+    assert sum(j["accepted"] for j in realtime.joins) == 2
+    assert realtime.relayed > relayed_before  # and it went on over the socket after the gap
+
+
+async def test_the_token_is_refreshed_before_it_expires(
+    live_api: str, db: store.Store, realtime: RealtimeDouble, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    fresh: list[str] = []
+
+    async def provider() -> str:
+        fresh.append(token_for(m, ttl=60))
+        return fresh[-1]
+
+    short = token_for(m, ttl=3)  # refreshed halfway through its life
+    expires = client_mod.token_expiry(short)
+    assert expires is not None
+    config = client_mod.RealtimeConfig(realtime.url, KEY)
+    async with client_mod.Client(live_api, short, realtime=config, token_provider=provider) as c:
+        job = await c.submit(graph=chain(10, 400))  # about 4 s, outliving the first token
+        got: list[dict[str, Any]] = []
+        follower = asyncio.create_task(collect(c, job["id"], got))
+        await until(lambda: realtime.joined == 1)
+        await dispatch.Dispatcher(db).run_pass(30)
+        await asyncio.wait_for(follower, 15)
+        assert c.token == fresh[0]
+
+    assert time.time() > expires[1]  # the job outlived the first token
+    assert realtime.token_updates == fresh[:1] and realtime.closed_for_expiry == []
+    assert [e["id"] for e in got] == await stored_ids(db, m, job["id"])
