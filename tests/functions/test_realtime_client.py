@@ -47,8 +47,8 @@ async def stored_ids(db: store.Store, m: Member, job_id: str) -> list[int]:
         return [e["id"] for e in await s.event_list(job_id, 0, 1000)]
 
 
-async def until(check: Any, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
+async def until(check: Any, limit: float = 10.0) -> None:
+    end = time.monotonic() + limit
     while not check():
         assert time.monotonic() < end, "timed out"
         await asyncio.sleep(0.01)
@@ -88,6 +88,7 @@ async def test_another_tenants_topic_is_refused(
     live_api: str, realtime: RealtimeDouble, member_factory: MemberFactory
 ) -> None:
     from realtime import RealtimeSubscribeStates
+
     from supabase import AsyncClientOptions, acreate_client
 
     a, b = await member_factory("A"), await member_factory("B")
