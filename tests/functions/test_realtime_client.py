@@ -7,13 +7,18 @@ with the migrations' RLS policy; the API the client fills gaps from is the real 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+import respx
 from cpa_scheduler import client as client_mod
-from cpa_scheduler import dispatch, store
+from cpa_scheduler import dispatch, errors, store
 
 from tests import events_contract
 from tests.conftest import Member, MemberFactory
@@ -136,12 +141,12 @@ async def test_the_token_is_refreshed_before_it_expires(
         fresh.append(token_for(m, ttl=60))
         return fresh[-1]
 
-    short = token_for(m, ttl=3)  # refreshed halfway through its life
+    short = token_for(m, ttl=2)  # refreshed halfway through its life
     expires = client_mod.token_expiry(short)
     assert expires is not None
     config = client_mod.RealtimeConfig(realtime.url, KEY)
     async with client_mod.Client(live_api, short, realtime=config, token_provider=provider) as c:
-        job = await c.submit(graph=chain(10, 400))  # about 4 s, outliving the first token
+        job = await c.submit(graph=chain(6, 450))  # about 3 s, outliving the first token
         got: list[dict[str, Any]] = []
         follower = asyncio.create_task(collect(c, job["id"], got))
         await until(lambda: realtime.joined == 1)
@@ -152,3 +157,62 @@ async def test_the_token_is_refreshed_before_it_expires(
     assert time.time() > expires[1]  # the job outlived the first token
     assert realtime.token_updates == fresh[:1] and realtime.closed_for_expiry == []
     assert [e["id"] for e in got] == await stored_ids(db, m, job["id"])
+
+
+async def test_watch_follows_over_realtime_when_configured(
+    live_api: str, db: store.Store, realtime: RealtimeDouble, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    token = token_for(m)
+    async with client_mod.Client(live_api, token) as c:
+        job = await c.submit(graph=chain(3, 50))
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CPA_API_URL": live_api,
+        "CPA_TOKEN": token,
+        "SUPABASE_URL": realtime.url,
+        "SUPABASE_PUBLISHABLE_KEY": KEY,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cpa_scheduler.cli", "watch", job["id"], env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await until(lambda: realtime.joined == 1, limit=30)
+    await dispatch.Dispatcher(db).run_pass(20)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert f"job {job['id']} done" in out.decode()
+    assert realtime.joins[0]["accepted"] and realtime.relayed >= 1
+
+
+@respx.mock
+async def test_supabase_refresher_rotates_the_refresh_token() -> None:
+    url = "https://test-project.supabase.co"
+    calls: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls.append({"apikey": request.headers["apikey"], **body})
+        n = len(calls)
+        # GoTrue's answer to grant_type=refresh_token (fields as the Auth API returns them).
+        return httpx.Response(200, json={
+            "access_token": f"access-{n}", "token_type": "bearer", "expires_in": 3600,
+            "expires_at": int(time.time()) + 3600, "refresh_token": f"refresh-{n}",
+            "user": {"id": "00000000-0000-4000-8000-000000000001", "aud": "authenticated",
+                     "role": "authenticated"},
+        })  # fmt: skip
+
+    route = respx.post(f"{url}/auth/v1/token", params={"grant_type": "refresh_token"})
+    route.side_effect = answer
+    refresh = client_mod.supabase_refresher(url, KEY, "refresh-0")
+    assert await refresh() == "access-1" and await refresh() == "access-2"
+    assert calls == [
+        {"apikey": KEY, "refresh_token": "refresh-0"},
+        {"apikey": KEY, "refresh_token": "refresh-1"},
+    ]
+    route.side_effect = lambda request: httpx.Response(
+        400, json={"code": 400, "error_code": "refresh_token_not_found",
+                   "msg": "Invalid Refresh Token: Refresh Token Not Found"},
+    )  # fmt: skip
+    with pytest.raises(errors.AuthError, match="sign in again"):
+        await refresh()
