@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from tests.functions.conftest import ISSUER, SECRET, token_for
 from tests.realtime_double import RealtimeDouble
 
 KEY = "sb_publishable_test-double-key"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "follow_job_realtime.py"
 # realtime 2.34 logs a dropped socket's close code through a deprecated websockets attribute.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:ConnectionClosed.code is deprecated:DeprecationWarning",
@@ -184,6 +186,33 @@ async def test_watch_follows_over_realtime_when_configured(
     assert proc.returncode == 0, err.decode()
     assert f"job {job['id']} done" in out.decode()
     assert realtime.joins[0]["accepted"] and realtime.relayed >= 1
+
+
+async def test_the_supabase_py_example_runs(
+    live_api: str, db: store.Store, realtime: RealtimeDouble, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    token = token_for(m)
+    async with client_mod.Client(live_api, token) as c:
+        job = await c.submit(graph=chain(3, 50))
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CPA_API_URL": live_api,
+        "CPA_TOKEN": token,
+        "SUPABASE_URL": realtime.url,
+        "SUPABASE_PUBLISHABLE_KEY": KEY,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLE), job["id"], env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await until(lambda: realtime.joined == 1, limit=30)
+    await dispatch.Dispatcher(db).run_pass(20)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    printed = [events_contract.validate(json.loads(line)) for line in out.decode().splitlines()]
+    assert [e["id"] for e in printed] == await stored_ids(db, m, job["id"])
+    assert realtime.relayed >= 1
 
 
 @respx.mock
