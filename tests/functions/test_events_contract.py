@@ -15,7 +15,7 @@ import psycopg
 from cpa_scheduler import dispatch, store
 
 from tests import events_contract
-from tests.conftest import MemberFactory
+from tests.conftest import JobFactory, MemberFactory
 from tests.functions.conftest import bearer
 
 GRAPH = {
@@ -68,3 +68,21 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     when = datetime.fromisoformat(a["created_at"]) == datetime.fromisoformat(b["created_at"])
     rest = {k: v for k, v in a.items() if k != "created_at"}
     return when and rest == {k: v for k, v in b.items() if k != "created_at"}
+
+
+async def test_bad_resume_points_are_a_clear_4xx(
+    client: httpx.AsyncClient, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(m)
+    url = f"/v1/jobs/{job['id']}/events"
+    for bad in ("abc", "-1", str(2**63)):
+        r = await client.get(url, headers={**bearer(m), "Last-Event-ID": bad})
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert repr(bad) in r.json()["detail"]
+    r = await client.get(url, params={"after": -1}, headers=bearer(m))
+    assert r.status_code == 422 and "after" in r.text
+    other = await member_factory()
+    r = await client.get(url, params={"after": 0}, headers=bearer(other))
+    assert r.status_code == 404  # another tenant's job, on the JSON variant too

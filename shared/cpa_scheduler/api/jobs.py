@@ -162,6 +162,7 @@ class EventPage(BaseModel):
 BOUND_SECONDS = 20.0  # a buffered answer (Lambda) closes after at most this long
 POLL_SECONDS = 0.2
 RETRY_MS = 1000
+MAX_ID = 2**63 - 1  # job_events.id is a bigint
 _EVENTS_DOC = {
     200: {
         "content": {
@@ -198,7 +199,8 @@ async def job_events(
     verified: VerifiedClaims,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[
-        int | None, Query(ge=0, description="JSON long-poll: the events after this id.")
+        int | None,
+        Query(ge=0, le=MAX_ID, description="JSON long-poll: the events after this id."),
     ] = None,
     wait: Annotated[
         float, Query(ge=0, le=25, description="JSON long-poll: seconds to wait for an event.")
@@ -214,6 +216,8 @@ async def job_events(
     claims = verified.for_database()
     try:
         start = int(last_event_id) if last_event_id else 0
+        if not 0 <= start <= MAX_ID:
+            raise ValueError(start)
     except ValueError:
         raise errors.InvalidError(
             f"Last-Event-ID {last_event_id!r} is not an event id; send the id: of the last "
