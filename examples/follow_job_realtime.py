@@ -34,30 +34,44 @@ async def follow(job_id: str) -> str:
         job = (await http.get(f"/v1/jobs/{job_id}")).raise_for_status().json()
         seen: set[int] = set()
         last = 0
-        finished = asyncio.Event()
-        joined: asyncio.Queue[None] = asyncio.Queue()
+        # One queue for joins and broadcasts, handled in arrival order: a join's catch-up
+        # finishes before the broadcasts that arrived meanwhile, so events stay in id order.
+        inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-        def deliver(event: dict[str, Any]) -> None:
+        def deliver(event: dict[str, Any]) -> bool:
+            """Show an event once; True when it was the job's last."""
             nonlocal last
             if event["job_id"] != job_id or event["id"] in seen:
-                return
+                return False
             seen.add(event["id"])
             last = max(last, event["id"])
             print(json.dumps(event), flush=True)
-            if event["kind"] == "job.status" and event["status"] in TERMINAL:
-                finished.set()
+            return event["kind"] == "job.status" and event["status"] in TERMINAL
 
-        async def catch_up() -> None:
+        def deliver_all(events: list[dict[str, Any]]) -> bool:
+            ended = False
+            for event in events:
+                ended = deliver(event) or ended
+            return ended
+
+        async def catch_up() -> bool:
+            """The events after `last` from the API; True when the job has ended."""
             while True:
                 page = (
                     (await http.get(f"/v1/jobs/{job_id}/events", params={"after": last, "wait": 0}))
                     .raise_for_status()
                     .json()
                 )
-                for event in page["events"]:
-                    deliver(event)
-                if page["done"] or not page["events"]:
-                    return
+                if deliver_all(page["events"]) or page["done"]:
+                    return True
+                if not page["events"]:
+                    return False
+
+        def on_state(state: RealtimeSubscribeStates, error: Exception | None) -> None:
+            if state == RealtimeSubscribeStates.SUBSCRIBED:
+                inbox.put_nowait(("joined", None))  # first join, or a rejoin after a drop
+            elif error is not None:
+                print(f"channel {state.value}: {error}", file=sys.stderr)
 
         sb = await acreate_client(
             os.environ["SUPABASE_URL"],
@@ -66,26 +80,16 @@ async def follow(job_id: str) -> str:
         )
         await sb.realtime.set_auth(token)  # before subscribing: the join carries the token
         channel = sb.channel(f"tenant:{job['tenant_id']}", {"config": {"private": True}})
-        channel.on_broadcast(
-            "job_events", lambda m: [deliver(e) for e in m["payload"].get("events", [])]
-        )
-
-        def on_state(state: RealtimeSubscribeStates, error: Exception | None) -> None:
-            if state == RealtimeSubscribeStates.SUBSCRIBED:
-                joined.put_nowait(None)  # first join or a rejoin after a dropped socket
-            elif error is not None:
-                print(f"channel {state.value}: {error}", file=sys.stderr)
-
+        channel.on_broadcast("job_events", lambda m: inbox.put_nowait(("broadcast", m)))
         await channel.subscribe(on_state)
         try:
-            while not finished.is_set():
-                waiter = asyncio.ensure_future(joined.get())
-                done = asyncio.ensure_future(finished.wait())
-                await asyncio.wait({waiter, done}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter.done():
-                    await catch_up()
-                else:
-                    waiter.cancel()
+            while True:
+                kind, message = await inbox.get()
+                if kind == "joined":
+                    if await catch_up():
+                        break
+                elif deliver_all(message["payload"].get("events", [])):
+                    break
         finally:
             await sb.remove_all_channels()
         return str((await http.get(f"/v1/jobs/{job_id}")).json()["status"])
