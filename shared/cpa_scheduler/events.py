@@ -26,7 +26,7 @@ def view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_terminal(event: dict[str, Any]) -> bool:
-    """The job's last event: after it the job emits nothing more."""
+    """The job's last event: nothing follows it unless the job is retried."""
     return event.get("kind") == "job.status" and event.get("status") in TERMINAL
 
 
