@@ -181,7 +181,14 @@ def _client() -> client_mod.Client:
         raise errors.AuthError(
             "No token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)."
         )
-    return client_mod.Client(settings.from_env().api_url, token)
+    config = settings.from_env()
+    url, key = config.supabase_url, config.supabase_publishable_key
+    # Progress over Supabase Realtime when the project and its publishable key are known;
+    # SSE from the API otherwise (local mode).
+    realtime = client_mod.RealtimeConfig(url, key) if url and key else None
+    refresh = os.environ.get("CPA_REFRESH_TOKEN", "").strip()
+    provider = client_mod.supabase_refresher(url, key, refresh) if url and key and refresh else None
+    return client_mod.Client(config.api_url, token, realtime=realtime, token_provider=provider)
 
 
 async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
@@ -218,7 +225,7 @@ async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
 
     console = Console()
     with Live(render(), console=console, refresh_per_second=8, transient=False) as live:
-        async for event in c.events(job["id"]):
+        async for event in c.events(job["id"], tenant_id=job.get("tenant_id")):
             if event["kind"] == "todo.status" and event["todo_id"] in todos:
                 todos[event["todo_id"]]["status"] = event["status"]
             elif event["kind"] == "job.status":

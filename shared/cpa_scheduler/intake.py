@@ -100,6 +100,8 @@ def job_view(job: dict[str, Any], todos: list[dict[str, Any]] | None) -> dict[st
     """The public JSON shape of a job (``GET /v1/jobs/{id}``)."""
     out = {k: job.get(k) for k in JOB_FIELDS}
     out["id"] = str(job["id"])
+    # The desktop subscribes to the Realtime topic 'tenant:<tenant_id>' of the job it follows.
+    out["tenant_id"] = str(job["tenant_id"]) if job.get("tenant_id") else None
     if todos is not None:
         out["todos"] = [{k: t.get(k) for k in TODO_FIELDS} | {"id": str(t["id"])} for t in todos]
     return out

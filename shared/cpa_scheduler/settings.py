@@ -22,6 +22,8 @@ class Settings(BaseModel):
     supabase_url: str | None = None
     supabase_jwt_secret: str | None = None
     supabase_jwks_url: str | None = None
+    # The project's publishable (anon) key: the client's Realtime connection needs it.
+    supabase_publishable_key: str | None = None
     openai_api_key: str | None = None
     openai_base_url: str | None = None
     llm_model: str = "gpt-4o-mini"
@@ -34,6 +36,9 @@ class Settings(BaseModel):
     pool_max_size: int = 10
     rate_limit: int = 60
     rate_window: int = 60
+    # Seconds one events answer may take behind a buffered host other than Mangum (which is
+    # detected); unset means such answers stream until the job ends.
+    events_bound: float | None = Field(default=None, gt=0, le=900)
 
     @property
     def local(self) -> bool:
@@ -61,6 +66,7 @@ _ENV = {
     "supabase_url": "SUPABASE_URL",
     "supabase_jwt_secret": "SUPABASE_JWT_SECRET",
     "supabase_jwks_url": "SUPABASE_JWKS_URL",
+    "supabase_publishable_key": "SUPABASE_PUBLISHABLE_KEY",
     "openai_api_key": "OPENAI_API_KEY",
     "openai_base_url": "OPENAI_BASE_URL",
     "llm_model": "CPA_LLM_MODEL",
@@ -71,6 +77,7 @@ _ENV = {
     "api_url": "CPA_API_URL",
     "rate_limit": "CPA_RATE_LIMIT",
     "rate_window": "CPA_RATE_WINDOW",
+    "events_bound": "CPA_EVENTS_BOUND",
 }
 
 
@@ -80,6 +87,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     values: dict[str, object] = {
         field: source[name] for field, name in _ENV.items() if source.get(name, "").strip()
     }
+    # Older projects call the publishable key the anon key.
+    anon = source.get("SUPABASE_ANON_KEY", "").strip()
+    if anon and "supabase_publishable_key" not in values:
+        values["supabase_publishable_key"] = anon
     allow = source.get("CPA_HTTP_ALLOW", "")
     values["http_allow"] = tuple(a.strip() for a in allow.split(",") if a.strip())
     return Settings.model_validate(values)

@@ -159,12 +159,18 @@ grant execute on function realtime.topic() to postgres, anon, authenticated, ser
 -- Hosted signature; locally it also NOTIFYs 'realtime_local' so tests can observe broadcasts.
 create or replace function realtime.send(payload jsonb, event text, topic text, private boolean default true)
 returns void language plpgsql as $$
+declare
+  v_id uuid;
 begin
   begin
     perform set_config('realtime.topic', topic, true);
     insert into realtime.messages (payload, event, topic, private, extension)
-    values (payload, event, topic, private, 'broadcast');
-    perform pg_notify('realtime_local', json_build_object('topic', topic, 'event', event)::text);
+    values (payload, event, topic, private, 'broadcast')
+    returning id into v_id;
+    -- The id lets a local relay (the tests' Realtime double) read exactly this message;
+    -- notifications arrive in commit order, as Realtime's replication stream does.
+    perform pg_notify('realtime_local',
+                      json_build_object('topic', topic, 'event', event, 'id', v_id)::text);
   exception when others then
     raise warning 'ErrorSendingBroadcastMessage: %', sqlerrm;
   end;

@@ -7,15 +7,16 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cpa_scheduler import errors, intake, protocol
+from cpa_scheduler import events as events_mod
 from cpa_scheduler.api import problems
 from cpa_scheduler.api.deps import AppState, CurrentCaller, UserSession, VerifiedClaims
 
@@ -59,6 +60,7 @@ class TodoOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    tenant_id: str | None = None
     status: Status
     request: str | None = None
     intent: str | None = None
@@ -147,51 +149,136 @@ async def retry_job(
     return intake.job_view(job, await session.job_todos(job_id))
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+class EventPage(BaseModel):
+    """One answer of the JSON long-poll: the events after ``after``, in id order."""
+
+    events: list[dict[str, Any]] = Field(
+        description="Progress events (docs/events.schema.json), ordered by id."
+    )
+    last_event_id: int = Field(description="Pass as ?after= on the next call.")
+    done: bool = Field(description="The job has ended and every event was delivered.")
+    retry_ms: int = Field(description="Wait this long before the next call when events is empty.")
+
+
+BOUND_SECONDS = 20.0  # a buffered answer (Lambda) closes after at most this long
+POLL_SECONDS = 0.2
+RETRY_MS = 1000
+MAX_ID = 2**63 - 1  # job_events.id is a bigint
+_EVENTS_DOC = {
+    200: {
+        "content": {
+            "text/event-stream": {},
+            "application/json": {"schema": EventPage.model_json_schema()},
+        },
+        "description": "SSE (default), or with ?after= one JSON page of events.",
+    },
+    204: {"description": "The job has ended and nothing follows Last-Event-ID: stop reconnecting."},
+}
+
+
+def _buffered_bound(request: Request, configured: float | None) -> float | None:
+    """How long a buffered host lets one answer take, or None where the response streams.
+
+    Mangum (Lambda) puts the invocation's event into the ASGI scope and sends nothing before
+    the app returns, so a stream that waits for the job would never reach the client.
+    """
+    scope = request.scope
+    if "aws.event" not in scope and configured is None:
+        return None
+    bound = configured if configured is not None else BOUND_SECONDS
+    remaining = getattr(scope.get("aws.context"), "get_remaining_time_in_millis", None)
+    if callable(remaining):
+        bound = min(bound, remaining() / 1000 - 3)  # leave time to send the answer
+    return max(bound, 0.5)
+
+
+@router.get("/{job_id}/events", response_model=None, responses=_EVENTS_DOC)  # type: ignore[arg-type]
 async def job_events(
     job_id: uuid.UUID,
     request: Request,
     app: AppState,
     verified: VerifiedClaims,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
-) -> StreamingResponse:
-    # No request-long session here: the stream opens a short transaction per poll.
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_ID, description="JSON long-poll: the events after this id."),
+    ] = None,
+    wait: Annotated[
+        float, Query(ge=0, le=25, description="JSON long-poll: seconds to wait for an event.")
+    ] = BOUND_SECONDS,
+) -> Response:
+    """Progress of a job: SSE resumable by ``Last-Event-ID``, or JSON long-polling with ``?after=``.
+
+    Long-running hosts stream until the job ends. Behind a buffered host (Lambda) the stream
+    answers within a bound (everything after ``Last-Event-ID``, then it closes) and the client
+    reconnects with the last id it saw.
+    """
+    # No request-long session here: each poll is a short transaction of its own.
     claims = verified.for_database()
-    async with app.store.user(claims) as session:
-        await session.job_get(job_id)  # 404 unless the caller's tenant owns it
     try:
-        start = int(last_event_id) if last_event_id else (after or 0)
+        start = int(last_event_id) if last_event_id else 0
+        if not 0 <= start <= MAX_ID:
+            raise ValueError(start)
     except ValueError:
-        raise errors.InvalidError(f"Last-Event-ID {last_event_id!r} is not an event id.") from None
+        raise errors.InvalidError(
+            f"Last-Event-ID {last_event_id!r} is not an event id; send the id: of the last "
+            "event received, or no header to start from the beginning."
+        ) from None
+    bound = _buffered_bound(request, app.config.events_bound)
+
+    async def poll(last: int) -> tuple[list[dict[str, Any]], bool]:
+        """Events after ``last``, and whether the job had ended with none left."""
+        async with app.store.user(claims) as session:
+            rows = await session.event_list(job_id, last, 500)
+            ended = False if rows else (await session.job_get(job_id))["status"] in TERMINAL
+        return [events_mod.view(r) for r in rows], ended
+
+    first, ended = await poll(after if after is not None else start)  # 404 unless visible
+    if after is not None:
+        return await _long_poll(poll, after, first, ended, min(wait, bound or wait))
+    if ended:
+        return Response(status_code=204)  # EventSource stops reconnecting on 204
 
     async def stream() -> AsyncIterator[str]:
-        last, beat = start, time.monotonic()
-        yield "retry: 1000\n\n"
-        while not await request.is_disconnected():
-            async with app.store.user(claims) as session:
-                rows = await session.event_list(job_id, last, 500)
-                job = None if rows else await session.job_get(job_id)
-            for row in rows:
-                last = int(row["id"])
-                data = {"id": last, "job_id": str(row["job_id"]), "kind": row["kind"],
-                        "status": row["status"], "data": row["data"],
-                        "todo_id": str(row["todo_id"]) if row["todo_id"] else None,
-                        "created_at": row["created_at"].isoformat()}  # fmt: skip
-                yield f"id: {last}\nevent: {row['kind']}\ndata: {json.dumps(data)}\n\n"
-                if row["kind"] == "job.status" and row["status"] in TERMINAL:
+        yield f"retry: {RETRY_MS}\n\n"
+        batch, gone, last, beat = first, False, start, time.monotonic()
+        deadline = None if bound is None else time.monotonic() + bound
+        while True:
+            for event in batch:
+                last = event["id"]
+                yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
+                if events_mod.is_terminal(event):
                     return
-            if job is not None and job["status"] in TERMINAL:
-                return
-            if not rows:
+            if gone or (deadline is not None and (batch or time.monotonic() >= deadline)):
+                return  # buffered: deliver what there is; the client resumes from `last`
+            if not batch:
                 if time.monotonic() - beat > 15:
                     beat = time.monotonic()
                     yield ": heartbeat\n\n"
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(POLL_SECONDS)
+            if await request.is_disconnected():
+                return
+            batch, gone = await poll(last)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+async def _long_poll(
+    poll: Callable[[int], Awaitable[tuple[list[dict[str, Any]], bool]]],
+    after: int,
+    batch: list[dict[str, Any]],
+    ended: bool,
+    wait: float,
+) -> JSONResponse:
+    deadline = time.monotonic() + wait
+    while not batch and not ended and time.monotonic() < deadline:
+        await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        batch, ended = await poll(after)
+    last = batch[-1]["id"] if batch else after
+    done = ended or any(events_mod.is_terminal(e) for e in batch)
+    page = EventPage(events=batch, last_event_id=last, done=done, retry_ms=RETRY_MS)
+    return JSONResponse(page.model_dump(), headers={"Cache-Control": "no-cache"})
 
 
 def _encode_cursor(row: dict[str, Any]) -> str:

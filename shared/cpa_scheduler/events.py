@@ -1,0 +1,35 @@
+"""Progress events: the one public shape shared by SSE, JSON long-polling and Realtime.
+
+``docs/events.schema.json`` is the contract; the broadcast trigger
+(``private.job_events_broadcast_v1``) builds the same object in SQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+TOPIC_EVENT = "job_events"  # the broadcast event name on topic 'tenant:<tenant_id>'
+
+
+def view(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``job_events`` row as the public event object."""
+    return {
+        "id": int(row["id"]),
+        "job_id": str(row["job_id"]),
+        "todo_id": str(row["todo_id"]) if row["todo_id"] else None,
+        "kind": row["kind"],
+        "status": row["status"],
+        "data": row["data"],
+        "created_at": row["created_at"].isoformat(),
+    }
+
+
+def is_terminal(event: dict[str, Any]) -> bool:
+    """The job's last event: nothing follows it unless the job is retried."""
+    return event.get("kind") == "job.status" and event.get("status") in TERMINAL
+
+
+def topic(tenant_id: object) -> str:
+    """The tenant-private Realtime topic (without the client's ``realtime:`` prefix)."""
+    return f"tenant:{tenant_id}"
