@@ -11,6 +11,7 @@ completes them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -20,9 +21,10 @@ from typing import Any
 
 import psycopg
 
-from cpa_scheduler import errors, executor, graph, store
+from cpa_scheduler import errors, executor, graph, metrics, store, tracing
 
 Session = store.Session
+log = logging.getLogger("cpa.dispatch")
 
 NO_LLM = (
     "No LLM provider is configured, so {action!r} cannot run; "
@@ -130,13 +132,29 @@ class Dispatcher:
         """
         started = time.monotonic()
         share = max(1, self.concurrency // self.lanes)
-        parts = await asyncio.gather(
-            *(self._lane(budget, share, stop, wake) for _ in range(self.lanes))
-        )
-        total = Summary()
-        for part in parts:
-            total.add(part)
-        total.elapsed = time.monotonic() - started
+        with tracing.span("cpa.dispatch.pass", attributes={"cpa.dispatcher": self.owner}) as span:
+            try:
+                parts = await asyncio.gather(
+                    *(self._lane(budget, share, stop, wake, span) for _ in range(self.lanes))
+                )
+            except Exception:
+                metrics.observe_pass(0, ok=False)
+                log.exception("The dispatch pass failed.", extra={"dispatcher": self.owner})
+                raise
+            total = Summary()
+            for part in parts:
+                total.add(part)
+            total.elapsed = time.monotonic() - started
+            if span is not None:
+                span.set_attributes({f"cpa.{k}": v for k, v in total.as_dict().items()})
+        metrics.observe_pass(total.claimed, ok=True)
+        # Long-running mode sweeps every second: empty passes would drown the log at info.
+        log.log(
+            logging.INFO if total.claimed else logging.DEBUG,
+            "dispatch pass: %s claimed, %s done, %s failed, %s retried, %s timers in %.3f s",
+            total.claimed, total.done, total.failed, total.retried, total.timers, total.elapsed,
+            extra={"dispatcher": self.owner, "summary": total.as_dict()},
+        )  # fmt: skip
         return total
 
     async def _lane(
@@ -145,6 +163,7 @@ class Dispatcher:
         concurrency: int,
         stop: asyncio.Event | None,
         wake: asyncio.Event | None,
+        pass_span: tracing.Span | None = None,
     ) -> Summary:
         started = time.monotonic()
         deadline = started + budget
@@ -161,12 +180,18 @@ class Dispatcher:
                 if not stopping and free > 0:
                     if wake is not None:
                         wake.clear()  # before the claim: a later NOTIFY wakes the wait below
+                    claim_started = time.time_ns()
                     rows = await self._claim(min(free, self.batch))
                     need_claim = False
                     summary.claimed += len(rows)
+                    metrics.observe_claim(rows)
                     results = await self._results_for(rows)
+                    parents: dict[str, tracing.Context] = {}
+                    if rows and pass_span is not None:
+                        parents = await self._trace_parents(rows, pass_span, claim_started)
                     for row in rows:
-                        task = asyncio.create_task(self._run_one(row, results))
+                        parent = parents.get(str(row["job_id"]))
+                        task = asyncio.create_task(self._run_one(row, results, parent))
                         running[task] = row
                 if flushing is None and pending:
                     # Completions commit in the background while the next claim runs.
@@ -266,7 +291,54 @@ class Dispatcher:
                 out[job_id] = await session.todo_job_results(job_id)
         return out
 
-    async def _run_one(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
+    async def _trace_parents(
+        self, rows: list[dict[str, Any]], pass_span: tracing.Span, claim_started: int
+    ) -> dict[str, tracing.Context]:
+        """Per traced job in this claim, a span in the job's own trace, linked to the pass.
+
+        Its context parents the job's ToDo spans, so a job's trace shows every pass that
+        touched it, however many processes and minutes apart."""
+        jobs = {str(r["job_id"]) for r in rows}
+        async with self.store.service() as session:
+            stored = await session.job_traces(sorted(jobs))
+        out: dict[str, tracing.Context] = {}
+        for job_id, value in stored.items():
+            claimed = sum(1 for r in rows if str(r["job_id"]) == job_id)
+            span = tracing.start(
+                "cpa.dispatch.claim",
+                context=tracing.parent(value),
+                attributes={"cpa.job_id": job_id, "cpa.dispatcher": self.owner,
+                            "cpa.claimed": claimed},
+                links=[pass_span],
+                start_time=claim_started,
+            )  # fmt: skip
+            if span is not None:
+                span.end()
+                out[job_id] = tracing.context_of(span)
+        return out
+
+    async def _run_one(
+        self,
+        row: dict[str, Any],
+        results: dict[str, dict[str, Any]],
+        parent: tracing.Context | None = None,
+    ) -> _Outcome:
+        began = time.perf_counter()
+        if tracing.active():
+            attributes = {"cpa.action": row["action"], "cpa.todo_id": str(row["id"]),
+                          "cpa.job_id": str(row["job_id"]), "cpa.todo_key": row["key"],
+                          "cpa.attempt": row["attempts"]}  # fmt: skip
+            with tracing.span(f"cpa.todo.run {row['action']}", context=parent,
+                              attributes=attributes) as span:  # fmt: skip
+                outcome = await self._execute(row, results)
+                if outcome.error is not None:
+                    tracing.record_error(span, outcome.error)
+        else:
+            outcome = await self._execute(row, results)
+        metrics.TODO_RUN.labels(row["action"]).observe(time.perf_counter() - began)
+        return outcome
+
+    async def _execute(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
         key = row["key"]
         try:
             params = resolve_refs(row["params"], results.get(str(row["job_id"]), {}), key)
@@ -335,10 +407,22 @@ class Dispatcher:
             ]
             await session.todo_fail(items, backoff_base=self.backoff_base)
             for o in failed:
-                if o.retryable and o.row["attempts"] < o.row["max_attempts"]:
+                again = o.retryable and o.row["attempts"] < o.row["max_attempts"]
+                if again:
                     summary.retried += 1
                 else:
                     summary.failed += 1
+                metrics.observe_finished(o.row["action"], "retry" if again else "failed")
+                log.warning(
+                    "ToDo %r (%s) failed on attempt %s of %s%s: %s",
+                    o.row["key"], o.row["action"], o.row["attempts"], o.row["max_attempts"],
+                    "; it will be retried" if again else "", o.error,
+                    extra={"tenant_id": str(o.row["tenant_id"]), "job_id": str(o.row["job_id"]),
+                           "todo_id": str(o.row["id"]), "action": o.row["action"],
+                           "retry": again},
+                )  # fmt: skip
+        for o in done:
+            metrics.observe_finished(o.row["action"], "done")
         for o in timers:
             assert o.snooze_until is not None
             await session.todo_snooze(o.row["id"], self.owner, o.snooze_until)
