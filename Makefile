@@ -40,9 +40,10 @@ clean: ## remove the virtual environment and caches
 supabase-check: $(STAMP) ## db push + security advisors with the real Supabase CLI (needs npx)
 	$(BIN)/python scripts/supabase_check.py
 
-bench: $(STAMP) ## benchmarks against PgQueuer and Procrastinate (tests/bench/RESULTS.md)
+bench: $(STAMP) ## benchmarks against PgQueuer and Procrastinate, observability overhead (tests/bench/RESULTS.md)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m tests.bench.bench_dispatch
+	$(BIN)/python -m tests.bench.bench_observability
 
 run: $(STAMP) ## install, then serve the API and dispatcher on the embedded PostgreSQL
 	$(BIN)/cpa-scheduler serve

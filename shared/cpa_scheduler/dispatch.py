@@ -63,6 +63,14 @@ class Summary:
 
 
 @dataclass
+class _PassTrace:
+    """A traced pass: its span and, per job it touched, the parent of that job's ToDo spans."""
+
+    span: tracing.Span
+    jobs: dict[str, tracing.Context | None] = field(default_factory=dict)
+
+
+@dataclass
 class _Outcome:
     row: dict[str, Any]
     result: Any = None
@@ -133,9 +141,10 @@ class Dispatcher:
         started = time.monotonic()
         share = max(1, self.concurrency // self.lanes)
         with tracing.span("cpa.dispatch.pass", attributes={"cpa.dispatcher": self.owner}) as span:
+            traced = None if span is None else _PassTrace(span)
             try:
                 parts = await asyncio.gather(
-                    *(self._lane(budget, share, stop, wake, span) for _ in range(self.lanes))
+                    *(self._lane(budget, share, stop, wake, traced) for _ in range(self.lanes))
                 )
             except Exception:
                 metrics.observe_pass(0, ok=False)
@@ -163,7 +172,7 @@ class Dispatcher:
         concurrency: int,
         stop: asyncio.Event | None,
         wake: asyncio.Event | None,
-        pass_span: tracing.Span | None = None,
+        traced: _PassTrace | None = None,
     ) -> Summary:
         started = time.monotonic()
         deadline = started + budget
@@ -186,9 +195,9 @@ class Dispatcher:
                     summary.claimed += len(rows)
                     metrics.observe_claim(rows)
                     results = await self._results_for(rows)
-                    parents: dict[str, tracing.Context] = {}
-                    if rows and pass_span is not None:
-                        parents = await self._trace_parents(rows, pass_span, claim_started)
+                    parents: dict[str, tracing.Context | None] = {}
+                    if rows and traced is not None:
+                        parents = await self._trace_parents(rows, traced, claim_started)
                     for row in rows:
                         parent = parents.get(str(row["job_id"]))
                         task = asyncio.create_task(self._run_one(row, results, parent))
@@ -292,30 +301,30 @@ class Dispatcher:
         return out
 
     async def _trace_parents(
-        self, rows: list[dict[str, Any]], pass_span: tracing.Span, claim_started: int
-    ) -> dict[str, tracing.Context]:
-        """Per traced job in this claim, a span in the job's own trace, linked to the pass.
+        self, rows: list[dict[str, Any]], traced: _PassTrace, claim_started: int
+    ) -> dict[str, tracing.Context | None]:
+        """Per traced job, once per pass, a span in the job's own trace linked to the pass.
 
         Its context parents the job's ToDo spans, so a job's trace shows every pass that
-        touched it, however many processes and minutes apart."""
-        jobs = {str(r["job_id"]) for r in rows}
-        async with self.store.service() as session:
-            stored = await session.job_traces(sorted(jobs))
-        out: dict[str, tracing.Context] = {}
-        for job_id, value in stored.items():
-            claimed = sum(1 for r in rows if str(r["job_id"]) == job_id)
-            span = tracing.start(
-                "cpa.dispatch.claim",
-                context=tracing.parent(value),
-                attributes={"cpa.job_id": job_id, "cpa.dispatcher": self.owner,
-                            "cpa.claimed": claimed},
-                links=[pass_span],
-                start_time=claim_started,
-            )  # fmt: skip
-            if span is not None:
-                span.end()
-                out[job_id] = tracing.context_of(span)
-        return out
+        touched it, however many processes and minutes apart. The pass asks the database
+        only for jobs it has not seen yet."""
+        new = sorted({str(r["job_id"]) for r in rows} - traced.jobs.keys())
+        if new:
+            async with self.store.service() as session:
+                stored = await session.job_traces(new)
+            for job_id in new:
+                value = stored.get(job_id)
+                span = None if value is None else tracing.start(
+                    "cpa.dispatch.claim",
+                    context=tracing.parent(value),
+                    attributes={"cpa.job_id": job_id, "cpa.dispatcher": self.owner},
+                    links=[traced.span],
+                    start_time=claim_started,
+                )  # fmt: skip
+                if span is not None:
+                    span.end()
+                traced.jobs[job_id] = None if span is None else tracing.context_of(span)
+        return traced.jobs
 
     async def _run_one(
         self,
@@ -325,8 +334,8 @@ class Dispatcher:
     ) -> _Outcome:
         began = time.perf_counter()
         if tracing.active():
-            attributes = {"cpa.action": row["action"], "cpa.todo_id": str(row["id"]),
-                          "cpa.job_id": str(row["job_id"]), "cpa.todo_key": row["key"],
+            # Few attributes: each costs per span; the job is the parent claim span's.
+            attributes = {"cpa.todo_id": str(row["id"]), "cpa.todo_key": row["key"],
                           "cpa.attempt": row["attempts"]}  # fmt: skip
             with tracing.span(f"cpa.todo.run {row['action']}", context=parent,
                               attributes=attributes) as span:  # fmt: skip

@@ -24,12 +24,14 @@ if TYPE_CHECKING:  # re-exported for annotations elsewhere; never imported at ru
     from opentelemetry.context import Context as Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span as Span
+    from opentelemetry.trace import Tracer
 
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 INSTRUMENTATION = "cpa_scheduler"
 
 _provider: TracerProvider | None = None
+_tracer: Tracer | None = None  # one per process: get_tracer builds a new one on every call
 
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -54,7 +56,7 @@ def setup(service_name: str) -> bool:
     """Turn tracing on if the environment asks for it; idempotent. Returns :func:`active`.
 
     Instruments httpx (outbound ``http.request`` and LLM calls) and psycopg (every query)."""
-    global _provider
+    global _provider, _tracer
     if _provider is not None or not enabled():
         return active()
     from opentelemetry import trace
@@ -72,6 +74,7 @@ def setup(service_name: str) -> bool:
     HTTPXClientInstrumentor().instrument()
     PsycopgInstrumentor().instrument(enable_commenter=False, skip_dep_check=True)
     _provider = provider
+    _tracer = provider.get_tracer(INSTRUMENTATION)
     return True
 
 
@@ -91,10 +94,10 @@ def flush(timeout_ms: int = 5000) -> None:
 
 
 def shutdown() -> None:
-    global _provider
+    global _provider, _tracer
     if _provider is not None:
         _provider.shutdown()
-        _provider = None
+        _provider = _tracer = None
 
 
 def current_ids() -> tuple[str, str] | None:
@@ -161,16 +164,11 @@ def span(
 
     ``context`` picks the parent (default: the current span); ``links`` point at related spans
     of other traces (a dispatch pass that handled many jobs)."""
-    if _provider is None:
+    if _tracer is None:
         yield None
         return
-    from opentelemetry import trace
-
-    tracer = trace.get_tracer(INSTRUMENTATION)
-    span_links = [trace.Link(s.get_span_context()) for s in links or ()]
-    attrs = {k: v for k, v in (attributes or {}).items() if v is not None}
-    with tracer.start_as_current_span(
-        name, context=context, attributes=attrs, links=span_links
+    with _tracer.start_as_current_span(
+        name, context=context, attributes=attributes, links=_links(links)
     ) as s:
         yield s
 
@@ -184,16 +182,19 @@ def start(
     start_time: int | None = None,
 ) -> Span | None:
     """A span that the caller ends (not made current); None when tracing is off."""
-    if _provider is None:
+    if _tracer is None:
+        return None
+    return _tracer.start_span(
+        name, context=context, attributes=attributes, links=_links(links), start_time=start_time
+    )
+
+
+def _links(spans: list[Span] | None) -> list[Any] | None:
+    if not spans:
         return None
     from opentelemetry import trace
 
-    tracer = trace.get_tracer(INSTRUMENTATION)
-    span_links = [trace.Link(s.get_span_context()) for s in links or ()]
-    attrs = {k: v for k, v in (attributes or {}).items() if v is not None}
-    return tracer.start_span(
-        name, context=context, attributes=attrs, links=span_links, start_time=start_time
-    )
+    return [trace.Link(s.get_span_context()) for s in spans]
 
 
 def context_of(s: Span) -> Context:

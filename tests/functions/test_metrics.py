@@ -7,7 +7,7 @@ import pytest
 from cpa_scheduler import dispatch, store
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MemberFactory
+from tests.conftest import JobFactory, MemberFactory
 from tests.functions.conftest import bearer
 
 GRAPH = {"todos": [{"key": k, "action": "noop", "params": {"n": i}} for i, k in enumerate("abc")]}
@@ -91,3 +91,18 @@ async def test_a_metrics_token_guards_the_endpoint(
     assert r.status_code == 401
     assert "CPA_METRICS_TOKEN" in r.json()["detail"]
     await scrape(client, headers={"Authorization": "Bearer scrape-secret"})
+
+
+async def test_the_worker_serves_the_database_gauges_too(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    from cpa_scheduler.api import observe
+
+    member = await member_factory()
+    await job_factory(member, [{"key": "a", "action": "noop", "target": "cloud"}])
+    transport = httpx.ASGITransport(app=observe.worker_app(db))
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as worker:
+        assert (await worker.get("/healthz")).json() == {"status": "ok"}
+        text = await scrape(worker)
+    assert value(text, "cpa_todos_ready", target="cloud") == 1
+    assert value(text, "cpa_jobs", status="pending") == 1
