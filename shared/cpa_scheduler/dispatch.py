@@ -199,8 +199,13 @@ class Dispatcher:
                     if rows and traced is not None:
                         parents = await self._trace_parents(rows, traced, claim_started)
                     for row in rows:
+                        # A span per ToDo only where it is recorded: an unsampled job (or pass,
+                        # for untraced jobs) costs no span objects at all.
                         parent = parents.get(str(row["job_id"]))
-                        task = asyncio.create_task(self._run_one(row, results, parent))
+                        record = parent is not None or (
+                            traced is not None and traced.span.is_recording()
+                        )
+                        task = asyncio.create_task(self._run_one(row, results, parent, record))
                         running[task] = row
                 if flushing is None and pending:
                     # Completions commit in the background while the next claim runs.
@@ -321,9 +326,11 @@ class Dispatcher:
                     links=[traced.span],
                     start_time=claim_started,
                 )  # fmt: skip
+                traced.jobs[job_id] = None
                 if span is not None:
+                    if span.is_recording():  # asked before end(): an ended span never records
+                        traced.jobs[job_id] = tracing.context_of(span)
                     span.end()
-                traced.jobs[job_id] = None if span is None else tracing.context_of(span)
         return traced.jobs
 
     async def _run_one(
@@ -331,9 +338,10 @@ class Dispatcher:
         row: dict[str, Any],
         results: dict[str, dict[str, Any]],
         parent: tracing.Context | None = None,
+        traced: bool = False,
     ) -> _Outcome:
         began = time.perf_counter()
-        if tracing.active():
+        if traced:
             # Few attributes: each costs per span; the job is the parent claim span's.
             attributes = {"cpa.todo_id": str(row["id"]), "cpa.todo_key": row["key"],
                           "cpa.attempt": row["attempts"]}  # fmt: skip

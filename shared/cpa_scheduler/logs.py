@@ -37,6 +37,11 @@ def bind(**fields: object) -> Iterator[None]:
         _bound.reset(token)
 
 
+def annotate(**fields: object) -> None:
+    """Attach ids for the rest of the current task (an HTTP request's task: the API's caller)."""
+    _bound.set(_bound.get() | {k: str(v) for k, v in fields.items() if v is not None})
+
+
 def context() -> dict[str, str]:
     """The ids known here: the bound ones and the current span's."""
     out = dict(_bound.get())
