@@ -146,6 +146,9 @@ class Dispatcher:
                 parts = await asyncio.gather(
                     *(self._lane(budget, share, stop, wake, traced) for _ in range(self.lanes))
                 )
+            except errors.CpaError:
+                metrics.observe_pass(0, ok=False)
+                raise  # a domain error (the database is down): the caller reports its message
             except Exception:
                 metrics.observe_pass(0, ok=False)
                 log.exception("The dispatch pass failed.", extra={"dispatcher": self.owner})

@@ -10,14 +10,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import sys
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from cpa_scheduler import database, dispatch, logs, metrics, planner, settings, store, tracing
+from cpa_scheduler import (
+    database,
+    dispatch,
+    errors,
+    logs,
+    metrics,
+    planner,
+    settings,
+    store,
+    tracing,
+)
 
+log = logging.getLogger("cpa.dispatch")
 SAFETY_MARGIN_S = 3.0
 DEFAULT_BUDGET_S = 50.0
 
@@ -82,6 +94,9 @@ def handler(event: dict[str, Any], context: LambdaContext | None = None) -> dict
     loop, dispatcher = _get_dispatcher()
     try:
         summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+    except errors.CpaError as exc:
+        log.error("The dispatch pass failed: %s", exc.message, extra={"code": exc.code})
+        raise
     finally:
         tracing.flush()  # a frozen Lambda would otherwise hold the spans until the next event
     if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):

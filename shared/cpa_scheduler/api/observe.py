@@ -46,11 +46,8 @@ class RequestMetrics:
             metrics.HTTP_DURATION.labels(method, template).observe(time.perf_counter() - began)
 
 
-@router.get(
-    "/metrics",
-    response_class=Response,
-    responses={200: {"content": {metrics.CONTENT_TYPE: {}}}},
-)
+# Not in the OpenAPI document: it is for scrapers, not for the API's clients.
+@router.get("/metrics", response_class=Response, include_in_schema=False)
 async def metrics_endpoint(request: Request, state: AppState) -> Any:
     """Prometheus text format: this process's counters and the queue gauges from the database.
 
