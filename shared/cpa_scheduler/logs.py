@@ -24,7 +24,9 @@ from cpa_scheduler import tracing
 CONTEXT_FIELDS = ("trace_id", "span_id", "tenant_id", "job_id", "todo_id")
 _bound: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("cpa_log_ctx", default={})  # noqa: B039
 # The attributes every LogRecord has; anything else came from ``extra``.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# uvicorn adds ``color_message`` (the message with terminal colours): not worth a field.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "color_message"}  # fmt: skip
 
 
 @contextlib.contextmanager
