@@ -218,14 +218,22 @@ async def test_one_trace_from_the_request_to_every_todo_across_processes(
         job = (await api.get(f"/v1/jobs/{job_id}", headers=bearer(member))).json()
         assert job["status"] == "done", job
 
+        # No traceparent header: a protocol message's own trace_id names the trace.
+        message_trace = secrets.token_hex(16)
+        request = {"type": "request", "sender": "desk", "receiver": "scheduler",
+                   "trace_id": message_trace, "payload": {"graph": {"todos": [
+                       {"key": "x", "action": "noop"}]}}}  # fmt: skip
+        agreed = await api.post("/v1/messages", json=request, headers=bearer(member))
+        assert agreed.json()["type"] == "agree", agreed.text
+
     spans = wait_spans(receiver, {
         "POST /v1/jobs", "cpa.job.create", "cpa.dispatch.pass", "cpa.dispatch.claim",
         "cpa.todo.run noop", "cpa.todo.run http.request", "cpa.agent.assign desktop.open_app",
-        "POST /v1/messages",
+        "POST /v1/messages", "cpa.message request",
     })  # fmt: skip
     request = next(s for s in spans if s.name == "POST /v1/jobs" and s.kind == 2)  # SERVER
     assert (request.trace_id, request.parent) == (trace_id, client_span)
-    create = one(spans, "cpa.job.create")
+    create = one([s for s in spans if s.trace_id == trace_id], "cpa.job.create")
     assert (create.trace_id, create.parent, create.service) == (
         trace_id, request.span_id, "cpa-scheduler-api")  # fmt: skip
     # The job insert is a database span under the creation span.
@@ -249,3 +257,10 @@ async def test_one_trace_from_the_request_to_every_todo_across_processes(
     assert (assigned.trace_id, assigned.parent) == (trace_id, create.span_id)
     answer = next(s for s in spans if s.name == "POST /v1/messages" and s.kind == 2)
     assert (answer.trace_id, answer.parent) == (trace_id, assigned.span_id)
+
+    by_message = one(spans, "cpa.message request")
+    assert by_message.trace_id == message_trace
+    created_by_message = [
+        s for s in spans if s.name == "cpa.job.create" and s.parent == by_message.span_id
+    ]
+    assert [s.trace_id for s in created_by_message] == [message_trace]
