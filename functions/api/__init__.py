@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from cpa_scheduler import logs, tracing
 from cpa_scheduler.api import app
 from mangum import Mangum
 
-handler = Mangum(app, lifespan="off")
+logs.setup()
+_mangum = Mangum(app, lifespan="off")
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    try:
+        answer: dict[str, Any] = _mangum(event, context)
+        return answer
+    finally:
+        tracing.flush()  # before the runtime freezes the process
+
 
 __all__ = ["app", "handler"]

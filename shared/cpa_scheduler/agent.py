@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from cpa_scheduler import dispatch, errors, protocol, store
+from cpa_scheduler import dispatch, errors, protocol, store, tracing
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
@@ -34,6 +34,9 @@ async def claim(
 ) -> list[protocol.Assign]:
     """Claim ready desktop ToDos for this agent and turn each into an ``assign`` message."""
     rows = await session.agent_claim(tenant_id, agent_id, actions, limit, lease_seconds)
+    traces: dict[str, str] = {}
+    if rows and tracing.active():
+        traces = await session.job_traces(sorted({str(r["job_id"]) for r in rows}))
     assigns: list[protocol.Assign] = []
     results: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -47,12 +50,17 @@ async def claim(
                 [{"id": str(row["id"]), "owner": owner(agent_id), "error": exc.message}]
             )
             continue
+        envelope: dict[str, Any] = {}
+        traceparent = _assign_span(traces.get(job_id), row, agent_id)
+        if traceparent is not None:
+            envelope["trace_id"] = tracing.trace_id_of(traceparent)
         assigns.append(
             protocol.Assign(
                 sender=SCHEDULER,
                 receiver=agent_id,
                 conversation_id=job_id,
                 reply_by=row["lease_expires_at"],
+                **envelope,
                 payload=protocol.AssignPayload(
                     todo_id=str(row["id"]),
                     job_id=job_id,
@@ -61,10 +69,28 @@ async def claim(
                     params=params,
                     attempt=row["attempts"],
                     lease_expires_at=row["lease_expires_at"],
+                    traceparent=traceparent,
                 ),
             )
         )
     return assigns
+
+
+def _assign_span(job_trace: str | None, row: dict[str, Any], agent_id: str) -> str | None:
+    """A span in the job's trace for handing the ToDo to an agent; its context travels in the
+    assign, and the agent's answer continues from it."""
+    if job_trace is None:
+        return None
+    span = tracing.start(
+        f"cpa.agent.assign {row['action']}",
+        context=tracing.parent(job_trace),
+        attributes={"cpa.todo_id": str(row["id"]), "cpa.job_id": str(row["job_id"]),
+                    "cpa.action": row["action"], "cpa.agent": agent_id},
+    )  # fmt: skip
+    if span is None:
+        return None
+    span.end()
+    return tracing.traceparent(span)
 
 
 async def apply(session: store.Session, message: protocol.Message) -> protocol.Message:

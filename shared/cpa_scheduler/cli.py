@@ -26,10 +26,12 @@ from cpa_scheduler import (
     dispatch,
     errors,
     intents,
+    logs,
     planner,
     protocol,
     settings,
     store,
+    tracing,
 )
 from cpa_scheduler import client as client_mod
 
@@ -71,13 +73,36 @@ async def _dispatch_run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        web = None
+        if args.metrics_port:
+            from cpa_scheduler import extra
+            from cpa_scheduler.api import observe
+
+            uvicorn = extra.require("uvicorn", "The dispatcher's /metrics (--metrics-port)")
+
+            web = uvicorn.Server(
+                uvicorn.Config(observe.worker_app(db), host=args.metrics_host,
+                               port=args.metrics_port, log_config=None, lifespan="off",
+                               access_log=False)
+            )  # fmt: skip
+            serving = asyncio.create_task(web.serve())
+            print(f"dispatcher: metrics on http://{args.metrics_host}:{args.metrics_port}/metrics",
+                  file=sys.stderr)  # fmt: skip
         print("dispatcher: running; SIGTERM stops it after the ToDos it holds.", file=sys.stderr)
-        return (await dispatcher.run_forever(url, stop=stop)).as_dict()
+        try:
+            return (await dispatcher.run_forever(url, stop=stop)).as_dict()
+        finally:
+            if web is not None:
+                web.should_exit = True
+                await serving
     finally:
         await db.close()
+        tracing.shutdown()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    logs.setup()
+    tracing.setup("cpa-scheduler-dispatcher")
     config = settings.from_env()
     with database.prepared(config, migrate=config.local) as url:
         print(json.dumps(asyncio.run(_dispatch_run(args, config, url))))
@@ -110,6 +135,8 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
     uvicorn = extra.require("uvicorn", "cpa-scheduler serve")
     from cpa_scheduler.api import state as api_state
 
+    logs.setup()
+    tracing.setup("cpa-scheduler")
     db = store.Store(url, max_size=config.pool_max_size)
     api_state.set_state(
         api_state.State(config, db, auth.verifier(config), ratelimit.limiter(config, db))
@@ -120,9 +147,7 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         from cpa_scheduler import api
 
         server = uvicorn.Server(
-            uvicorn.Config(
-                api.app, host=args.host, port=args.port, log_level="warning", lifespan="off"
-            )
+            uvicorn.Config(api.app, host=args.host, port=args.port, log_config=None, lifespan="off")
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -138,6 +163,7 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         server.should_exit = True
         await asyncio.gather(web, worker)
         await db.close()
+        tracing.shutdown()
 
     try:
         asyncio.run(main())
@@ -293,8 +319,10 @@ def _agent(args: argparse.Namespace) -> int:
             await c.send(offer)
             while True:
                 for assign in await c.claim(args.agent_id, DESKTOP_ACTIONS, limit=5):
+                    trace = assign.payload.traceparent
                     await c.send(
-                        protocol.reply_to(assign, "agree", {"todo_id": assign.payload.todo_id})
+                        protocol.reply_to(assign, "agree", {"todo_id": assign.payload.todo_id}),
+                        traceparent=trace,
                     )
                     try:
                         result = _do(assign, sandbox)
@@ -306,7 +334,7 @@ def _agent(args: argparse.Namespace) -> int:
                         reply = protocol.reply_to(
                             assign, "failure", {"todo_id": assign.payload.todo_id, "error": text}
                         )
-                    answer = await c.send(reply)
+                    answer = await c.send(reply, traceparent=trace)
                     handled += 1
                     print(
                         f"agent: {assign.payload.key} -> {reply.type} ({answer.type})",
@@ -357,6 +385,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=float, default=50.0, help="seconds the pass may run")
     d.add_argument("--lease", type=float, default=60.0, help="lease seconds per claimed ToDo")
     d.add_argument("--concurrency", type=int, default=64, help="ToDos run at once")
+    d.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens")
+    d.add_argument(
+        "--metrics-port", type=int, default=9464,
+        help="port of /metrics of the long-running worker (0: none)",
+    )  # fmt: skip
     d.set_defaults(run=_dispatch)
     return p
 

@@ -416,9 +416,15 @@ class Client:
             out.append(msg)
         return out
 
-    async def send(self, message: protocol.Message) -> protocol.Message:
-        """Send any protocol message; returns the scheduler's answer."""
-        return protocol.parse(await self._call("POST", "/v1/messages", json=protocol.dump(message)))
+    async def send(
+        self, message: protocol.Message, *, traceparent: str | None = None
+    ) -> protocol.Message:
+        """Send any protocol message; returns the scheduler's answer.
+
+        ``traceparent`` (an assign's ``payload.traceparent``) continues the job's trace."""
+        headers = {"traceparent": traceparent} if traceparent else {}
+        body = protocol.dump(message)
+        return protocol.parse(await self._call("POST", "/v1/messages", json=body, headers=headers))
 
 
 class _RealtimeUnavailable(Exception):

@@ -11,6 +11,7 @@ completes them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cpa_scheduler import errors, executor, graph, store
+from cpa_scheduler import errors, executor, graph, metrics, store, tracing
 
 Session = store.Session
+log = logging.getLogger("cpa.dispatch")
 
 NO_LLM = (
     "No LLM provider is configured, so {action!r} cannot run; "
@@ -56,6 +58,14 @@ class Summary:
             "timers": self.timers,
             "elapsed": round(self.elapsed, 3),
         }
+
+
+@dataclass
+class _PassTrace:
+    """A traced pass: its span and, per job it touched, the parent of that job's ToDo spans."""
+
+    span: tracing.Span
+    jobs: dict[str, tracing.Context | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,13 +138,33 @@ class Dispatcher:
         """
         started = time.monotonic()
         share = max(1, self.concurrency // self.lanes)
-        parts = await asyncio.gather(
-            *(self._lane(budget, share, stop, wake) for _ in range(self.lanes))
-        )
-        total = Summary()
-        for part in parts:
-            total.add(part)
-        total.elapsed = time.monotonic() - started
+        with tracing.span("cpa.dispatch.pass", attributes={"cpa.dispatcher": self.owner}) as span:
+            traced = None if span is None else _PassTrace(span)
+            try:
+                parts = await asyncio.gather(
+                    *(self._lane(budget, share, stop, wake, traced) for _ in range(self.lanes))
+                )
+            except errors.CpaError:
+                metrics.observe_pass(0, ok=False)
+                raise  # a domain error (the database is down): the caller reports its message
+            except Exception:
+                metrics.observe_pass(0, ok=False)
+                log.exception("The dispatch pass failed.", extra={"dispatcher": self.owner})
+                raise
+            total = Summary()
+            for part in parts:
+                total.add(part)
+            total.elapsed = time.monotonic() - started
+            if span is not None:
+                span.set_attributes({f"cpa.{k}": v for k, v in total.as_dict().items()})
+        metrics.observe_pass(total.claimed, ok=True)
+        # Long-running mode sweeps every second: empty passes would drown the log at info.
+        log.log(
+            logging.INFO if total.claimed else logging.DEBUG,
+            "dispatch pass: %s claimed, %s done, %s failed, %s retried, %s timers in %.3f s",
+            total.claimed, total.done, total.failed, total.retried, total.timers, total.elapsed,
+            extra={"dispatcher": self.owner, "summary": total.as_dict()},
+        )  # fmt: skip
         return total
 
     async def _lane(
@@ -143,6 +173,7 @@ class Dispatcher:
         concurrency: int,
         stop: asyncio.Event | None,
         wake: asyncio.Event | None,
+        traced: _PassTrace | None = None,
     ) -> Summary:
         started = time.monotonic()
         deadline = started + budget
@@ -159,12 +190,23 @@ class Dispatcher:
                 if not stopping and free > 0:
                     if wake is not None:
                         wake.clear()  # before the claim: a later NOTIFY wakes the wait below
+                    claim_started = time.time_ns()
                     rows = await self._claim(min(free, self.batch))
                     need_claim = False
                     summary.claimed += len(rows)
+                    metrics.observe_claim(rows)
                     results = await self._results_for(rows)
+                    parents: dict[str, tracing.Context | None] = {}
+                    if rows and traced is not None:
+                        parents = await self._trace_parents(rows, traced, claim_started)
                     for row in rows:
-                        task = asyncio.create_task(self._run_one(row, results))
+                        # A span per ToDo only where it is recorded: an unsampled job (or pass,
+                        # for untraced jobs) costs no span objects at all.
+                        parent = parents.get(str(row["job_id"]))
+                        record = parent is not None or (
+                            traced is not None and traced.span.is_recording()
+                        )
+                        task = asyncio.create_task(self._run_one(row, results, parent, record))
                         running[task] = row
                 if flushing is None and pending:
                     # Completions commit in the background while the next claim runs.
@@ -266,7 +308,57 @@ class Dispatcher:
                 out[job_id] = await session.todo_job_results(job_id)
         return out
 
-    async def _run_one(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
+    async def _trace_parents(
+        self, rows: list[dict[str, Any]], traced: _PassTrace, claim_started: int
+    ) -> dict[str, tracing.Context | None]:
+        """Per traced job, once per pass, a span in the job's own trace linked to the pass.
+
+        Its context parents the job's ToDo spans, so a job's trace shows every pass that
+        touched it, however many processes and minutes apart. The pass asks the database
+        only for jobs it has not seen yet."""
+        new = sorted({str(r["job_id"]) for r in rows} - traced.jobs.keys())
+        if new:
+            async with self.store.service() as session:
+                stored = await session.job_traces(new)
+            for job_id in new:
+                value = stored.get(job_id)
+                span = None if value is None else tracing.start(
+                    "cpa.dispatch.claim",
+                    context=tracing.parent(value),
+                    attributes={"cpa.job_id": job_id, "cpa.dispatcher": self.owner},
+                    links=[traced.span],
+                    start_time=claim_started,
+                )  # fmt: skip
+                traced.jobs[job_id] = None
+                if span is not None:
+                    if span.is_recording():  # asked before end(): an ended span never records
+                        traced.jobs[job_id] = tracing.context_of(span)
+                    span.end()
+        return traced.jobs
+
+    async def _run_one(
+        self,
+        row: dict[str, Any],
+        results: dict[str, dict[str, Any]],
+        parent: tracing.Context | None = None,
+        traced: bool = False,
+    ) -> _Outcome:
+        began = time.perf_counter()
+        if traced:
+            # Few attributes: each costs per span; the job is the parent claim span's.
+            attributes = {"cpa.todo_id": str(row["id"]), "cpa.todo_key": row["key"],
+                          "cpa.attempt": row["attempts"]}  # fmt: skip
+            with tracing.span(f"cpa.todo.run {row['action']}", context=parent,
+                              attributes=attributes) as span:  # fmt: skip
+                outcome = await self._execute(row, results)
+                if outcome.error is not None:
+                    tracing.record_error(span, outcome.error)
+        else:
+            outcome = await self._execute(row, results)
+        metrics.TODO_RUN.labels(row["action"]).observe(time.perf_counter() - began)
+        return outcome
+
+    async def _execute(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
         key = row["key"]
         try:
             params = resolve_refs(row["params"], results.get(str(row["job_id"]), {}), key)
@@ -335,10 +427,22 @@ class Dispatcher:
             ]
             await session.todo_fail(items, backoff_base=self.backoff_base)
             for o in failed:
-                if o.retryable and o.row["attempts"] < o.row["max_attempts"]:
+                again = o.retryable and o.row["attempts"] < o.row["max_attempts"]
+                if again:
                     summary.retried += 1
                 else:
                     summary.failed += 1
+                metrics.observe_finished(o.row["action"], "retry" if again else "failed")
+                log.warning(
+                    "ToDo %r (%s) failed on attempt %s of %s%s: %s",
+                    o.row["key"], o.row["action"], o.row["attempts"], o.row["max_attempts"],
+                    "; it will be retried" if again else "", o.error,
+                    extra={"tenant_id": str(o.row["tenant_id"]), "job_id": str(o.row["job_id"]),
+                           "todo_id": str(o.row["id"]), "action": o.row["action"],
+                           "retry": again},
+                )  # fmt: skip
+        for o in done:
+            metrics.observe_finished(o.row["action"], "done")
         for o in timers:
             assert o.snooze_until is not None
             await session.todo_snooze(o.row["id"], self.owner, o.snooze_until)

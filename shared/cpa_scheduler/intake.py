@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from cpa_scheduler import catalogue, errors, graph, intents, protocol, store
+from cpa_scheduler import catalogue, errors, graph, intents, protocol, store, tracing
 
 NO_PLANNER = (
     "No intent matches this request and no planner is configured; "
@@ -78,6 +78,19 @@ async def submit(
         idempotency_key=idempotency_key,
         priority=priority,
     )
+
+
+async def keep_trace(
+    session: store.Session, job: dict[str, Any], span: tracing.Span | None
+) -> None:
+    """Store the creating span's context with the job, in the creating transaction, so the
+    dispatcher and agents continue this trace. Nothing to do when tracing is off."""
+    if span is None:
+        return
+    span.set_attribute("cpa.job_id", str(job["id"]))
+    value = tracing.traceparent(span)
+    if value is not None:
+        await session.job_trace_set(job["id"], value)
 
 
 JOB_FIELDS = (

@@ -10,13 +10,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
+import sys
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from cpa_scheduler import database, dispatch, planner, settings, store
+from cpa_scheduler import (
+    database,
+    dispatch,
+    errors,
+    logs,
+    metrics,
+    planner,
+    settings,
+    store,
+    tracing,
+)
 
+log = logging.getLogger("cpa.dispatch")
 SAFETY_MARGIN_S = 3.0
 DEFAULT_BUDGET_S = 50.0
 
@@ -55,6 +68,8 @@ _dispatcher: dispatch.Dispatcher | None = None
 def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
     global _loop, _dispatcher
     if _loop is None or _dispatcher is None:
+        logs.setup()
+        tracing.setup("cpa-scheduler-dispatcher")
         config = settings.from_env()
         _loop = asyncio.new_event_loop()
         db = store.Store(database.prepare(config, migrate=config.local))
@@ -77,9 +92,32 @@ def handler(event: dict[str, Any], context: LambdaContext | None = None) -> dict
         return {"statusCode": 401, "headers": {"content-type": "application/problem+json"},
                 "body": json.dumps(body)}  # fmt: skip
     loop, dispatcher = _get_dispatcher()
-    summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+    try:
+        summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+    except errors.CpaError as exc:
+        log.error("The dispatch pass failed: %s", exc.message, extra={"code": exc.code})
+        raise
+    finally:
+        tracing.flush()  # a frozen Lambda would otherwise hold the spans until the next event
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        _emf(summary)
     summary["source"] = invocation.source
     if invocation.source == "http":
         return {"statusCode": 200, "headers": {"content-type": "application/json"},
                 "body": json.dumps(summary)}  # fmt: skip
     return summary
+
+
+def _emf(summary: dict[str, Any]) -> None:
+    """The pass's counts as CloudWatch metrics: a process that lives for a few invocations
+    cannot be scraped, so its counters go out as an Embedded Metric Format log line."""
+    values = {
+        "TodosClaimed": float(summary["claimed"]),
+        "TodosDone": float(summary["done"]),
+        "TodosFailed": float(summary["failed"]),
+        "TodosRetried": float(summary["retried"]),
+        "PassSeconds": float(summary["elapsed"]),
+    }
+    line = metrics.emf_line("CpaScheduler", values, {"Function": "dispatcher"})
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

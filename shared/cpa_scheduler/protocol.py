@@ -188,6 +188,11 @@ class AssignPayload(_Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
     attempt: int = 1
     lease_expires_at: AwareDatetime | None = None
+    traceparent: str | None = Field(
+        default=None,
+        max_length=55,
+        description="W3C trace context of the job; send it as the traceparent header of the answer.",
+    )
 
 
 # --- messages -------------------------------------------------------------------------------

@@ -165,6 +165,24 @@ class Session:
         assert row is not None
         return row
 
+    async def job_trace_set(self, job_id: uuid.UUID | str, traceparent: str) -> bool:
+        """Keep the W3C trace context of the request that created the job (first one wins)."""
+        params = {"job_id": str(job_id), "traceparent": traceparent}
+        return bool(await self._scalar("job_trace_set", params))
+
+    async def job_traces(self, job_ids: Sequence[uuid.UUID | str]) -> dict[str, str]:
+        """``{job_id: traceparent}`` of those jobs that were created with tracing on."""
+        rows = await self._all("job_traces", {"ids": [str(j) for j in job_ids]})
+        return {str(r["id"]): str(r["traceparent"]) for r in rows}
+
+    # metrics ------------------------------------------------------------------------------
+
+    async def metrics_snapshot(self) -> list[Row]:
+        return await self._all("metrics_snapshot")
+
+    async def metrics_top_tenants(self, limit: int) -> list[Row]:
+        return await self._all("metrics_top_tenants", {"limit": limit})
+
     # todos --------------------------------------------------------------------------------
 
     async def todo_get(self, todo_id: uuid.UUID | str) -> Row:

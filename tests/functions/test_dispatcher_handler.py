@@ -115,3 +115,11 @@ async def test_real_handler_end_to_end(
     assert summary["done"] == 2 and summary["claimed"] == 2
     async with db.user(m.claims) as s:
         assert (await s.job_get(job["id"]))["status"] == "done"
+
+
+def test_a_lambda_pass_leaves_an_emf_line(capsys: pytest.CaptureFixture[str]) -> None:
+    fn._emf({"claimed": 4, "done": 3, "failed": 1, "retried": 0, "timers": 0, "elapsed": 0.25})
+    line = json.loads(capsys.readouterr().out)
+    assert line["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "CpaScheduler"
+    assert (line["TodosDone"], line["TodosFailed"], line["PassSeconds"]) == (3.0, 1.0, 0.25)
+    assert line["Function"] == "dispatcher"

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from cpa_scheduler.api import jobs, messages, problems
+from cpa_scheduler import tracing
+from cpa_scheduler.api import jobs, messages, observe, problems
 from cpa_scheduler.api.deps import AppState
 
 app = FastAPI(
@@ -18,6 +19,11 @@ app = FastAPI(
 problems.install(app)
 app.include_router(jobs.router)
 app.include_router(messages.router)
+app.include_router(observe.router)
+app.add_middleware(observe.RequestMetrics)
+# Only an OTEL_* endpoint imports OpenTelemetry; without one the cold import stays as it was.
+if tracing.setup("cpa-scheduler-api"):
+    tracing.instrument_app(app)
 
 
 @app.get("/healthz", tags=["health"])

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from cpa_scheduler import auth, errors, store
+from cpa_scheduler import auth, errors, logs, store
 from cpa_scheduler.api import state as state_mod
 
 
@@ -68,12 +68,14 @@ async def get_caller(
             raise errors.NotFoundError(
                 f"The tenant {tenant} does not exist or you are not a member."
             )
+        logs.annotate(tenant_id=tenant)
         return Caller(claims, tenant)
     if not tenants:
         raise errors.NotFoundError(
             "You are not a member of any tenant; ask an owner to add you (local mode: "
             "cpa-scheduler token --tenant NAME --user NAME)."
         )
+    logs.annotate(tenant_id=tenants[0])
     return Caller(claims, tenants[0])
 
 

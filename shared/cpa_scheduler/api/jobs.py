@@ -15,7 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cpa_scheduler import errors, intake, protocol
+from cpa_scheduler import errors, intake, protocol, tracing
 from cpa_scheduler import events as events_mod
 from cpa_scheduler.api import problems
 from cpa_scheduler.api.deps import AppState, CurrentCaller, UserSession, VerifiedClaims
@@ -97,11 +97,15 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict[str, Any]:
     configured = bool(app.config.openai_api_key or app.config.openai_base_url)
-    job = await intake.submit(
-        session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
-        idempotency_key=idempotency_key, priority=body.priority, planner_configured=configured,
-        force_planner=body.plan,
-    )  # fmt: skip
+    with tracing.span(
+        "cpa.job.create", attributes={"cpa.tenant_id": str(caller.tenant_id)}
+    ) as span:
+        job = await intake.submit(
+            session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
+            idempotency_key=idempotency_key, priority=body.priority, planner_configured=configured,
+            force_planner=body.plan,
+        )  # fmt: skip
+        await intake.keep_trace(session, job, span)
     # Counted last: the tenant's counter row stays locked only until this transaction commits,
     # and a refusal rolls the job back with it.
     await app.limiter.hit(str(caller.tenant_id), session)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cpa_scheduler import agent, catalogue, errors, intake, intents, protocol, store
+from cpa_scheduler import agent, catalogue, errors, intake, intents, protocol, store, tracing
 from cpa_scheduler.api import problems
 from cpa_scheduler.api import state as state_mod
 from cpa_scheduler.api.deps import AppState, Caller, CurrentCaller, UserSession
@@ -41,13 +41,23 @@ async def claim(
 @router.post("/v1/messages")
 async def message(
     raw: Annotated[dict[str, Any], Body(description="Any protocol message.")],
+    request: Request,
     app: AppState,
     caller: CurrentCaller,
     session: UserSession,
 ) -> dict[str, Any]:
     """Any protocol message in; a protocol message out."""
     msg = protocol.parse(raw)
-    return protocol.dump(await answer(msg, app, caller, session))
+    # A traceparent header already parents this request's span; without one, the message's
+    # own trace_id names the trace (an agent answering an assign echoes the job's).
+    parent = None
+    if "traceparent" not in request.headers:
+        parent = tracing.parent_from_trace_id(msg.trace_id, msg.id)
+    if parent is None:
+        return protocol.dump(await answer(msg, app, caller, session))
+    with tracing.span(f"cpa.message {msg.type}", context=parent,
+                      attributes={"cpa.message_id": msg.id}):  # fmt: skip
+        return protocol.dump(await answer(msg, app, caller, session))
 
 
 async def answer(
@@ -112,8 +122,12 @@ def _todo_of(msg: protocol.Message) -> str | None:
 async def _submit(msg: protocol.Message, app: state_mod.State, session: store.Session, caller: Caller, text: str | None,
                   graph: protocol.GraphSpec | None, key: str | None, configured: bool) -> protocol.Message:  # fmt: skip
     try:
-        job = await intake.submit(session, tenant_id=caller.tenant_id, text=text, spec=graph,
-                                  idempotency_key=key, planner_configured=configured)  # fmt: skip
+        with tracing.span(
+            "cpa.job.create", attributes={"cpa.tenant_id": str(caller.tenant_id)}
+        ) as span:
+            job = await intake.submit(session, tenant_id=caller.tenant_id, text=text, spec=graph,
+                                      idempotency_key=key, planner_configured=configured)  # fmt: skip
+            await intake.keep_trace(session, job, span)
         await app.limiter.hit(str(caller.tenant_id), session)
     except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:
         return protocol.reply_to(msg, "refuse", {"code": exc.code, "reason": exc.message})

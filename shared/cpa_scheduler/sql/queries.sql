@@ -129,3 +129,53 @@ select public.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s
 
 -- name: job_route
 select public.job_route_v1(%(job_id)s, %(agent_key)s) as n;
+
+-- name: job_trace_set
+select cpa.job_trace_v1(%(job_id)s, %(traceparent)s) as ok;
+
+-- name: job_traces
+-- The stored trace context of these jobs (only traced ones), for dispatcher and agent spans.
+select id, traceparent from public.jobs
+ where id = any(%(ids)s::uuid[]) and traceparent is not null;
+
+-- name: metrics_snapshot
+-- Gauges computed when /metrics is scraped, so they hold for serverless dispatchers too.
+-- A ToDo counts as ready once it is claimable (status ready and its run_after has passed);
+-- it has been waiting since the later of run_after and its last status change.
+with ready as (
+  select t.target, count(*) as n,
+         coalesce(extract(epoch from now() - min(greatest(t.run_after, t.updated_at))), 0) as age
+    from public.todos t
+   where t.status = 'ready' and t.run_after <= now()
+   group by t.target
+), running as (
+  select t.target, count(*) as n,
+         count(*) filter (where t.lease_expires_at < now()) as expired
+    from public.todos t
+   where t.status = 'running'
+   group by t.target
+), targets(target) as (values ('cloud'), ('desktop'))
+select 'todo' as kind, g.target as label,
+       coalesce(r.n, 0)::double precision as ready,
+       coalesce(r.age, 0)::double precision as oldest_ready_age,
+       coalesce(u.n, 0)::double precision as running,
+       coalesce(u.expired, 0)::double precision as lease_expired,
+       (select count(*) from public.todos w
+         where w.status = 'confirming' and w.target = g.target)::double precision as confirming
+  from targets g
+  left join ready r on r.target = g.target
+  left join running u on u.target = g.target
+union all
+select 'job', s.status, count(j.id)::double precision, 0, 0, 0, 0
+  from (values ('pending'), ('running'), ('done'), ('failed'), ('cancelled')) as s(status)
+  left join public.jobs j on j.status = s.status
+ group by s.status;
+
+-- name: metrics_top_tenants
+-- Opt-in (CPA_METRICS_TOP_TENANTS): ready ToDos of the N tenants with the most of them.
+select t.tenant_id, t.target, count(*)::double precision as ready
+  from public.todos t
+ where t.status = 'ready' and t.run_after <= now()
+ group by t.tenant_id, t.target
+ order by count(*) desc
+ limit %(limit)s;

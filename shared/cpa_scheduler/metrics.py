@@ -1,0 +1,225 @@
+"""Prometheus metrics: process counters and histograms, plus gauges read from the database.
+
+Process metrics (requests, ToDo run time, finished ToDos, claims, lease expiries, retries) live
+in :data:`REGISTRY` and count what this process did. Queue gauges are computed from the
+database each time ``/metrics`` is scraped (:func:`render`), so they are true however many
+processes or Lambda invocations do the work. No metric has a tenant label by default;
+``CPA_METRICS_TOP_TENANTS=N`` adds ``cpa_tenant_todos_ready`` for the N busiest tenants only.
+
+On Lambda a process lives for a few invocations, so its counters go out as CloudWatch Embedded
+Metric Format lines instead (:func:`emf_line`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created twin per counter
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_RUN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+HTTP_REQUESTS = Counter(
+    "cpa_http_requests",
+    "HTTP requests answered, by route template, method and status.",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
+HTTP_DURATION = Histogram(
+    "cpa_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template and method.",
+    ["method", "route"],
+    registry=REGISTRY,
+)
+TODO_RUN = Histogram(
+    "cpa_todo_run_seconds",
+    "Time a cloud ToDo's executor ran, by action.",
+    ["action"],
+    buckets=_RUN_BUCKETS,
+    registry=REGISTRY,
+)
+TODOS_FINISHED = Counter(
+    "cpa_todos_finished",
+    "Cloud ToDos this process finished: done, failed (terminal) or retry (will run again).",
+    ["action", "status"],
+    registry=REGISTRY,
+)
+CLAIMED = Histogram(
+    "cpa_dispatch_claimed_per_pass",
+    "ToDos one dispatch pass claimed.",
+    buckets=(0, 1, 5, 10, 50, 100, 500, 1000, 5000),
+    registry=REGISTRY,
+)
+PASSES = Counter(
+    "cpa_dispatch_passes",
+    "Dispatch passes, by outcome (ok or error).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+LAST_PASS = Gauge(
+    "cpa_dispatch_last_success_timestamp_seconds",
+    "Unix time the last dispatch pass of this process ended without error.",
+    registry=REGISTRY,
+)
+LEASE_EXPIRIES = Counter(
+    "cpa_lease_expiries",
+    "ToDos this process claimed again after an earlier attempt's lease had expired.",
+    ["target"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "cpa_todo_retries",
+    "Failed attempts of cloud ToDos that will be retried, by action.",
+    ["action"],
+    registry=REGISTRY,
+)
+
+DATABASE_UP = Gauge(
+    "cpa_metrics_database_up",
+    "1 when the last scrape could read the database gauges, else 0.",
+    registry=REGISTRY,
+)
+
+LEASE_EXPIRED_PREFIX = "The lease expired during attempt"
+
+
+def observe_claim(rows: Iterable[Mapping[str, Any]], target: str = "cloud") -> None:
+    """Count the claimed rows that were requeued because a lease expired."""
+    for row in rows:
+        error = row.get("error")
+        if isinstance(error, str) and error.startswith(LEASE_EXPIRED_PREFIX):
+            LEASE_EXPIRIES.labels(target).inc()
+
+
+def observe_pass(claimed: int, *, ok: bool) -> None:
+    CLAIMED.observe(claimed)
+    PASSES.labels("ok" if ok else "error").inc()
+    if ok:
+        LAST_PASS.set(time.time())
+
+
+def observe_finished(action: str, status: str) -> None:
+    TODOS_FINISHED.labels(action, status).inc()
+    if status == "retry":
+        RETRIES.labels(action).inc()
+
+
+# --- gauges from the database ----------------------------------------------------------------
+
+
+class _Snapshot(Collector):
+    """Yields the families of one database snapshot (a fresh instance per scrape)."""
+
+    def __init__(self, rows: list[dict[str, Any]], tenants: list[dict[str, Any]] | None) -> None:
+        self.rows = rows
+        self.tenants = tenants
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "cpa_todos_ready", "ToDos that may start now and wait for a worker.", labels=["target"]
+        )
+        age = GaugeMetricFamily(
+            "cpa_oldest_ready_age_seconds",
+            "How long the oldest ready ToDo has waited (0 when none is ready).",
+            labels=["target"],
+        )
+        running = GaugeMetricFamily(
+            "cpa_todos_running", "ToDos leased to a worker or agent.", labels=["target"]
+        )
+        expired = GaugeMetricFamily(
+            "cpa_todos_lease_expired",
+            "Running ToDos whose lease has expired and that the next claim will requeue.",
+            labels=["target"],
+        )
+        confirming = GaugeMetricFamily(
+            "cpa_todos_confirming", "ToDos waiting for the user's approval.", labels=["target"]
+        )
+        waiting = GaugeMetricFamily(
+            "cpa_todos_waiting_for_agent", "Desktop ToDos ready and not yet claimed by an agent."
+        )
+        jobs = GaugeMetricFamily("cpa_jobs", "Jobs by status.", labels=["status"])
+        for row in self.rows:
+            if row["kind"] == "todo":
+                target = str(row["label"])
+                ready.add_metric([target], row["ready"])
+                age.add_metric([target], row["oldest_ready_age"])
+                running.add_metric([target], row["running"])
+                expired.add_metric([target], row["lease_expired"])
+                confirming.add_metric([target], row["confirming"])
+                if target == "desktop":
+                    waiting.add_metric([], row["ready"])
+            else:
+                jobs.add_metric([str(row["label"])], row["ready"])
+        yield from (ready, age, running, expired, confirming, waiting, jobs)
+        if self.tenants is not None:
+            top = GaugeMetricFamily(
+                "cpa_tenant_todos_ready",
+                "Ready ToDos of the busiest tenants (opt-in: CPA_METRICS_TOP_TENANTS).",
+                labels=["tenant_id", "target"],
+            )
+            for t in self.tenants:
+                top.add_metric([str(t["tenant_id"]), str(t["target"])], t["ready"])
+            yield top
+
+
+def top_tenants() -> int:
+    """How many tenants get their own series (0: none), from CPA_METRICS_TOP_TENANTS."""
+    raw = os.environ.get("CPA_METRICS_TOP_TENANTS", "").strip()
+    return int(raw) if raw.isdigit() else 0
+
+
+def render(
+    snapshot: list[dict[str, Any]] | None, tenants: list[dict[str, Any]] | None = None
+) -> bytes:
+    """The exposition text: this process's metrics, then the database gauges (if read)."""
+    text = generate_latest(REGISTRY)
+    if snapshot is not None:
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(_Snapshot(snapshot, tenants))
+        text += generate_latest(scrape)
+    return text
+
+
+# --- CloudWatch Embedded Metric Format ---------------------------------------------------------
+
+
+def emf_line(namespace: str, values: Mapping[str, float], dimensions: Mapping[str, str]) -> str:
+    """One EMF log line: CloudWatch turns it into metrics, no API call from the function."""
+    return json.dumps(
+        {
+            "_aws": {
+                "Timestamp": int(time.time() * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": namespace,
+                        "Dimensions": [list(dimensions)],
+                        "Metrics": [
+                            {
+                                "Name": name,
+                                "Unit": "Seconds" if name.endswith("Seconds") else "Count",
+                            }
+                            for name in values
+                        ],
+                    }
+                ],
+            },
+            **dimensions,
+            **values,
+        }
+    )
