@@ -11,6 +11,7 @@ completes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -110,6 +111,29 @@ def resolve_refs(params: Any, results: Mapping[str, Any], key: str) -> Any:
 
 
 @dataclass
+class _Slots:
+    """A pass's concurrency, shared by its lanes: ToDos running or waiting for their flush."""
+
+    total: int
+    held: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def free(self) -> int:
+        return self.total - self.held
+
+    def release(self, count: int) -> None:
+        self.held -= count
+        if count > 0:
+            self.freed.set()
+
+    async def wait_freed(self, seconds: float | None) -> None:
+        """Until another lane frees a slot (or ``seconds`` pass)."""
+        self.freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.freed.wait(), seconds)
+
+
+@dataclass
 class Dispatcher:
     """Runs dispatch passes against a store with a registry of cloud executors."""
 
@@ -133,16 +157,17 @@ class Dispatcher:
 
         ``wake`` (set by LISTEN/NOTIFY in long-running mode) makes a pass that is waiting on
         running ToDos claim again at once, so new work does not wait for a completion.
-        The pass runs ``lanes`` claim loops side by side (each with its share of the
-        concurrency): one loop leaves the database idle while it waits on its own round trips.
+        The pass runs ``lanes`` claim loops side by side, sharing the concurrency: one loop
+        leaves the database idle while it waits on its own round trips, and a lane claims
+        whatever the others leave free, so a claim can fill its batch.
         """
         started = time.monotonic()
-        share = max(1, self.concurrency // self.lanes)
+        slots = _Slots(self.concurrency)
         with tracing.span("cpa.dispatch.pass", attributes={"cpa.dispatcher": self.owner}) as span:
             traced = None if span is None else _PassTrace(span)
             try:
                 parts = await asyncio.gather(
-                    *(self._lane(budget, share, stop, wake, traced) for _ in range(self.lanes))
+                    *(self._lane(budget, slots, stop, wake, traced) for _ in range(self.lanes))
                 )
             except errors.CpaError:
                 metrics.observe_pass(0, ok=False)
@@ -170,7 +195,7 @@ class Dispatcher:
     async def _lane(
         self,
         budget: float,
-        concurrency: int,
+        slots: _Slots,
         stop: asyncio.Event | None,
         wake: asyncio.Event | None,
         traced: _PassTrace | None = None,
@@ -186,12 +211,17 @@ class Dispatcher:
         try:
             while True:
                 stopping = (stop is not None and stop.is_set()) or time.monotonic() >= deadline
-                free = concurrency - len(running) - len(pending)
-                if not stopping and free > 0:
+                if not stopping and slots.free() > 0:
                     if wake is not None:
                         wake.clear()  # before the claim: a later NOTIFY wakes the wait below
                     claim_started = time.time_ns()
-                    rows = await self._claim(min(free, self.batch))
+                    want = min(slots.free(), self.batch)
+                    slots.held += want  # reserved before the await: the other lanes claim too
+                    rows: list[dict[str, Any]] = []
+                    try:
+                        rows = await self._claim(want)
+                    finally:
+                        slots.release(want - len(rows))
                     need_claim = False
                     summary.claimed += len(rows)
                     metrics.observe_claim(rows)
@@ -211,17 +241,20 @@ class Dispatcher:
                 if flushing is None and pending:
                     # Completions commit in the background while the next claim runs.
                     flushing = asyncio.create_task(self._flush(pending, summary))
+                    slots.release(len(pending))
                     pending = []
                 if not running and not pending and flushing is None:
                     if stopping or not need_claim:
                         break
+                    if slots.free() <= 0:  # the other lanes hold every slot
+                        await slots.wait_freed(max(0.0, deadline - time.monotonic()))
                     continue
                 timeout = max(0.0, deadline - time.monotonic()) if not stopping else None
                 waiters: set[asyncio.Future[Any]] = set(running)
                 if flushing is not None:
                     waiters.add(flushing)
                 woken: asyncio.Task[bool] | None = None
-                if wake is not None and not stopping and len(running) < concurrency:
+                if wake is not None and not stopping and slots.free() > 0:
                     woken = asyncio.create_task(wake.wait())
                     waiters.add(woken)
                 done, _ = await asyncio.wait(
@@ -246,6 +279,7 @@ class Dispatcher:
                     await self._release(list(running.values()))
                     for task in running:
                         task.cancel()
+                    slots.release(len(running) + len(pending))
                     running.clear()
                     if pending:
                         await self._flush(pending, summary)
