@@ -40,11 +40,16 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    routed = intents.default().route(args.text)
+    from datetime import UTC, datetime
+
+    from cpa_scheduler import intake, times
+
+    tz = times.zone(args.time_zone)
+    routed = intents.default().route(args.text, resolve_time=intake.resolver(tz, datetime.now(UTC)))
     out: dict[str, object] = {"intent": routed.intent, "groups": routed.groups}
     if routed.graph is not None:
         built = catalogue.default().build(routed.graph)
-        out["plan"] = routed.graph.model_dump(exclude_none=True)["todos"]
+        out["plan"] = routed.graph.model_dump(mode="json", exclude_none=True)["todos"]
         out["batches"] = built.batches()
     else:
         out["plan"] = None
@@ -325,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply the migrations").set_defaults(run=_migrate)
     r = sub.add_parser("route", help="show which intent and plan a text maps to")
     r.add_argument("text")
+    r.add_argument("--time-zone", default="UTC", help="IANA zone times in TEXT are read in")
     r.set_defaults(run=_route)
     d = sub.add_parser(
         "dispatch", help="run the dispatcher (long-running, or one pass with --once)"

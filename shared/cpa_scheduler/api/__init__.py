@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from cpa_scheduler.api import jobs, messages, problems
+from cpa_scheduler.api import jobs, messages, problems, schedules
 from cpa_scheduler.api.deps import AppState
 
 app = FastAPI(
@@ -18,6 +18,7 @@ app = FastAPI(
 problems.install(app)
 app.include_router(jobs.router)
 app.include_router(messages.router)
+app.include_router(schedules.router)
 
 
 @app.get("/healthz", tags=["health"])
