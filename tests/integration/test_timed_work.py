@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from cpa_scheduler import dispatch, errors, intake, schedules, store
+from cpa_scheduler import dispatch, errors, intake, schedules, store, times
 
 from tests.conftest import JobFactory, Member, MemberFactory
 
@@ -138,11 +138,11 @@ async def test_a_schedule_fires_exactly_once_under_three_concurrent_passes(
     stores = [store.Store(db_url, max_size=2) for _ in range(3)]
     try:
         fired = await asyncio.gather(
-            *(schedules.fire_due(s, now=occurrence + timedelta(seconds=1)) for s in stores)
+            *(schedules.fire_due(one, now=occurrence + timedelta(seconds=1)) for one in stores)
         )
     finally:
-        for s in stores:
-            await s.close()
+        for one in stores:
+            await one.close()
     assert sum(fired) == 1
     (job,) = await _jobs_of(db, sched["id"])
     assert job["scheduled_for"] == occurrence and job["intent"] == "check_email"
@@ -225,7 +225,7 @@ async def test_a_recurring_request_creates_a_schedule(
         (row,) = await s.schedule_list(m.tenant_id)
     assert job["intent"] == "schedule"
     assert row["cron"] == "0 8 * * 1" and row["request"] == "erinnere mich an den Müll"
-    first = row["next_run_at"].astimezone(schedules.times.zone("Europe/Berlin"))
+    first = row["next_run_at"].astimezone(times.zone("Europe/Berlin"))
     assert (first.weekday(), first.hour, first.minute) == (0, 8, 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from cpa_scheduler import errors, intents, times
@@ -58,7 +59,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("text", "now", "tz", "expected"), CASES)
-def test_expressions(text: str, now: datetime, tz: times.ZoneInfo, expected: str) -> None:
+def test_expressions(text: str, now: datetime, tz: ZoneInfo, expected: str) -> None:
     assert times.resolve(text, tz=tz, now=now).isoformat() == expected
 
 
