@@ -255,3 +255,33 @@ async def test_desktop_todo_without_agent_is_announced_and_times_out(
         failed = await s.job_get(job["id"])
     assert failed["status"] == "failed"
     assert "No agent offering desktop.open_app" in failed["error"]
+
+
+async def test_long_running_mode_wakes_when_a_timer_comes_due(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    base = datetime.now(UTC) + timedelta(seconds=0.5)
+    jobs = [
+        await job_factory(
+            m, [{"key": "t", "action": "noop"}], run_at=base + timedelta(seconds=i / 4)
+        )
+        for i in range(5)
+    ]
+    stop = asyncio.Event()
+    # A long sweep interval: only the alarm can start these on time.
+    dispatcher = dispatch.Dispatcher(db, alarm_interval=5.0)
+    worker = asyncio.create_task(dispatcher.run_forever(db_url, stop=stop, sweep_interval=30.0))
+    try:
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            async with db.user(m.claims) as s:
+                rows = [(await s.job_todos(j["id"]))[0] for j in jobs]
+            if all(r["status"] == "done" for r in rows):
+                break
+    finally:
+        stop.set()
+        await worker
+    lateness = [(r["started_at"] - r["run_at"]).total_seconds() for r in rows]
+    assert all(r["status"] == "done" for r in rows)
+    assert max(lateness) < 1.0, lateness
