@@ -47,6 +47,9 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
+_CLOCK_TEXT = re.compile(r"\b(\d{1,2}):(\d{2})\b(?!\s*[ap]\.?m)", re.I)
+
+
 def zone(name: str | None) -> ZoneInfo:
     """The IANA zone ``name`` (``UTC`` when empty), or a 422 that names it."""
     key = (name or "UTC").strip()
@@ -95,7 +98,14 @@ def resolve(text: str, *, tz: ZoneInfo, now: datetime | None = None) -> datetime
         "RETURN_AS_TIMEZONE_AWARE": False,
         "STRICT_PARSING": False,
     }
-    parsed = dateparser.parse(_prepare(raw, now.year), languages=LANGUAGES, settings=settings)
+    prepared = _prepare(raw, now.year)
+    parsed = dateparser.parse(prepared, languages=LANGUAGES, settings=settings)
+    clock_named = _CLOCK_TEXT.search(prepared)
+    if parsed is not None and clock_named and not relative:
+        # dateparser drops a part it cannot read ("morgen 25:00" is just "morgen"): a named
+        # time of day must be the one it returns.
+        if (parsed.hour, parsed.minute) != (int(clock_named[1]), int(clock_named[2])):
+            parsed = None
     if parsed is None:
         raise errors.InvalidError(
             f"The time {text!r} cannot be read; say it like 'in 10 Minuten', 'morgen um 9', "
