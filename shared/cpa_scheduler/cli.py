@@ -246,6 +246,9 @@ def _submit(args: argparse.Namespace) -> int:
     async def run() -> str:
         async with _client() as c:
             job = await c.submit(args.text, time_zone=args.time_zone, run_at=args.run_at)
+            if args.detach:
+                print(job["id"])
+                return "done"
             print(f"job {job['id']} ({job['intent']})", file=sys.stderr)
             for todo in job["todos"]:
                 if todo.get("run_at"):
@@ -416,6 +419,8 @@ def parser() -> argparse.ArgumentParser:
                     help="IANA zone times in TEXT are read in (TZ or the system zone)")  # fmt: skip
     sb.add_argument("--run-at", default=None,
                     help="earliest start, RFC 3339 with offset, e.g. 2026-12-01T08:00:00+01:00")  # fmt: skip
+    sb.add_argument("--detach", action="store_true",
+                    help="print only the job id and return at once (follow later with watch)")  # fmt: skip
     sb.set_defaults(run=_submit)
     wt = cmd("watch", "Follow a job's progress until it ends.")
     wt.add_argument("job", help="the job id")

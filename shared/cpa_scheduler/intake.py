@@ -9,6 +9,9 @@ from zoneinfo import ZoneInfo
 
 from cpa_scheduler import catalogue, errors, graph, intents, protocol, store, times
 
+# An agent seen this recently counts as online for optional desktop ToDos (agents poll every
+# few seconds while they run).
+ONLINE = 60.0
 NO_PLANNER = (
     "No intent matches this request and no planner is configured; "
     "set OPENAI_API_KEY or OPENAI_BASE_URL, or submit an explicit graph."
@@ -77,7 +80,7 @@ async def _unoffered(
 ) -> set[str]:
     drop = set()
     for t in g:
-        if t.key in keys and not await session.agent_offering(tenant_id, t.action):
+        if t.key in keys and not await session.agent_offering(tenant_id, t.action, ONLINE):
             drop.add(t.key)
     return drop
 
@@ -133,11 +136,13 @@ async def submit(
         text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner,
         resolve_time=resolver(tz, now),
     )  # fmt: skip
+    rows = todo_rows(g)
     if optional:
         g = without(g, await _unoffered(session, tenant_id, g, optional))
+        rows = [r | {"optional": True} if r["key"] in optional else r for r in todo_rows(g)]
     return await session.job_create(
         tenant_id=tenant_id,
-        todos=todo_rows(g),
+        todos=rows,
         request=text,
         intent=intent,
         idempotency_key=idempotency_key,

@@ -17,10 +17,12 @@ comment on column public.jobs.time_zone is 'The IANA zone times in the request w
 alter table public.todos
   add column run_at timestamptz,
   add column agent_timeout_seconds integer check (agent_timeout_seconds between 1 and 2592000),
-  add column agent_noticed_at timestamptz;
+  add column agent_noticed_at timestamptz,
+  add column optional boolean not null default false;
 comment on column public.todos.run_at is 'Earliest start (null: immediate). run_after never drops below it, so nothing claims the ToDo earlier.';
 comment on column public.todos.agent_timeout_seconds is 'A desktop ToDo fails when no agent has taken it this long after it became ready.';
 comment on column public.todos.agent_noticed_at is 'When the job was told that this desktop ToDo waits for an agent.';
+comment on column public.todos.optional is 'Best effort: at its agent timeout the ToDo is skipped (done, result {"skipped": true}) instead of failing the job.';
 
 -- The next-due lookup of the long-running dispatcher's alarm.
 create index todos_ready_run_after_idx on public.todos (target, run_after) where status = 'ready';
@@ -48,8 +50,8 @@ create trigger todos_hold_until_run_at
 
 -- create, with times ---------------------------------------------------------------------------
 -- As job_create_v1, plus the job's run_at and zone, each ToDo's run_at ("run_at" in an item;
--- the later of the two wins) and agent timeout ("agent_timeout" seconds), and for jobs a
--- schedule materialises, the schedule and occurrence (see the schedules migration).
+-- the later of the two wins), agent timeout ("agent_timeout" seconds) and whether it is
+-- best effort ("optional": skipped instead of failed at its agent timeout).
 create function cpa.job_create_v2(
   p_tenant_id uuid,
   p_request text,
@@ -77,10 +79,12 @@ begin
   returning * into v_job;
   update public.todos t
      set run_at = greatest(p_run_at, (x.item ->> 'run_at')::timestamptz),
-         agent_timeout_seconds = (x.item ->> 'agent_timeout')::integer
+         agent_timeout_seconds = (x.item ->> 'agent_timeout')::integer,
+         optional = coalesce((x.item ->> 'optional')::boolean, false)
     from jsonb_array_elements(p_todos) as x(item)
    where t.job_id = v_job.id and t.key = x.item ->> 'key'
-     and (p_run_at is not null or x.item ? 'run_at' or x.item ? 'agent_timeout');
+     and (p_run_at is not null or x.item ? 'run_at' or x.item ? 'agent_timeout'
+          or x.item ? 'optional');
   return v_job;
 end;
 $$;
@@ -91,7 +95,8 @@ grant execute on function cpa.job_create_v2(uuid, text, text, jsonb, text, integ
 -- desktop ToDos waiting for an agent -----------------------------------------------------------
 -- Called by the dispatcher each pass. Tells the job once when a ready desktop ToDo has no agent
 -- of its tenant offering the action (none seen within p_seen_seconds), and fails ToDos whose
--- agent timeout ran out. Returns the number of ToDos noticed or failed.
+-- agent timeout ran out (optional ones are skipped: completed with {"skipped": true}).
+-- Returns the number of ToDos noticed, failed or skipped.
 create function cpa.desktop_sweep_v1(p_seen_seconds double precision default 120)
 returns integer
 language plpgsql security definer set search_path = ''
@@ -100,6 +105,7 @@ declare
   v_noticed integer;
   v_ids uuid[];
   v_errors text[];
+  v_skipped integer := 0;
 begin
   with waiting as (
     select t.id from public.todos t
@@ -129,17 +135,40 @@ begin
   )
   select count(*)::integer into v_noticed from noted;
 
+  -- Skipping completes the ToDo the usual way (releasing dependents, finishing the job): it is
+  -- leased to the sweep first so todo_complete_v1 accepts it.
+  with expired as (
+    select t.id from public.todos t
+     where t.status = 'ready' and t.target = 'desktop' and t.optional
+       and t.agent_timeout_seconds is not null
+       and t.run_after + make_interval(secs => t.agent_timeout_seconds) < now()
+     order by t.id
+     for no key update skip locked
+  ), leased as (
+    update public.todos t set status = 'running', lease_owner = 'sweep',
+           lease_expires_at = now() + interval '1 minute', started_at = now()
+      from expired e where t.id = e.id
+    returning t.id, t.action, t.agent_timeout_seconds
+  )
+  select coalesce(public.todo_complete_v1(jsonb_agg(jsonb_build_object(
+           'id', l.id, 'owner', 'sweep',
+           'result', jsonb_build_object('skipped', true, 'reason',
+             format('No agent offering %s took it within %s seconds.', l.action, l.agent_timeout_seconds))))), 0)
+    into v_skipped
+    from leased l;
+
   select array_agg(t.id order by t.id),
          array_agg(format('No agent offering %s took the ToDo %L within %s seconds; start an agent that offers %s (cpa-scheduler agent) or raise agent_timeout.',
                           t.action, t.key, t.agent_timeout_seconds, t.action) order by t.id)
     into v_ids, v_errors
     from public.todos t
    where t.status = 'ready' and t.target = 'desktop' and t.agent_timeout_seconds is not null
+     and not t.optional
      and t.run_after + make_interval(secs => t.agent_timeout_seconds) < now();
   if v_ids is not null then
     perform private.todo_fail_terminal_v1(v_ids, v_errors);
   end if;
-  return v_noticed + coalesce(array_length(v_ids, 1), 0);
+  return v_noticed + v_skipped + coalesce(array_length(v_ids, 1), 0);
 end;
 $$;
 comment on function cpa.desktop_sweep_v1 is 'Notice ready desktop ToDos that no online agent offers (an event per ToDo, once) and fail those whose agent timeout ran out.';

@@ -109,6 +109,20 @@ async def test_reminder_also_goes_to_an_agent_that_offers_it(
         timedelta(hours=-5),
         timedelta(hours=-4),
     )
+    assert todos["native"]["optional"] and todos["native"]["agent_timeout_seconds"] == 60
+    # The agent went away: at its timeout the native copy is skipped, the job does not fail.
+    async with db.admin() as s:
+        await s.conn.execute(
+            "update public.todos set run_after = now() - interval '61 seconds' where id = %s",
+            (todos["native"]["id"],),
+        )
+    async with db.service() as s:
+        await s.desktop_sweep()
+    async with db.user(m.claims) as s:
+        after = {t["key"]: t for t in await s.job_todos(job["id"])}
+        assert (await s.job_get(job["id"]))["status"] in ("pending", "running")
+    assert after["native"]["status"] == "done" and after["native"]["result"]["skipped"] is True
+    assert after["remind"]["status"] == "ready"  # still waiting for tomorrow 9am
 
 
 async def _schedule(db: store.Store, m: Member, cron: str, **kw: Any) -> dict[str, Any]:
