@@ -120,6 +120,11 @@ async def submit(
     check_run_at(run_at, now)
     recurring = times.recurring(text) if text and spec is None and not force_planner else None
     if recurring is not None:
+        if idempotency_key:
+            # A repeated key must not add the schedule twice: answer the first job.
+            earlier = await session.job_by_idempotency_key(tenant_id, idempotency_key)
+            if earlier is not None:
+                return earlier
         cron, rest = recurring
         sched = await schedules.create(
             session, tenant_id=tenant_id, cron=cron, time_zone=tz.key, request=rest, spec=None,

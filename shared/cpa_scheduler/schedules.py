@@ -59,6 +59,14 @@ def plan(
                 "schedule's cron says when it runs. Leave the time out of the request.",
                 errors=[{"loc": ["body", "request"], "msg": "time inside a scheduled request"}],
             )
+    timed = [t.key for t in spec.todos if t.run_at is not None] if spec is not None else []
+    if timed:
+        raise errors.InvalidError(
+            f"A scheduled graph cannot give ToDos a run_at ({', '.join(timed)}); each run "
+            "starts at its occurrence. Drop run_at from the graph.",
+            errors=[{"loc": ["body", "graph", "todos", k, "run_at"], "msg": "run_at in a schedule"}
+                    for k in timed],
+        )  # fmt: skip
     intent, g, optional = intake.plan(
         text=request, spec=spec, planner_configured=planner_configured
     )

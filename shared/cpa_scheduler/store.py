@@ -330,6 +330,9 @@ class Session:
 
     # timed work and schedules -------------------------------------------------------------
 
+    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
+        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
+
     async def todo_next_due(self, target: str = "cloud") -> datetime | None:
         """When the next ready ToDo (or schedule occurrence) comes due; None when none waits."""
         due = await self._scalar("todo_next_due", {"target": target})

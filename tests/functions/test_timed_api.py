@@ -108,6 +108,15 @@ async def test_schedule_with_a_graph(
         ({"cron": "61 8 * * *", "request": "Check my email"}, "'61 8 * * *'"),
         ({"cron": "0 8 * * *", "time_zone": "Berlin", "request": "Check my email"}, "'Berlin'"),
         ({"cron": "0 8 * * *", "request": "Remind me in 5 minutes to stretch"}, "in 5 minutes"),
+        (
+            {
+                "cron": "0 8 * * *",
+                "graph": {
+                    "todos": [{"key": "x", "action": "noop", "run_at": "2030-01-01T08:00:00Z"}]
+                },
+            },
+            "x",
+        ),
     ],
 )
 async def test_bad_schedules_are_422(
@@ -129,3 +138,16 @@ async def test_a_recurring_request_answers_with_the_schedule(
     (sched,) = (await client.get("/v1/schedules", headers=bearer(m))).json()["schedules"]
     assert sched["cron"] == "0 7 * * *" and sched["time_zone"] == "America/New_York"
     assert sched["id"] in r.json()["todos"][0]["params"]["message"]
+
+
+async def test_a_repeated_recurring_request_adds_one_schedule(
+    client: httpx.AsyncClient, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    headers = {**bearer(m), "Idempotency-Key": "weekly-bins"}
+    body = {"request": "Jeden Montag um 8 Uhr erinnere mich an den Müll"}
+    first = await client.post("/v1/jobs", headers=headers, json=body)
+    again = await client.post("/v1/jobs", headers=headers, json=body)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    assert len((await client.get("/v1/schedules", headers=bearer(m))).json()["schedules"]) == 1

@@ -180,3 +180,6 @@ select * from public.schedules
 
 -- name: schedule_fire
 select * from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_at)s);
+
+-- name: job_by_idempotency_key
+select * from public.jobs where tenant_id = %(tenant_id)s and idempotency_key = %(key)s;
