@@ -48,6 +48,25 @@ create trigger todos_hold_until_run_at
   for each row when (new.run_at is not null)
   execute function private.todos_hold_until_run_at_v1();
 
+-- A ToDo that starts over (job retry) may be announced again when it waits for an agent.
+create function private.todos_reset_agent_notice_v1()
+returns trigger
+language plpgsql set search_path = ''
+as $$
+begin
+  new.agent_noticed_at := null;
+  return new;
+end;
+$$;
+revoke execute on function private.todos_reset_agent_notice_v1() from public;
+
+create trigger todos_reset_agent_notice
+  before update of status on public.todos
+  for each row
+  when (old.status in ('failed', 'cancelled') and new.status in ('waiting', 'confirming', 'ready')
+        and old.agent_noticed_at is not null)
+  execute function private.todos_reset_agent_notice_v1();
+
 -- create, with times ---------------------------------------------------------------------------
 -- As job_create_v1, plus the job's run_at and zone, each ToDo's run_at ("run_at" in an item;
 -- the later of the two wins), agent timeout ("agent_timeout" seconds) and whether it is

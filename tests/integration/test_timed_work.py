@@ -299,3 +299,19 @@ async def test_long_running_mode_wakes_when_a_timer_comes_due(
     lateness = [(r["started_at"] - r["run_at"]).total_seconds() for r in rows]
     assert all(r["status"] == "done" for r in rows)
     assert max(lateness) < 1.0, lateness
+
+
+async def test_a_retried_desktop_todo_is_announced_again(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "open", "action": "desktop.open_app", "target": "desktop",
+                                 "params": {"app": "Spotify"}}])  # fmt: skip
+    async with db.service() as s:
+        assert await s.desktop_sweep() == 1
+    async with db.user(m.claims) as s:
+        await s.job_cancel(job["id"])
+    async with db.user(m.claims) as s:
+        await s.job_retry(job["id"])
+    async with db.service() as s:
+        assert await s.desktop_sweep() == 1
