@@ -166,3 +166,16 @@ def test_bad_environment_variable_is_named() -> None:
     assert bad.returncode == 1
     assert "CPA_RATE_LIMIT='lots'" in bad.stderr and "rate_limit" not in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_reference_agent_shows_a_reminder_natively(served: dict[str, str], tmp_path: Path) -> None:
+    env = dict(served)
+    token = cli("token", "--tenant", "native", "--user", "me", env=env)
+    env["CPA_TOKEN"] = token.stdout.strip()
+    agent = ["agent", "--once", "--agent-id", "desk", "--sandbox", str(tmp_path)]
+    assert cli(*agent, env=env).returncode == 0  # offers reminder.create: now online
+    job = cli("submit", "--detach", "Erinnere mich in 10 Minuten an den Tee", env=env)
+    assert job.returncode == 0, job.stderr
+    shown = cli(*agent, env=env)
+    assert "agent: reminder at " in shown.stderr and ": den Tee" in shown.stderr, shown.stderr
+    assert cli("cancel", job.stdout.strip(), env=env).returncode == 0
