@@ -11,6 +11,7 @@ completes them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import psycopg
 from cpa_scheduler import errors, executor, graph, store
 
 Session = store.Session
+log = logging.getLogger(__name__)
 
 NO_LLM = (
     "No LLM provider is configured, so {action!r} cannot run; "
@@ -268,6 +270,9 @@ class Dispatcher:
                 await session.desktop_sweep(self.agent_seen_seconds)
         except errors.UnavailableError:
             pass  # the claim that follows reports the outage
+        except errors.CpaError as exc:
+            # Housekeeping must not stop the claims (nor, in long-running mode, the alarm).
+            log.warning("dispatch housekeeping failed: %s", exc.message)
 
     async def _alarm(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
         """Fire due schedules, and set ``wake`` when the next timed ToDo or schedule is due.
