@@ -101,6 +101,12 @@ class Catalogue:
                 )
             self.check_params(item.key, action.name, item.params)
             extra = {} if item.max_attempts is None else {"max_attempts": item.max_attempts}
+            if item.agent_timeout is not None and action.target != "desktop":
+                raise errors.ActionError(
+                    f"The ToDo {item.key!r} sets agent_timeout, but {action.name!r} runs in the "
+                    "cloud, not on an agent; drop agent_timeout.",
+                    errors=[{"loc": ["todos", item.key, "agent_timeout"], "msg": "cloud action"}],
+                )
             todos.append(
                 graph.ToDo(
                     key=item.key,
@@ -110,6 +116,8 @@ class Catalogue:
                     depends_on=tuple(item.depends_on),
                     requires_confirmation=action.requires_confirmation
                     or bool(item.requires_confirmation),
+                    run_at=item.run_at,
+                    agent_timeout=item.agent_timeout,
                     **extra,
                 )
             )

@@ -2,7 +2,8 @@
 
 ``serve`` runs the API and the long-running dispatcher in one process (embedded PostgreSQL
 unless DATABASE_URL is set); ``token``, ``submit``, ``watch`` and ``agent`` are clients of it
-(CPA_API_URL, CPA_TOKEN); ``dispatch``, ``migrate`` and ``route`` work on their own.
+(CPA_API_URL, CPA_TOKEN), as are ``list``, ``cancel``, ``retry`` and ``schedule``;
+``dispatch``, ``migrate`` and ``route`` work on their own.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    routed = intents.default().route(args.text)
+    from datetime import UTC, datetime
+
+    from cpa_scheduler import intake, times
+
+    tz = times.zone(args.time_zone)
+    routed = intents.default().route(args.text, resolve_time=intake.resolver(tz, datetime.now(UTC)))
     out: dict[str, object] = {"intent": routed.intent, "groups": routed.groups}
     if routed.graph is not None:
         built = catalogue.default().build(routed.graph)
-        out["plan"] = routed.graph.model_dump(exclude_none=True)["todos"]
+        out["plan"] = routed.graph.model_dump(mode="json", exclude_none=True)["todos"]
         out["batches"] = built.batches()
     else:
         out["plan"] = None
@@ -110,7 +116,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 NAMESPACE = uuid.UUID("5f1c1e9e-6b1e-4c1a-9a55-3c0a7c3d7e00")
-DESKTOP_ACTIONS = ["desktop.open_app", "file.write", "file.read", "notes.create"]
+DESKTOP_ACTIONS = ["desktop.open_app", "file.write", "file.read", "notes.create", "reminder.create"]
 
 
 def _ident(value: str, kind: str) -> uuid.UUID:
@@ -256,6 +262,9 @@ async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
                 todos[event["todo_id"]]["status"] = event["status"]
             elif event["kind"] == "job.status":
                 status = event["status"]
+            elif event["kind"] == "todo.waiting_for_agent":
+                console.print(f"[yellow]{event['data'].get('key', '')}: "
+                              f"{event['data'].get('message', 'waiting for an agent')}[/]")  # fmt: skip
             elif event["kind"] == "notification":
                 console.print(
                     f"[bold]{event['data'].get('title', '')}[/]: {event['data'].get('message', '')}"
@@ -269,14 +278,92 @@ async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
     return str(final["status"])
 
 
+def _local_zone() -> str:
+    """The machine's IANA zone: TZ, else the /etc/localtime link, else UTC."""
+    tz = os.environ.get("TZ", "").lstrip(":").strip()
+    if tz:
+        return tz
+    try:
+        link = os.readlink("/etc/localtime")
+    except OSError:
+        return "UTC"
+    return link.split("zoneinfo/", 1)[1] if "zoneinfo/" in link else "UTC"
+
+
 def _submit(args: argparse.Namespace) -> int:
     async def run() -> str:
         async with _client() as c:
-            job = await c.submit(args.text)
+            job = await c.submit(args.text, time_zone=args.time_zone, run_at=args.run_at)
+            if args.detach:
+                print(job["id"])
+                return "done"
             print(f"job {job['id']} ({job['intent']})", file=sys.stderr)
+            for todo in job["todos"]:
+                if todo.get("run_at"):
+                    print(f"{todo['key']}: runs at {todo['run_at']}", file=sys.stderr)
             return await _follow(c, job)
 
     return 0 if asyncio.run(run()) == "done" else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def run() -> list[dict[str, Any]]:
+        async with _client() as c:
+            page = await c.jobs(status=args.status, limit=args.limit)
+            return list(page["jobs"])
+
+    jobs = asyncio.run(run())
+    if args.json:
+        print(json.dumps(jobs, ensure_ascii=False, indent=2))
+        return 0
+    for job in jobs:
+        when = f" run_at={job['run_at']}" if job.get("run_at") else ""
+        print(f"{job['id']}  {job['status']:<9}  {job['created_at'][:19]}  "
+              f"{job['intent'] or '-':<14} {job['request'] or ''}{when}")  # fmt: skip
+    if not jobs:
+        print("No jobs.", file=sys.stderr)
+    return 0
+
+
+def _job_action(args: argparse.Namespace) -> int:
+    async def run() -> dict[str, Any]:
+        async with _client() as c:
+            if args.command == "cancel":
+                return await c.cancel(args.job)
+            return await c.retry(args.job)
+
+    job = asyncio.run(run())
+    print(f"job {job['id']} {job['status']}")
+    return 0
+
+
+def _schedule_line(row: dict[str, Any]) -> str:
+    state = "paused" if row["paused"] else f"next {row['next_run_at']}"
+    what = row["request"] if row.get("request") else "(graph)"
+    return f"{row['id']}  {row['cron']:<15} {row['time_zone']:<16} {state}  {what}"
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client() as c:
+            if args.action == "add":
+                print(_schedule_line(await c.schedule_add(
+                    args.cron, time_zone=args.time_zone, request=args.text)))  # fmt: skip
+            elif args.action == "list":
+                rows = await c.schedules()
+                for row in rows:
+                    print(_schedule_line(row))
+                if not rows:
+                    print("No schedules.", file=sys.stderr)
+            elif args.action in ("pause", "resume"):
+                row = await c.schedule_pause(args.schedule, paused=args.action == "pause")
+                print(_schedule_line(row))
+            else:
+                await c.schedule_delete(args.schedule)
+                print(f"schedule {args.schedule} deleted")
+        return 0
+
+    return asyncio.run(run())
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -293,6 +380,10 @@ def _do(assign: protocol.Assign, sandbox: Path) -> Any:
     if assign.payload.action == "desktop.open_app":
         print(f"agent: open app {p['app']!r}", file=sys.stderr)
         return {"opened": p["app"]}
+    if assign.payload.action == "reminder.create":
+        # The reference agent has no reminder app: it shows the reminder by printing it.
+        print(f"agent: reminder at {p['at']}: {p['text']}", file=sys.stderr)
+        return {"scheduled": p["at"], "text": p["text"]}
     if assign.payload.action in ("file.write", "file.read", "notes.create"):
         name = p.get("path") or f"notes/{assign.payload.todo_id}.md"
         target = (sandbox / str(name).lstrip("/~")).resolve()
@@ -349,36 +440,82 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cpa-scheduler", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sv = sub.add_parser("serve", help="run the API and the dispatcher (embedded DB by default)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="cpa-scheduler",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Clients find the server by CPA_API_URL (default http://127.0.0.1:8000) and "
+        "the token by CPA_TOKEN.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=fmt)
+
+    sv = cmd("serve", "Run the API and the dispatcher (embedded PostgreSQL unless DATABASE_URL).")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.set_defaults(run=_serve)
-    tk = sub.add_parser("token", help="print a local access token (creates tenant and membership)")
+    tk = cmd("token", "Print a local access token; creates the tenant and membership if missing.")
     tk.add_argument("--tenant", required=True, help="tenant name or UUID")
     tk.add_argument("--user", required=True, help="user name or UUID")
     tk.add_argument("--ttl", type=int, default=24 * 3600, help="seconds the token is valid")
     tk.set_defaults(run=_token)
-    sb = sub.add_parser("submit", help="submit a request and show live progress until it ends")
-    sb.add_argument("text")
+    sb = cmd("submit", "Submit a request and show live progress until the job ends "
+                       "(exit 0 when done).")  # fmt: skip
+    sb.add_argument("text", help="the request, e.g. 'Erinnere mich in 10 Minuten an den Tee'")
+    sb.add_argument("--time-zone", default=_local_zone(),
+                    help="IANA zone times in TEXT are read in (TZ or the system zone)")  # fmt: skip
+    sb.add_argument("--run-at", default=None,
+                    help="earliest start, RFC 3339 with offset, e.g. 2026-12-01T08:00:00+01:00")  # fmt: skip
+    sb.add_argument("--detach", action="store_true",
+                    help="print only the job id and return at once (follow later with watch)")  # fmt: skip
     sb.set_defaults(run=_submit)
-    wt = sub.add_parser("watch", help="follow a job's progress")
-    wt.add_argument("job")
+    wt = cmd("watch", "Follow a job's progress until it ends.")
+    wt.add_argument("job", help="the job id")
     wt.set_defaults(run=_watch)
-    ag = sub.add_parser("agent", help="run a desktop agent worker (reference client)")
-    ag.add_argument("--agent-id", default=f"agent-{socket.gethostname()}")
+    ls = cmd("list", "List the tenant's jobs, newest first.")
+    ls.add_argument("--status", choices=["pending", "running", "done", "failed", "cancelled"],
+                    help="only jobs with this status")  # fmt: skip
+    ls.add_argument("--limit", type=int, default=50, help="at most this many jobs (1-200)")
+    ls.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    ls.set_defaults(run=_list)
+    cn = cmd("cancel", "Cancel a pending or running job; running ToDos finish, nothing new starts.")
+    cn.add_argument("job", help="the job id")
+    cn.set_defaults(run=_job_action)
+    rt = cmd("retry", "Retry a failed or cancelled job from where it stopped.")
+    rt.add_argument("job", help="the job id")
+    rt.set_defaults(run=_job_action)
+    sc = cmd("schedule", "Manage recurring schedules (cron in a time zone).")
+    scs = sc.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = scs.add_parser("add", formatter_class=fmt, help="create a schedule",
+                         description="Create a schedule: each occurrence of CRON runs TEXT as a job.")  # fmt: skip
+    add.add_argument("cron", help="5 fields: minute hour day month weekday, e.g. '0 8 * * 1'")
+    add.add_argument("text", help="the request each run submits, e.g. 'Check my email'")
+    add.add_argument("--time-zone", default=_local_zone(), help="IANA zone CRON is read in")
+    scs.add_parser("list", formatter_class=fmt, help="list the tenant's schedules",
+                   description="List the tenant's schedules.")  # fmt: skip
+    for verb, text in (("pause", "pause a schedule (no runs until resumed)"),
+                       ("resume", "resume a schedule from its next occurrence"),
+                       ("delete", "delete a schedule (its jobs stay)")):  # fmt: skip
+        one = scs.add_parser(
+            verb, formatter_class=fmt, help=text, description=text.capitalize() + "."
+        )
+        one.add_argument("schedule", help="the schedule id")
+    sc.set_defaults(run=_schedule)
+    ag = cmd("agent", "Run a desktop agent worker (the reference client).")
+    ag.add_argument("--agent-id", default=f"agent-{socket.gethostname()}", help="this agent's id")
     ag.add_argument("--sandbox", default="~/cpa-agent-sandbox", help="the only folder files go to")
     ag.add_argument("--poll", type=float, default=1.0, help="seconds between claims")
     ag.add_argument("--once", action="store_true", help="claim once, handle it, exit")
     ag.set_defaults(run=_agent)
-    sub.add_parser("migrate", help="apply the migrations").set_defaults(run=_migrate)
-    r = sub.add_parser("route", help="show which intent and plan a text maps to")
-    r.add_argument("text")
+    cmd("migrate", "Apply the database migrations.").set_defaults(run=_migrate)
+    r = cmd("route", "Show which intent and plan a text maps to (no server needed).")
+    r.add_argument("text", help="the request text")
+    r.add_argument("--time-zone", default="UTC", help="IANA zone times in TEXT are read in")
     r.set_defaults(run=_route)
-    d = sub.add_parser(
-        "dispatch", help="run the dispatcher (long-running, or one pass with --once)"
-    )
+    d = cmd("dispatch", "Run the dispatcher (long-running, or one pass with --once).")
     d.add_argument(
         "--once", action="store_true", help="run one pass, as the scheduled function does"
     )
@@ -412,6 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. head) went away: stop quietly, and keep the exit-time flush quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

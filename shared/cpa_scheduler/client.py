@@ -190,7 +190,7 @@ class Client:
                 "Start it with 'make run' or set CPA_API_URL."
             ) from None
         _raise_for(response)
-        return response.json()
+        return response.json() if response.content else None
 
     # jobs ---------------------------------------------------------------------------------
 
@@ -200,8 +200,14 @@ class Client:
         *,
         graph: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        time_zone: str | None = None,
+        run_at: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"request": text} if graph is None else {"graph": graph}
+        if time_zone:
+            body["time_zone"] = time_zone
+        if run_at:
+            body["run_at"] = run_at
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         result: dict[str, Any] = await self._call("POST", "/v1/jobs", json=body, headers=headers)
         return result
@@ -209,6 +215,41 @@ class Client:
     async def get(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}")
         return result
+
+    async def jobs(
+        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the tenant's jobs, newest first: ``{"jobs", "next_cursor"}``."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        result: dict[str, Any] = await self._call("GET", "/v1/jobs", params=params)
+        return result
+
+    # schedules ----------------------------------------------------------------------------
+
+    async def schedule_add(
+        self, cron: str, *, time_zone: str = "UTC", request: str | None = None,
+        graph: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        body: dict[str, Any] = {"cron": cron, "time_zone": time_zone}
+        body |= {"request": request} if graph is None else {"graph": graph}
+        result: dict[str, Any] = await self._call("POST", "/v1/schedules", json=body)
+        return result
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        result: dict[str, Any] = await self._call("GET", "/v1/schedules")
+        return list(result["schedules"])
+
+    async def schedule_pause(self, schedule_id: str, *, paused: bool = True) -> dict[str, Any]:
+        verb = "pause" if paused else "resume"
+        result: dict[str, Any] = await self._call("POST", f"/v1/schedules/{schedule_id}/{verb}")
+        return result
+
+    async def schedule_delete(self, schedule_id: str) -> None:
+        await self._call("DELETE", f"/v1/schedules/{schedule_id}")
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/cancel")

@@ -145,6 +145,8 @@ class Dispatcher:
     lanes: int = 2
     lease_seconds: float = 60.0
     backoff_base: float = 1.0
+    alarm_interval: float = 1.0
+    agent_seen_seconds: float = 120.0
 
     async def run_pass(
         self,
@@ -152,6 +154,7 @@ class Dispatcher:
         *,
         stop: asyncio.Event | None = None,
         wake: asyncio.Event | None = None,
+        housekeeping: bool = True,
     ) -> Summary:
         """One pass: claim and run until no work is ready, the budget is spent or ``stop`` is set.
 
@@ -162,6 +165,8 @@ class Dispatcher:
         whatever the others leave free, so a claim can fill its batch.
         """
         started = time.monotonic()
+        if housekeeping:  # long-running mode does it on its own clock (see _alarm)
+            await self._housekeeping()
         slots = _Slots(self.concurrency)
         with tracing.span("cpa.dispatch.pass", attributes={"cpa.dispatcher": self.owner}) as span:
             traced = None if span is None else _PassTrace(span)
@@ -309,10 +314,11 @@ class Dispatcher:
                 wake.set()
 
         listener = asyncio.create_task(listen())
+        alarm = asyncio.create_task(self._alarm(wake, stop))
         try:
             while not stop.is_set():
                 wake.clear()
-                total.add(await self.run_pass(3600.0, stop=stop, wake=wake))
+                total.add(await self.run_pass(3600.0, stop=stop, wake=wake, housekeeping=False))
                 if stop.is_set():
                     break
                 sleepers = [asyncio.create_task(wake.wait()), asyncio.create_task(stop.wait())]
@@ -323,8 +329,46 @@ class Dispatcher:
                     sleeper.cancel()
         finally:
             listener.cancel()
+            alarm.cancel()
             await conn.close()
         return total
+
+    async def _housekeeping(self) -> None:
+        """Work each pass does before claiming: due schedule occurrences become jobs, and
+        desktop ToDos no agent takes are announced (or fail at their agent timeout)."""
+        from cpa_scheduler import schedules  # imports intake and times, only needed here
+
+        try:
+            await schedules.fire_due(self.store)
+            async with self.store.service() as session:
+                await session.desktop_sweep(self.agent_seen_seconds)
+        except errors.UnavailableError:
+            pass  # the claim that follows reports the outage
+        except errors.CpaError as exc:
+            # Housekeeping must not stop the claims (nor, in long-running mode, the alarm).
+            log.warning("dispatch housekeeping failed: %s", exc.message)
+
+    async def _alarm(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        """Fire due schedules, and set ``wake`` when the next timed ToDo or schedule is due.
+
+        NOTIFY only fires when a ToDo becomes ready; one whose ``run_after`` lies ahead needs a
+        clock. The next due time is re-read at least every ``alarm_interval`` seconds, so a new
+        earlier timer is noticed within that bound too."""
+        while not stop.is_set():
+            await self._housekeeping()
+            try:
+                async with self.store.service() as session:
+                    due = await session.todo_next_due("cloud")
+            except errors.UnavailableError:
+                due = None
+            delay = self.alarm_interval
+            if due is not None:
+                delay = min(delay, max(0.0, (due - datetime.now(UTC)).total_seconds()))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay + 0.002)
+            except TimeoutError:
+                if due is not None and due <= datetime.now(UTC):
+                    wake.set()
 
     async def _claim(self, limit: int) -> list[dict[str, Any]]:
         async with self.store.service() as session:

@@ -9,6 +9,7 @@ path, e.g. ``a -> b -> c -> a``, read "a depends on b ..."), the size limit hold
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +34,8 @@ class ToDo(BaseModel):
     depends_on: tuple[str, ...] = ()
     max_attempts: int = Field(default=3, ge=1, le=25)
     requires_confirmation: bool = False
+    run_at: datetime | None = None
+    agent_timeout: int | None = None
 
 
 def is_ref(value: object) -> bool:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from cpa_scheduler import catalogue, errors, graph, intents, protocol, store, tracing
+from cpa_scheduler import catalogue, errors, graph, intents, protocol, store, times, tracing
 
+# An agent seen this recently counts as online for optional desktop ToDos (agents poll every
+# few seconds while they run).
+ONLINE = 60.0
 NO_PLANNER = (
     "No intent matches this request and no planner is configured; "
     "set OPENAI_API_KEY or OPENAI_BASE_URL, or submit an explicit graph."
@@ -25,8 +30,15 @@ def todo_rows(g: graph.Graph) -> list[dict[str, Any]]:
             "max_attempts": t.max_attempts,
             "requires_confirmation": t.requires_confirmation,
         }
+        | ({"run_at": t.run_at.isoformat()} if t.run_at is not None else {})
+        | ({"agent_timeout": t.agent_timeout} if t.agent_timeout is not None else {})
         for t in g
     ]
+
+
+def resolver(tz: ZoneInfo, now: datetime) -> intents.TimeResolver:
+    """Reads a request's time expressions in the caller's zone at one fixed "now"."""
+    return lambda when: times.resolve(when, tz=tz, now=now).isoformat()
 
 
 def plan(
@@ -35,24 +47,51 @@ def plan(
     spec: protocol.GraphSpec | None,
     planner_configured: bool,
     force_planner: bool = False,
-) -> tuple[str, graph.Graph]:
-    """The intent and validated graph for a request text or an explicit graph.
+    resolve_time: intents.TimeResolver | None = None,
+) -> tuple[str, graph.Graph, frozenset[str]]:
+    """The intent, validated graph, and the keys of ToDos kept only where an agent offers them,
+    for a request text or an explicit graph.
 
     ``force_planner`` skips the intent router: the client asked for LLM planning."""
     cat = catalogue.default()
     if spec is not None:
-        return "explicit", cat.build(spec)
+        return "explicit", cat.build(spec), frozenset()
     if text is None or not text.strip():
         raise errors.InvalidError("The request text is empty; say what should be done.")
-    routed = intents.default().route(text)
+    routed = intents.default().route(text, resolve_time=resolve_time)
     if routed.graph is not None and not force_planner:
-        return routed.intent, cat.build(routed.graph)
+        return routed.intent, cat.build(routed.graph), routed.if_agent_offers
     if not planner_configured:
         raise errors.PlannerError(NO_PLANNER)
     planning = protocol.GraphSpec(
         todos=[protocol.TodoSpec(key="plan", action="plan", params={"request": routed.text})]
     )
-    return ("planned" if force_planner else routed.intent), cat.build(planning)
+    return ("planned" if force_planner else routed.intent), cat.build(planning), frozenset()
+
+
+def without(g: graph.Graph, drop: set[str]) -> graph.Graph:
+    """The graph minus optional ToDos nothing else depends on."""
+    keep = [t for t in g if t.key not in drop or any(t.key in o.depends_on for o in g)]
+    return graph.Graph(keep)
+
+
+async def _unoffered(
+    session: store.Session, tenant_id: uuid.UUID | str, g: graph.Graph, keys: frozenset[str]
+) -> set[str]:
+    drop = set()
+    for t in g:
+        if t.key in keys and not await session.agent_offering(tenant_id, t.action, ONLINE):
+            drop.add(t.key)
+    return drop
+
+
+def check_run_at(run_at: datetime | None, now: datetime) -> None:
+    if run_at is not None and run_at < now - timedelta(seconds=1):
+        raise errors.InvalidError(
+            f"run_at {run_at.isoformat()} is in the past; give a future time (RFC 3339 with an "
+            "offset) or leave it out to start at once.",
+            errors=[{"loc": ["body", "run_at"], "msg": "time in the past"}],
+        )
 
 
 async def submit(
@@ -65,18 +104,56 @@ async def submit(
     priority: int = 0,
     planner_configured: bool = False,
     force_planner: bool = False,
+    time_zone: str = "UTC",
+    run_at: datetime | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Validate and create the job in one transaction; a repeated key returns the same job."""
-    intent, g = plan(
-        text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner
-    )
+    """Validate and create the job in one transaction; a repeated key returns the same job.
+
+    Times in the text are read in ``time_zone``. A text that starts with a recurrence ("Jeden
+    Montag um 8 Uhr ...", "every day at 7am ...") creates a schedule for the rest of it; the
+    job answers with a notification that names the schedule."""
+    from cpa_scheduler import schedules  # imports intake: resolved at call time
+
+    tz = times.zone(time_zone)
+    now = now or datetime.now(UTC)
+    check_run_at(run_at, now)
+    recurring = times.recurring(text) if text and spec is None and not force_planner else None
+    if recurring is not None:
+        if idempotency_key:
+            # A repeated key must not add the schedule twice: answer the first job.
+            earlier = await session.job_by_idempotency_key(tenant_id, idempotency_key)
+            if earlier is not None:
+                return earlier
+        cron, rest = recurring
+        sched = await schedules.create(
+            session, tenant_id=tenant_id, cron=cron, time_zone=tz.key, request=rest, spec=None,
+            planner_configured=planner_configured, now=now,
+        )  # fmt: skip
+        note = schedules.announcement(sched)
+        return await session.job_create(
+            tenant_id=tenant_id, request=text, intent="schedule", idempotency_key=idempotency_key,
+            priority=priority, time_zone=tz.key, run_at=run_at,
+            todos=[{"key": "schedule", "action": "notify", "target": "cloud", "params": note,
+                    "depends_on": []}],
+        )  # fmt: skip
+    intent, g, optional = plan(
+        text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner,
+        resolve_time=resolver(tz, now),
+    )  # fmt: skip
+    rows = todo_rows(g)
+    if optional:
+        g = without(g, await _unoffered(session, tenant_id, g, optional))
+        rows = [r | {"optional": True} if r["key"] in optional else r for r in todo_rows(g)]
     return await session.job_create(
         tenant_id=tenant_id,
-        todos=todo_rows(g),
+        todos=rows,
         request=text,
         intent=intent,
         idempotency_key=idempotency_key,
         priority=priority,
+        run_at=run_at,
+        time_zone=tz.key,
     )
 
 
@@ -102,10 +179,12 @@ JOB_FIELDS = (
     "created_at",
     "started_at",
     "completed_at",
+    "run_at",
+    "schedule_id",
 )
 TODO_FIELDS = (
     "id", "key", "action", "target", "status", "depends_on", "params", "result", "error",
-    "attempts", "started_at", "finished_at", "requires_confirmation",
+    "attempts", "started_at", "finished_at", "requires_confirmation", "run_at",
 )  # fmt: skip
 
 
@@ -115,6 +194,7 @@ def job_view(job: dict[str, Any], todos: list[dict[str, Any]] | None) -> dict[st
     out["id"] = str(job["id"])
     # The desktop subscribes to the Realtime topic 'tenant:<tenant_id>' of the job it follows.
     out["tenant_id"] = str(job["tenant_id"]) if job.get("tenant_id") else None
+    out["schedule_id"] = str(job["schedule_id"]) if job.get("schedule_id") else None
     if todos is not None:
         out["todos"] = [{k: t.get(k) for k in TODO_FIELDS} | {"id": str(t["id"])} for t in todos]
     return out

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cpa_scheduler import catalogue as catalogue_mod
-from cpa_scheduler import errors, graph, protocol
+from cpa_scheduler import errors, graph, protocol, times
 
 UNKNOWN = "unknown"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -25,8 +26,21 @@ _UNIT_SECONDS = {
     **dict.fromkeys(["m", "min", "mins", "minute", "minutes", "minuten"], 60),
     **dict.fromkeys(["h", "hour", "hours", "std", "stunde", "stunden"], 3600),
 }
-# Values the router derives from groups, and the groups each one needs.
-_DERIVED = {"seconds": ("amount", "unit")}
+# Values the router derives from groups, and the groups each one needs: {seconds} from amount
+# and unit; {at} from when, the RFC 3339 time the caller's resolver reads it as ("" when the
+# request names no time).
+_DERIVED = {"seconds": ("amount", "unit"), "at": ("when",), "at_or_now": ("when",)}
+TimeResolver = Callable[[str], str]
+
+
+def _split(item: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A filled plan item as a ToDo spec, and whether it is kept only where an agent offers it.
+
+    An empty ``run_at`` means immediately."""
+    spec = {k: v for k, v in item.items() if k != "if_agent_offers"}
+    if spec.get("run_at") in ("", None):
+        spec.pop("run_at", None)
+    return spec, bool(item.get("if_agent_offers"))
 
 
 class Routed(BaseModel):
@@ -38,6 +52,9 @@ class Routed(BaseModel):
     text: str
     groups: dict[str, str] = Field(default_factory=dict)
     graph: protocol.GraphSpec | None = None
+    if_agent_offers: frozenset[str] = Field(
+        default_factory=frozenset, description="Desktop ToDos kept only where an agent offers them."
+    )
 
 
 class Intent(BaseModel):
@@ -49,6 +66,10 @@ class Intent(BaseModel):
     plan: list[dict[str, Any]] = Field(min_length=1)
     defaults: dict[str, str] = Field(default_factory=dict)
     examples: dict[str, list[str]] = Field(default_factory=dict)
+
+
+def _resolve_utc(when: str) -> str:
+    return times.resolve(when, tz=times.zone("UTC")).isoformat()
 
 
 def normalise(text: str) -> str:
@@ -110,7 +131,11 @@ class Router:
 
     def _check_plan(self, intent: Intent) -> None:
         try:
-            todos = [protocol.TodoSpec.model_validate(item) for item in intent.plan]
+            # run_at is a placeholder until a request fills it.
+            todos = [
+                protocol.TodoSpec.model_validate(_split(item)[0] | {"run_at": None})
+                for item in intent.plan
+            ]
             spec = protocol.GraphSpec(todos=todos)
             for todo in spec.todos:
                 self.catalogue.get(todo.key, todo.action)
@@ -128,8 +153,12 @@ class Router:
     def names(self) -> list[str]:
         return [intent.name for intent in self.intents]
 
-    def route(self, text: str) -> Routed:
-        """The first matching intent with its filled plan, or ``unknown``."""
+    def route(self, text: str, *, resolve_time: TimeResolver | None = None) -> Routed:
+        """The first matching intent with its filled plan, or ``unknown``.
+
+        ``resolve_time`` turns a ``when`` group ("morgen um 9") into an RFC 3339 time; the
+        default reads it in UTC at the current time."""
+        resolve_time = resolve_time or _resolve_utc
         clean = normalise(text)
         for intent, patterns in self._compiled:
             for rx in patterns:
@@ -141,9 +170,15 @@ class Router:
                 if "amount" in values and "unit" in values:
                     unit = _UNIT_SECONDS.get(values["unit"].lower(), 1)
                     values["seconds"] = int(values["amount"]) * unit
-                filled = _fill(intent.plan, values)
-                spec = protocol.GraphSpec.model_validate({"todos": filled})
-                return Routed(intent=intent.name, text=clean, groups=groups, graph=spec)
+                if "when" in values:
+                    when = str(values["when"]).strip()
+                    values["at"] = resolve_time(when) if when else ""
+                    values["at_or_now"] = values["at"] or datetime.now(UTC).isoformat()
+                filled = [_split(item) for item in _fill(intent.plan, values)]
+                spec = protocol.GraphSpec.model_validate({"todos": [f[0] for f in filled]})
+                optional = frozenset(item["key"] for item, flag in filled if flag)
+                return Routed(intent=intent.name, text=clean, groups=groups, graph=spec,
+                              if_agent_offers=optional)  # fmt: skip
         return Routed(intent=UNKNOWN, text=clean)
 
 

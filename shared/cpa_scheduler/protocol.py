@@ -84,6 +84,15 @@ class TodoSpec(_Frozen):
     target: Literal["cloud", "desktop"] | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=25)
     requires_confirmation: bool | None = None
+    run_at: AwareDatetime | None = Field(
+        default=None, description="Earliest start, RFC 3339 with offset; null: immediate."
+    )
+    agent_timeout: int | None = Field(
+        default=None,
+        ge=1,
+        le=2592000,
+        description="Desktop ToDos: fail when no agent has taken it this many seconds.",
+    )
 
 
 class GraphSpec(_Frozen):

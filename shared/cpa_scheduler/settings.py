@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cpa_scheduler import errors
 
 
 class Settings(BaseModel):
@@ -93,4 +95,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         values["supabase_publishable_key"] = anon
     allow = source.get("CPA_HTTP_ALLOW", "")
     values["http_allow"] = tuple(a.strip() for a in allow.split(",") if a.strip())
-    return Settings.model_validate(values)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        # Users set environment variables, not fields: name the variable and its value.
+        first = exc.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        name = _ENV.get(field, "CPA_HTTP_ALLOW" if field == "http_allow" else field)
+        raise errors.ConfigError(
+            f"The environment variable {name}={source.get(name, '')!r} is not valid: "
+            f"{first['msg']}. Fix or unset {name}."
+        ) from None

@@ -111,6 +111,8 @@ class Session:
         idempotency_key: str | None = None,
         priority: int = 0,
         max_retries: int = 3,
+        run_at: datetime | None = None,
+        time_zone: str = "UTC",
     ) -> Row:
         row = await self._one(
             "job_create",
@@ -122,6 +124,8 @@ class Session:
                 "idempotency_key": idempotency_key,
                 "priority": priority,
                 "max_retries": max_retries,
+                "run_at": run_at,
+                "time_zone": time_zone,
             },
         )
         assert row is not None
@@ -346,6 +350,79 @@ class Session:
     ) -> None:
         params = {"tenant_id": str(tenant_id), "key": key, "plan": _jsonb(plan), "ttl": ttl}
         await self._all("plan_cache_put", params)
+
+    # timed work and schedules -------------------------------------------------------------
+
+    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
+        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
+
+    async def todo_next_due(self, target: str = "cloud") -> datetime | None:
+        """When the next ready ToDo (or schedule occurrence) comes due; None when none waits."""
+        due = await self._scalar("todo_next_due", {"target": target})
+        return due if isinstance(due, datetime) else None
+
+    async def desktop_sweep(self, seen_seconds: float = 120.0) -> int:
+        return int(await self._scalar("desktop_sweep", {"seen_seconds": seen_seconds}))
+
+    async def agent_offering(
+        self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
+    ) -> bool:
+        params = {"tenant_id": str(tenant_id), "action": action, "seen_seconds": seen_seconds}
+        return bool(await self._scalar("agent_offering", params))
+
+    async def schedule_create(
+        self, *, tenant_id: uuid.UUID | str, cron: str, time_zone: str, request: str | None,
+        graph: Any, intent: str, todos: Sequence[Mapping[str, Any]], next_run_at: datetime,
+    ) -> Row:  # fmt: skip
+        params = {
+            "tenant_id": str(tenant_id), "cron": cron, "time_zone": time_zone, "request": request,
+            "graph": None if graph is None else _jsonb(graph), "intent": intent,
+            "todos": _jsonb(list(todos)), "next_run_at": next_run_at,
+        }  # fmt: skip
+        row = await self._one("schedule_create", params)
+        assert row is not None
+        return row
+
+    async def schedule_get(self, schedule_id: uuid.UUID | str) -> Row:
+        row = await self._one("schedule_get", {"schedule_id": _uuid(schedule_id, "schedule")})
+        if row is None:
+            raise errors.NotFoundError(
+                f"The schedule {schedule_id} does not exist or is not yours."
+            )
+        return row
+
+    async def schedule_list(self, tenant_id: uuid.UUID | str, limit: int = 200) -> list[Row]:
+        return await self._all("schedule_list", {"tenant_id": str(tenant_id), "limit": limit})
+
+    async def schedule_pause(
+        self, schedule_id: uuid.UUID | str, *, paused: bool, next_run_at: datetime | None = None
+    ) -> Row:
+        params = {
+            "schedule_id": _uuid(schedule_id, "schedule"),
+            "paused": paused,
+            "next_run_at": next_run_at,
+        }
+        row = await self._one("schedule_pause", params)
+        assert row is not None
+        return row
+
+    async def schedule_delete(self, schedule_id: uuid.UUID | str) -> None:
+        await self._all("schedule_delete", {"schedule_id": _uuid(schedule_id, "schedule")})
+
+    async def schedule_due(self, now: datetime, limit: int = 50) -> list[Row]:
+        return await self._all("schedule_due", {"now": now, "limit": limit})
+
+    async def schedule_fire(
+        self, schedule_id: uuid.UUID | str, occurrence: datetime, next_run_at: datetime
+    ) -> Row:
+        params = {
+            "schedule_id": str(schedule_id),
+            "occurrence": occurrence,
+            "next_run_at": next_run_at,
+        }
+        row = await self._one("schedule_fire", params)
+        assert row is not None
+        return row
 
     # set-up (admin scope) -----------------------------------------------------------------
 

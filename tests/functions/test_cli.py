@@ -12,10 +12,17 @@ from cpa_scheduler import cli
 
 
 def test_route_shows_intent_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["route", "Erinnere mich morgen um 9 an den Zahnarzt"]) == 0
+    text = "Erinnere mich morgen um 9 an den Zahnarzt"
+    assert cli.main(["route", text, "--time-zone", "Europe/Berlin"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["intent"] == "reminder"
-    assert out["plan"][0]["params"] == {"text": "den Zahnarzt", "at": "morgen um 9"}
+    # A cloud notification at the resolved time: it fires with no desktop agent online.
+    remind = out["plan"][0]
+    assert remind["action"] == "notify"
+    assert remind["params"] == {"title": "Erinnerung", "message": "den Zahnarzt"}
+    assert remind["run_at"].endswith("T09:00:00+01:00") or remind["run_at"].endswith(
+        "T09:00:00+02:00"
+    )
 
 
 def test_route_unknown(capsys: pytest.CaptureFixture[str]) -> None:

@@ -178,3 +178,71 @@ def test_watch_and_errors(served: dict[str, str]) -> None:
     env.pop("CPA_TOKEN")
     missing = cli("submit", "Öffne Spotify", env=env)
     assert missing.returncode == 1 and "CPA_TOKEN" in missing.stderr
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```sh block after a README heading, as the README shows it."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
+    section = text.split(heading, 1)[1]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_examples_run_as_written(served: dict[str, str]) -> None:
+    env = dict(served)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # A tenant of its own: another test's agent of tenant demo must not count as online here.
+    token = cli("token", "--tenant", "readme", "--user", "reader", env=env)
+    env["CPA_TOKEN"] = token.stdout.strip()
+    for heading in ("## Usage", "### Timed and recurring work"):
+        script = _readme_block(heading)
+        if heading == "## Usage":  # the token is there already; the rest runs as written
+            script = "\n".join(
+                line for line in script.splitlines() if not line.startswith("export ")
+            )
+        done = subprocess.run(
+            ["bash", "-e", "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out
+        assert "Traceback" not in out, out
+        if heading == "## Usage":
+            assert "Timer: 2 Sekunden sind um." in out and " done" in out
+        else:
+            assert "Erinnerung: den Tee" in out
+            assert "cancelled" in out  # cancel "$JOB"
+            assert "Schedule: Scheduled 'erinnere mich an den Müll' at cron '0 8 * * 1'" in out
+            assert "30 7 * * 1-5" in out and "deleted" in out
+            assert out.count("reminder") >= 1  # list shows the pending reminder
+
+
+def test_list_into_head_has_no_traceback(served: dict[str, str]) -> None:
+    for _ in range(3):
+        assert cli("submit", "--detach", "Check my email", env=served).returncode == 0
+    env = dict(served)
+    done = subprocess.run(
+        f"{sys.executable} -m cpa_scheduler.cli list | head -1",
+        shell=True, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert len(done.stdout.splitlines()) == 1
+
+
+def test_bad_environment_variable_is_named() -> None:
+    env = dict(os.environ, CPA_RATE_LIMIT="lots", CPA_TOKEN="x")
+    bad = cli("list", env=env)
+    assert bad.returncode == 1
+    assert "CPA_RATE_LIMIT='lots'" in bad.stderr and "rate_limit" not in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_reference_agent_shows_a_reminder_natively(served: dict[str, str], tmp_path: Path) -> None:
+    env = dict(served)
+    token = cli("token", "--tenant", "native", "--user", "me", env=env)
+    env["CPA_TOKEN"] = token.stdout.strip()
+    agent = ["agent", "--once", "--agent-id", "desk", "--sandbox", str(tmp_path)]
+    assert cli(*agent, env=env).returncode == 0  # offers reminder.create: now online
+    job = cli("submit", "--detach", "Erinnere mich in 10 Minuten an den Tee", env=env)
+    assert job.returncode == 0, job.stderr
+    shown = cli(*agent, env=env)
+    assert "agent: reminder at " in shown.stderr and ": den Tee" in shown.stderr, shown.stderr
+    assert cli("cancel", job.stdout.strip(), env=env).returncode == 0

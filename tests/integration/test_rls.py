@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -21,6 +22,7 @@ TABLES = [
     "job_events",
     "audit_log",
     "agents",
+    "schedules",
 ]
 OPS = ["select", "insert", "update", "delete"]
 # Cells that succeed; everything else returns no rows or raises a permission error.
@@ -35,9 +37,26 @@ ALLOWED = {
         "todo_edges",
         "job_events",
         "agents",
+        "schedules",
     },
-    ("service", "update"): {"tenants", "memberships", "jobs", "todos", "todo_edges", "agents"},
-    ("service", "delete"): {"tenants", "memberships", "jobs", "todos", "todo_edges", "agents"},
+    ("service", "update"): {
+        "tenants",
+        "memberships",
+        "jobs",
+        "todos",
+        "todo_edges",
+        "agents",
+        "schedules",
+    },
+    ("service", "delete"): {
+        "tenants",
+        "memberships",
+        "jobs",
+        "todos",
+        "todo_edges",
+        "agents",
+        "schedules",
+    },
 }
 
 
@@ -52,6 +71,11 @@ async def _seed(
         )
         async with db.service() as s:
             await s.agent_upsert(m.tenant_id, "laptop", "Laptop", ["desktop.open_app"])
+            await s.schedule_create(
+                tenant_id=m.tenant_id, cron="0 8 * * *", time_zone="Europe/Berlin",
+                request="check my email", graph=None, intent="check_email",
+                todos=[{"key": "a", "action": "noop"}], next_run_at=datetime.now(UTC),
+            )  # fmt: skip
     return a, b
 
 
@@ -76,6 +100,7 @@ def _statement(table: str, op: str, tenant: uuid.UUID) -> tuple[str, dict[str, A
             "job_events": "kind",
             "audit_log": "entity",
             "agents": "name",
+            "schedules": "request",
         }[table]
         value = {"memberships": "admin", "todo_edges": t}.get(table, "changed")
         return (
@@ -104,6 +129,10 @@ def _statement(table: str, op: str, tenant: uuid.UUID) -> tuple[str, dict[str, A
         ),
         "audit_log": ("tenant_id, action, entity", "%(t)s, 'INSERT', 'x'"),
         "agents": ("tenant_id, agent_key", "%(t)s, 'new-agent'"),
+        "schedules": (
+            "tenant_id, cron, request, todos, next_run_at",
+            '%(t)s, \'0 8 * * *\', \'x\', \'[{"key": "a", "action": "noop"}]\', now()',
+        ),
     }[table]
     if table == "todo_edges":
         # A new edge between two existing ToDos of the tenant (y -> x exists, add x -> y's twin).

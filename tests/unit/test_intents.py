@@ -61,7 +61,9 @@ def test_timer_derives_typed_seconds() -> None:
 def test_defaults_fill_missing_optional_groups() -> None:
     routed = ROUTER.route("remind me to water the plants")
     assert routed.graph is not None
-    assert routed.graph.todos[0].params == {"text": "water the plants", "at": "in 1 hour"}
+    # No time named: the reminder fires at once (no run_at).
+    assert routed.graph.todos[0].params == {"title": "Erinnerung", "message": "water the plants"}
+    assert routed.graph.todos[0].run_at is None
 
 
 def test_briefing_fans_out_then_joins() -> None:

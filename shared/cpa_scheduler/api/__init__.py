@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from cpa_scheduler import tracing
-from cpa_scheduler.api import jobs, messages, observe, problems
+from cpa_scheduler.api import jobs, messages, observe, problems, schedules
 from cpa_scheduler.api.deps import AppState
 
 app = FastAPI(
@@ -19,6 +19,7 @@ app = FastAPI(
 problems.install(app)
 app.include_router(jobs.router)
 app.include_router(messages.router)
+app.include_router(schedules.router)
 app.include_router(observe.router)
 app.add_middleware(observe.RequestMetrics)
 # Only an OTEL_* endpoint imports OpenTelemetry; without one the cold import stays as it was.

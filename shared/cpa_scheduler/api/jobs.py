@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from cpa_scheduler import errors, intake, protocol, tracing
 from cpa_scheduler import events as events_mod
@@ -34,6 +34,15 @@ class JobCreate(BaseModel):
     graph: protocol.GraphSpec | None = None
     priority: int = Field(default=0, ge=0, le=10)
     plan: bool = Field(default=False, description="Skip the intent router and ask the LLM planner.")
+    time_zone: str = Field(
+        default="UTC",
+        min_length=1,
+        max_length=64,
+        description="IANA zone the times in `request` are read in, e.g. Europe/Berlin.",
+    )
+    run_at: AwareDatetime | None = Field(
+        default=None, description="Earliest start of every ToDo, RFC 3339 with an offset."
+    )
 
     @model_validator(mode="after")
     def _one(self) -> JobCreate:
@@ -56,6 +65,7 @@ class TodoOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     requires_confirmation: bool = False
+    run_at: datetime | None = None
 
 
 class JobOut(BaseModel):
@@ -68,6 +78,8 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    run_at: datetime | None = None
+    schedule_id: str | None = None
     todos: list[TodoOut] = []
 
 
@@ -103,7 +115,7 @@ async def create_job(
         job = await intake.submit(
             session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
             idempotency_key=idempotency_key, priority=body.priority, planner_configured=configured,
-            force_planner=body.plan,
+            force_planner=body.plan, time_zone=body.time_zone, run_at=body.run_at,
         )  # fmt: skip
         await intake.keep_trace(session, job, span)
     # Counted last: the tenant's counter row stays locked only until this transaction commits,

@@ -67,8 +67,9 @@ async def answer(
     match msg:
         case protocol.Request(payload=p):
             return await _submit(
-                msg, app, session, caller, p.text, p.graph, p.idempotency_key, configured
-            )
+                msg, app, session, caller, p.text, p.graph, p.idempotency_key, configured,
+                p.context.timezone if p.context else "UTC",
+            )  # fmt: skip
         case protocol.Propose(payload=p):
             # A client's plan: validated, then run as an explicit graph (the agree names the job).
             return await _submit(msg, app, session, caller, p.request, p.plan, None, configured)
@@ -86,6 +87,7 @@ async def answer(
                 p.request.graph,
                 p.request.idempotency_key,
                 configured,
+                p.request.context.timezone if p.request.context else "UTC",
             )
             if isinstance(reply, protocol.Agree) and reply.payload.job_id:
                 # Forward to the named agent's queue: only it may claim the desktop ToDos.
@@ -120,13 +122,16 @@ def _todo_of(msg: protocol.Message) -> str | None:
 
 
 async def _submit(msg: protocol.Message, app: state_mod.State, session: store.Session, caller: Caller, text: str | None,
-                  graph: protocol.GraphSpec | None, key: str | None, configured: bool) -> protocol.Message:  # fmt: skip
+                  graph: protocol.GraphSpec | None, key: str | None, configured: bool,
+                  time_zone: str = "UTC") -> protocol.Message:  # fmt: skip
     try:
+        # Times in the text are read in the user's zone from the request's context.
         with tracing.span(
             "cpa.job.create", attributes={"cpa.tenant_id": str(caller.tenant_id)}
         ) as span:
             job = await intake.submit(session, tenant_id=caller.tenant_id, text=text, spec=graph,
-                                      idempotency_key=key, planner_configured=configured)  # fmt: skip
+                                      idempotency_key=key, planner_configured=configured,
+                                      time_zone=time_zone)  # fmt: skip
             await intake.keep_trace(session, job, span)
         await app.limiter.hit(str(caller.tenant_id), session)
     except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:

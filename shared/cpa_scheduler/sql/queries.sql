@@ -11,8 +11,9 @@ select set_config('role', 'authenticated', true),
 select set_config('role', 'service_role', true);
 
 -- name: job_create
-select * from public.job_create_v1(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
-                                   %(idempotency_key)s, %(priority)s, %(max_retries)s);
+select * from cpa.job_create_v2(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
+                                %(idempotency_key)s, %(priority)s, %(max_retries)s,
+                                %(run_at)s::timestamptz, %(time_zone)s);
 
 -- name: job_get
 select * from public.jobs where id = %(job_id)s;
@@ -179,3 +180,56 @@ select t.tenant_id, t.target, count(*)::double precision as ready
  group by t.tenant_id, t.target
  order by count(*) desc
  limit %(limit)s;
+
+-- name: todo_next_due
+-- When the next ready ToDo of a target comes due, for the long-running dispatcher's alarm.
+select least(
+  (select min(t.run_after) from public.todos t
+    where t.status = 'ready' and t.target = %(target)s and t.run_after > now()),
+  (select min(s.next_run_at) from public.schedules s where not s.paused and s.next_run_at > now())
+) as due;
+
+-- name: desktop_sweep
+select cpa.desktop_sweep_v1(%(seen_seconds)s) as n;
+
+-- name: agent_offering
+-- Whether an agent of the tenant offering the action was seen recently.
+select exists (
+  select 1 from public.agents a
+   where a.tenant_id = %(tenant_id)s and %(action)s = any(a.actions)
+     and a.last_seen_at > now() - make_interval(secs => %(seen_seconds)s)
+) as online;
+
+-- name: schedule_create
+select * from cpa.schedule_create_v1(%(tenant_id)s, %(cron)s, %(time_zone)s, %(request)s,
+                                     %(graph)s::jsonb, %(intent)s, %(todos)s::jsonb,
+                                     %(next_run_at)s);
+
+-- name: schedule_get
+select * from public.schedules where id = %(schedule_id)s;
+
+-- name: schedule_list
+select * from public.schedules
+ where tenant_id = %(tenant_id)s
+ order by created_at desc, id desc
+ limit %(limit)s;
+
+-- name: schedule_pause
+select * from cpa.schedule_pause_v1(%(schedule_id)s, %(paused)s, %(next_run_at)s);
+
+-- name: schedule_delete
+select cpa.schedule_delete_v1(%(schedule_id)s) as ok;
+
+-- name: schedule_due
+-- Due schedules, each claimed by one dispatcher pass: the others skip the locked rows.
+select * from public.schedules
+ where not paused and next_run_at <= %(now)s
+ order by next_run_at
+ limit %(limit)s
+ for no key update skip locked;
+
+-- name: schedule_fire
+select * from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_at)s);
+
+-- name: job_by_idempotency_key
+select * from public.jobs where tenant_id = %(tenant_id)s and idempotency_key = %(key)s;
