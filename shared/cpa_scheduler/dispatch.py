@@ -433,7 +433,7 @@ class Dispatcher:
                     tracing.record_error(span, outcome.error)
         else:
             outcome = await self._execute(row, results)
-        metrics.TODO_RUN.labels(row["action"]).observe(time.perf_counter() - began)
+        metrics.instruments().todo_run.labels(row["action"]).observe(time.perf_counter() - began)
         return outcome
 
     async def _execute(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:

@@ -1,7 +1,7 @@
 """Prometheus metrics: process counters and histograms, plus gauges read from the database.
 
 Process metrics (requests, ToDo run time, finished ToDos, claims, lease expiries, retries) live
-in :data:`REGISTRY` and count what this process did. Queue gauges are computed from the
+in :func:`instruments` (made on first use) and count what this process did. Queue gauges are computed from the
 database each time ``/metrics`` is scraped (:func:`render`), so they are true however many
 processes or Lambda invocations do the work. No metric has a tenant label by default;
 ``CPA_METRICS_TOP_TENANTS=N`` adds ``cpa_tenant_todos_ready`` for the N busiest tenants only.
@@ -12,89 +12,116 @@ Metric Format lines instead (:func:`emf_line`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.core import Metric
 
-disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created twin per counter
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-REGISTRY = CollectorRegistry(auto_describe=True)
 
 _RUN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-HTTP_REQUESTS = Counter(
-    "cpa_http_requests",
-    "HTTP requests answered, by route template, method and status.",
-    ["method", "route", "status"],
-    registry=REGISTRY,
-)
-HTTP_DURATION = Histogram(
-    "cpa_http_request_duration_seconds",
-    "Time to answer an HTTP request, by route template and method.",
-    ["method", "route"],
-    registry=REGISTRY,
-)
-TODO_RUN = Histogram(
-    "cpa_todo_run_seconds",
-    "Time a cloud ToDo's executor ran, by action.",
-    ["action"],
-    buckets=_RUN_BUCKETS,
-    registry=REGISTRY,
-)
-TODOS_FINISHED = Counter(
-    "cpa_todos_finished",
-    "Cloud ToDos this process finished: done, failed (terminal) or retry (will run again).",
-    ["action", "status"],
-    registry=REGISTRY,
-)
-CLAIMED = Histogram(
-    "cpa_dispatch_claimed_per_pass",
-    "ToDos one dispatch pass claimed.",
-    buckets=(0, 1, 5, 10, 50, 100, 500, 1000, 5000),
-    registry=REGISTRY,
-)
-PASSES = Counter(
-    "cpa_dispatch_passes",
-    "Dispatch passes, by outcome (ok or error).",
-    ["outcome"],
-    registry=REGISTRY,
-)
-LAST_PASS = Gauge(
-    "cpa_dispatch_last_success_timestamp_seconds",
-    "Unix time the last dispatch pass of this process ended without error.",
-    registry=REGISTRY,
-)
-LEASE_EXPIRIES = Counter(
-    "cpa_lease_expiries",
-    "ToDos this process claimed again after an earlier attempt's lease had expired.",
-    ["target"],
-    registry=REGISTRY,
-)
-RETRIES = Counter(
-    "cpa_todo_retries",
-    "Failed attempts of cloud ToDos that will be retried, by action.",
-    ["action"],
-    registry=REGISTRY,
-)
 
-DATABASE_UP = Gauge(
-    "cpa_metrics_database_up",
-    "1 when the last scrape could read the database gauges, else 0.",
-    registry=REGISTRY,
-)
+@dataclass(frozen=True)
+class Instruments:
+    """This process's metrics, in their own registry."""
+
+    registry: CollectorRegistry
+    http_requests: Counter
+    http_duration: Histogram
+    todo_run: Histogram
+    todos_finished: Counter
+    claimed: Histogram
+    passes: Counter
+    last_pass: Gauge
+    lease_expiries: Counter
+    retries: Counter
+    database_up: Gauge
+
+
+@functools.cache
+def instruments() -> Instruments:
+    """The metrics, made on first use: prometheus_client stays out of the Lambda cold import."""
+    from prometheus_client import (
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        disable_created_metrics,
+    )
+
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created twin per counter
+    registry = CollectorRegistry(auto_describe=True)
+    return Instruments(
+        registry=registry,
+        http_requests=Counter(
+            "cpa_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        ),
+        http_duration=Histogram(
+            "cpa_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and method.",
+            ["method", "route"],
+            registry=registry,
+        ),
+        todo_run=Histogram(
+            "cpa_todo_run_seconds",
+            "Time a cloud ToDo's executor ran, by action.",
+            ["action"],
+            buckets=_RUN_BUCKETS,
+            registry=registry,
+        ),
+        todos_finished=Counter(
+            "cpa_todos_finished",
+            "Cloud ToDos this process finished: done, failed (terminal) or retry (will run again).",
+            ["action", "status"],
+            registry=registry,
+        ),
+        claimed=Histogram(
+            "cpa_dispatch_claimed_per_pass",
+            "ToDos one dispatch pass claimed.",
+            buckets=(0, 1, 5, 10, 50, 100, 500, 1000, 5000),
+            registry=registry,
+        ),
+        passes=Counter(
+            "cpa_dispatch_passes",
+            "Dispatch passes, by outcome (ok or error).",
+            ["outcome"],
+            registry=registry,
+        ),
+        last_pass=Gauge(
+            "cpa_dispatch_last_success_timestamp_seconds",
+            "Unix time the last dispatch pass of this process ended without error.",
+            registry=registry,
+        ),
+        lease_expiries=Counter(
+            "cpa_lease_expiries",
+            "ToDos this process claimed again after an earlier attempt's lease had expired.",
+            ["target"],
+            registry=registry,
+        ),
+        retries=Counter(
+            "cpa_todo_retries",
+            "Failed attempts of cloud ToDos that will be retried, by action.",
+            ["action"],
+            registry=registry,
+        ),
+        database_up=Gauge(
+            "cpa_metrics_database_up",
+            "1 when the last scrape could read the database gauges, else 0.",
+            registry=registry,
+        ),
+    )
+
 
 LEASE_EXPIRED_PREFIX = "The lease expired during attempt"
 
@@ -104,26 +131,28 @@ def observe_claim(rows: Iterable[Mapping[str, Any]], target: str = "cloud") -> N
     for row in rows:
         error = row.get("error")
         if isinstance(error, str) and error.startswith(LEASE_EXPIRED_PREFIX):
-            LEASE_EXPIRIES.labels(target).inc()
+            instruments().lease_expiries.labels(target).inc()
 
 
 def observe_pass(claimed: int, *, ok: bool) -> None:
-    CLAIMED.observe(claimed)
-    PASSES.labels("ok" if ok else "error").inc()
+    found = instruments()
+    found.claimed.observe(claimed)
+    found.passes.labels("ok" if ok else "error").inc()
     if ok:
-        LAST_PASS.set(time.time())
+        found.last_pass.set(time.time())
 
 
 def observe_finished(action: str, status: str) -> None:
-    TODOS_FINISHED.labels(action, status).inc()
+    found = instruments()
+    found.todos_finished.labels(action, status).inc()
     if status == "retry":
-        RETRIES.labels(action).inc()
+        found.retries.labels(action).inc()
 
 
 # --- gauges from the database ----------------------------------------------------------------
 
 
-class _Snapshot(Collector):
+class _Snapshot:
     """Yields the families of one database snapshot (a fresh instance per scrape)."""
 
     def __init__(self, rows: list[dict[str, Any]], tenants: list[dict[str, Any]] | None) -> None:
@@ -131,6 +160,8 @@ class _Snapshot(Collector):
         self.tenants = tenants
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         ready = GaugeMetricFamily(
             "cpa_todos_ready", "ToDos that may start now and wait for a worker.", labels=["target"]
         )
@@ -188,7 +219,9 @@ def render(
     snapshot: list[dict[str, Any]] | None, tenants: list[dict[str, Any]] | None = None
 ) -> bytes:
     """The exposition text: this process's metrics, then the database gauges (if read)."""
-    text = generate_latest(REGISTRY)
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    text = generate_latest(instruments().registry)
     if snapshot is not None:
         scrape = CollectorRegistry(auto_describe=False)
         scrape.register(_Snapshot(snapshot, tenants))

@@ -42,8 +42,10 @@ class RequestMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            metrics.HTTP_DURATION.labels(method, template).observe(time.perf_counter() - began)
+            metrics.instruments().http_requests.labels(method, template, str(status)).inc()
+            metrics.instruments().http_duration.labels(method, template).observe(
+                time.perf_counter() - began
+            )
 
 
 # Not in the OpenAPI document: it is for scrapers, not for the API's clients.
@@ -66,9 +68,9 @@ async def metrics_endpoint(request: Request, state: AppState) -> Any:
             top = metrics.top_tenants()
             if top:
                 tenants = await session.metrics_top_tenants(top)
-        metrics.DATABASE_UP.set(1)
+        metrics.instruments().database_up.set(1)
     except errors.UnavailableError:
-        metrics.DATABASE_UP.set(0)
+        metrics.instruments().database_up.set(0)
     return Response(metrics.render(snapshot, tenants), media_type=metrics.CONTENT_TYPE)
 
 
