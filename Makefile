@@ -32,9 +32,10 @@ test-pg17: $(STAMP) ## run the integration suite on a throw-away PostgreSQL 17 (
 	$(BIN)/python scripts/postgres_binaries.py $(PG17_VERSION) $(VENV)/pg17
 	CPA_TEST_PG_BIN=$(CURDIR)/$(VENV)/pg17/bin CPA_TEST_PG_MAJOR=17 $(BIN)/pytest tests/integration
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check, and the import layers (lint-imports)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP) ## mypy --strict on shared/ and functions/
 	$(BIN)/mypy
