@@ -1,7 +1,7 @@
 """The LLM planner: free-text requests to validated ToDo graphs, and ``llm.generate``.
 
-Providers speak the OpenAI chat-completions API: OpenAI itself (``OPENAI_API_KEY``), or any
-compatible server through ``OPENAI_BASE_URL`` (Ollama, vLLM, llama.cpp). Output is constrained
+The provider (:mod:`cpa_scheduler.llm`) speaks the OpenAI chat-completions API; plans are
+cached per tenant (:mod:`cpa_scheduler.cache`). Output is constrained
 by a strict JSON schema generated from the action catalogue (``response_format`` on chat
 completions, which Ollama supports; its ``/v1/responses`` does not take a format). Every plan
 is then validated by the task-graph rules; one repair round sends the errors back, and a plan
@@ -13,17 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
+from cpa_scheduler import cache as cache_mod
 from cpa_scheduler import catalogue as catalogue_mod
-from cpa_scheduler import errors, executor, intents, protocol, settings, store
+from cpa_scheduler import errors, executor, intents, llm, protocol, settings, store
 
 log = logging.getLogger("cpa.planner")
-CACHE_TTL = 24 * 3600
 REF = {
     "type": "object",
     "properties": {"$ref": {"type": "string", "description": "<dependency key>.result[.path]"}},
@@ -42,119 +41,6 @@ Actions:
 {actions}
 
 User context: locale {locale}, time zone {timezone}, current time {now}."""
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms: float = 0.0
-    model: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "latency_ms": round(self.latency_ms, 1), "model": self.model}  # fmt: skip
-
-
-class Provider(Protocol):
-    async def chat(
-        self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, temperature: float
-    ) -> tuple[str, Usage]:
-        """The assistant's text (JSON when a schema is given) and the call's usage."""
-
-
-def _map_error(exc: Exception) -> errors.CpaError:
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
-        return errors.RetryableError(f"The language model timed out: {exc}.")
-    if isinstance(exc, openai.APIConnectionError):
-        return errors.RetryableError(f"The language model is unreachable: {exc}.")
-    if isinstance(exc, openai.RateLimitError):
-        return errors.RetryableError("The language model is rate limited (429); retrying later.")
-    if isinstance(exc, openai.InternalServerError):
-        return errors.RetryableError(
-            f"The language model failed ({exc.status_code}); retrying later."
-        )
-    if isinstance(exc, openai.APIStatusError):
-        return errors.PermanentError(
-            f"The language model rejected the request ({exc.status_code}): {exc.message}"
-        )
-    return errors.PermanentError(f"The language model call failed: {exc}")
-
-
-class OpenAIProvider:
-    """Chat completions through the ``openai`` SDK (OpenAI or any compatible server)."""
-
-    def __init__(
-        self,
-        *,
-        model: str,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        timeout: float = 30.0,
-        max_retries: int = 1,
-        http_client: Any = None,
-    ) -> None:
-        import openai  # imported here: the SDK is slow to import and most paths never call it
-
-        self.model = model
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key or "not-needed",  # Ollama and friends ignore it; the SDK needs one
-            base_url=base_url,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-        )
-
-    async def chat(
-        self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None, temperature: float
-    ) -> tuple[str, Usage]:
-        import openai
-
-        kwargs: dict[str, Any] = {}
-        if schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "plan", "strict": True, "schema": schema},
-            }
-        started = time.perf_counter()
-        try:
-            completion = await self._client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=temperature,
-                **kwargs,
-            )
-        except openai.OpenAIError as exc:
-            raise _map_error(exc) from None
-        latency = (time.perf_counter() - started) * 1000
-        choice = completion.choices[0]
-        refusal = getattr(choice.message, "refusal", None)
-        if refusal:
-            raise errors.PermanentError(f"The language model refused: {refusal}")
-        usage = completion.usage
-        info = Usage(
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            latency_ms=latency,
-            model=completion.model,
-        )
-        log.info("llm call model=%s tokens=%s+%s latency_ms=%.0f", info.model,
-                 info.prompt_tokens, info.completion_tokens, latency)  # fmt: skip
-        return choice.message.content or "", info
-
-
-def provider_from(config: settings.Settings, *, http_client: Any = None) -> Provider | None:
-    """OpenAI when OPENAI_API_KEY is set, a compatible server with OPENAI_BASE_URL, else None."""
-    if not (config.openai_api_key or config.openai_base_url):
-        return None
-    return OpenAIProvider(
-        model=config.llm_model,
-        api_key=config.openai_api_key,
-        base_url=config.openai_base_url,
-        http_client=http_client,
-    )
 
 
 # --- schema ----------------------------------------------------------------------------------
@@ -228,53 +114,6 @@ def _actions_text(cat: catalogue_mod.Catalogue) -> str:
     return "\n".join(lines)
 
 
-# --- cache -----------------------------------------------------------------------------------
-
-
-class PlanCache(Protocol):
-    async def get(self, tenant_id: str, key: str) -> Any: ...
-
-    async def put(self, tenant_id: str, key: str, plan: Any, ttl: int) -> None: ...
-
-
-@dataclass
-class PostgresPlanCache:
-    """``private.plan_cache`` through the service role."""
-
-    db: store.Store
-
-    async def get(self, tenant_id: str, key: str) -> Any:
-        async with self.db.service() as session:
-            return await session.plan_cache_get(tenant_id, key)
-
-    async def put(self, tenant_id: str, key: str, plan: Any, ttl: int) -> None:
-        async with self.db.service() as session:
-            await session.plan_cache_put(tenant_id, key, plan, ttl)
-
-
-class UpstashPlanCache:
-    """Upstash Redis (REST) with a TTL per entry."""
-
-    def __init__(self, url: str, token: str) -> None:
-        from upstash_redis.asyncio import Redis
-
-        self._redis = Redis(url=url, token=token, allow_telemetry=False)
-
-    async def get(self, tenant_id: str, key: str) -> Any:
-        raw = await self._redis.get(f"cpa:plan:{tenant_id}:{key}")
-        return None if raw is None else json.loads(raw)
-
-    async def put(self, tenant_id: str, key: str, plan: Any, ttl: int) -> None:
-        await self._redis.set(f"cpa:plan:{tenant_id}:{key}", json.dumps(plan), ex=ttl)
-
-
-def cache_for(config: settings.Settings, db: store.Store | None) -> PlanCache | None:
-    """Upstash when configured, else Postgres (when there is a store)."""
-    if config.upstash_redis_rest_url and config.upstash_redis_rest_token:
-        return UpstashPlanCache(config.upstash_redis_rest_url, config.upstash_redis_rest_token)
-    return PostgresPlanCache(db) if db is not None else None
-
-
 # --- planner ---------------------------------------------------------------------------------
 
 
@@ -282,9 +121,9 @@ def cache_for(config: settings.Settings, db: store.Store | None) -> PlanCache | 
 class Planner:
     """Plans requests with a provider, validates, repairs once, and caches per tenant."""
 
-    provider: Provider
+    provider: llm.Provider
     catalogue: catalogue_mod.Catalogue = field(default_factory=catalogue_mod.default)
-    cache: PlanCache | None = None
+    cache: cache_mod.PlanCache | None = None
     temperature: float = 0.1
     max_todos: int = 50
 
@@ -325,7 +164,7 @@ class Planner:
             todos, problems = self._validate(text, reserved_keys)
             if not problems:
                 if self.cache is not None and tenant_id is not None:
-                    await self.cache.put(tenant_id, key, todos, CACHE_TTL)
+                    await self.cache.put(tenant_id, key, todos, cache_mod.TTL)
                 return {"todos": todos, "usage": usage, "cached": False}
             if round_ == 0:
                 messages += [
@@ -393,7 +232,7 @@ class PlanExecutor:
 class GenerateExecutor:
     """``llm.generate``: a prompt plus optional inputs (often resolved ``$ref`` results) to text."""
 
-    def __init__(self, provider: Provider, *, temperature: float = 0.2) -> None:
+    def __init__(self, provider: llm.Provider, *, temperature: float = 0.2) -> None:
         self.provider = provider
         self.temperature = temperature
 
@@ -410,7 +249,9 @@ class GenerateExecutor:
         return {"text": text, "usage": usage.as_dict()}
 
 
-def register(registry: executor.Registry, provider: Provider, cache: PlanCache | None) -> Planner:
+def register(
+    registry: executor.Registry, provider: llm.Provider, cache: cache_mod.PlanCache | None
+) -> Planner:
     """Add ``plan`` and ``llm.generate`` to a registry; returns the planner."""
     planner = Planner(provider, cache=cache)
     registry.register("plan", PlanExecutor(planner))
@@ -421,7 +262,7 @@ def register(registry: executor.Registry, provider: Provider, cache: PlanCache |
 def registry_for(config: settings.Settings, db: store.Store | None) -> executor.Registry:
     """The built-in executors, plus ``plan`` and ``llm.generate`` when a provider is configured."""
     registry = executor.builtin(http_allow=config.http_allow)
-    provider = provider_from(config)
+    provider = llm.provider_from(config)
     if provider is not None:
-        register(registry, provider, cache_for(config, db))
+        register(registry, provider, cache_mod.cache_for(config, db))
     return registry

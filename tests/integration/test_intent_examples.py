@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx2
-from cpa_scheduler import catalogue, dispatch, executor, intake, intents, planner, store
+from cpa_scheduler import catalogue, dispatch, executor, intake, intents, llm, planner, store
 
 from tests.conftest import MemberFactory
 from tests.unit.test_planner import chat
@@ -49,7 +49,7 @@ async def test_every_positive_intent_example_completes(
     def answer(request: httpx2.Request) -> httpx2.Response:
         return chat("Kurz zusammengefasst: alles erledigt.")
 
-    provider = planner.OpenAIProvider(
+    provider = llm.OpenAIProvider(
         model="gpt-4o-mini", api_key="sk-test", max_retries=0,
         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
     )  # fmt: skip

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from cpa_scheduler import dispatch, executor, intake, planner, settings, store
+from cpa_scheduler import cache as plan_cache
+from cpa_scheduler import dispatch, executor, intake, llm, planner, settings, store
 
 from tests.conftest import MemberFactory
 from tests.unit.test_planner import Recorder, chat
@@ -55,7 +56,7 @@ async def test_german_request_is_planned_and_runs_to_done(
     assert job["intent"] == "unknown" and job["todo_count"] == 1  # answered at once: one plan ToDo
     rec = Recorder(chat(BRANCHES))
     registry = executor.builtin()
-    planner.register(registry, rec.provider(), planner.PostgresPlanCache(db))
+    planner.register(registry, rec.provider(), plan_cache.PostgresPlanCache(db))
     summary = await dispatch.Dispatcher(db, registry=registry).run_pass(30)
     assert summary.done == 4 and summary.failed == 0
     async with db.user(m.claims) as s:
@@ -82,7 +83,7 @@ async def test_invalid_plan_fails_the_job_with_the_errors(
         job = await intake.submit(s, tenant_id=m.tenant_id, text=GERMAN, planner_configured=True)
     rec = Recorder(chat(bad), chat(bad))
     registry = executor.builtin()
-    planner.register(registry, rec.provider(), planner.PostgresPlanCache(db))
+    planner.register(registry, rec.provider(), plan_cache.PostgresPlanCache(db))
     await dispatch.Dispatcher(db, registry=registry).run_pass(30)
     async with db.user(m.claims) as s:
         final = await s.job_get(job["id"])
@@ -93,7 +94,7 @@ async def test_invalid_plan_fails_the_job_with_the_errors(
 async def test_cache_hit_makes_no_call(db: store.Store, member_factory: MemberFactory) -> None:
     m = await member_factory()
     rec = Recorder(chat(BRANCHES))
-    p = planner.Planner(rec.provider(), cache=planner.PostgresPlanCache(db))
+    p = planner.Planner(rec.provider(), cache=plan_cache.PostgresPlanCache(db))
     first = await p.plan(GERMAN, tenant_id=str(m.tenant_id))
     second = await p.plan(
         "  organisiere BITTE meinen Umzug nach Hamburg nächsten Monat ", tenant_id=str(m.tenant_id)
@@ -151,7 +152,7 @@ async def test_ollama_compatible_server_through_base_url(ollama_stub: dict[str, 
     config = settings.Settings(
         database_url="x", openai_base_url=ollama_stub["base_url"], llm_model="llama3.2"
     )
-    provider = planner.provider_from(config)
+    provider = llm.provider_from(config)
     assert provider is not None
     result = await planner.Planner(provider).plan(GERMAN)
     assert [t["key"] for t in result["todos"]] == ["kisten", "termin", "fertig"]
@@ -167,8 +168,8 @@ async def test_upstash_plan_cache(member_factory: MemberFactory) -> None:
         cfg = settings.Settings(
             database_url="x", upstash_redis_rest_url=url, upstash_redis_rest_token="tok"
         )
-        cache = planner.cache_for(cfg, None)
-        assert isinstance(cache, planner.UpstashPlanCache)
+        cache = plan_cache.cache_for(cfg, None)
+        assert isinstance(cache, plan_cache.UpstashPlanCache)
         rec = Recorder(chat(BRANCHES))
         p = planner.Planner(rec.provider(), cache=cache)
         tenant = str(__import__("uuid").uuid4())

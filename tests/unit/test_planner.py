@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from cpa_scheduler import catalogue, errors, executor, planner
+from cpa_scheduler import catalogue, errors, executor, llm, planner
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "openai"
 GOOD = {
@@ -77,9 +77,9 @@ class Recorder:
             raise answer
         return answer
 
-    def provider(self, retries: int = 0, **kw: Any) -> planner.OpenAIProvider:
+    def provider(self, retries: int = 0, **kw: Any) -> llm.OpenAIProvider:
         client = httpx2.AsyncClient(transport=httpx2.MockTransport(self))
-        return planner.OpenAIProvider(
+        return llm.OpenAIProvider(
             model="gpt-4o-mini", api_key="sk-test", max_retries=retries, http_client=client, **kw
         )
 
@@ -221,12 +221,12 @@ async def test_plan_executor_reports_attach_and_refuses_reserved_keys() -> None:
 def test_no_provider_without_configuration() -> None:
     from cpa_scheduler import settings
 
-    assert planner.provider_from(settings.Settings(database_url="x")) is None
+    assert llm.provider_from(settings.Settings(database_url="x")) is None
     assert isinstance(
-        planner.provider_from(
+        llm.provider_from(
             settings.Settings(database_url="x", openai_base_url="http://127.0.0.1:11434/v1")
         ),
-        planner.OpenAIProvider,
+        llm.OpenAIProvider,
     )
     reg = planner.registry_for(settings.Settings(database_url="x"), None)
     assert "plan" not in reg and "llm.generate" not in reg
