@@ -50,6 +50,6 @@ class UpstashPlanCache:
 
 def cache_for(config: settings.Settings, db: store.Store | None) -> PlanCache | None:
     """Upstash when configured, else Postgres (when there is a store)."""
-    if config.upstash_redis_rest_url and config.upstash_redis_rest_token:
-        return UpstashPlanCache(config.upstash_redis_rest_url, config.upstash_redis_rest_token)
+    if config.upstash is not None:
+        return UpstashPlanCache(*config.upstash)
     return PostgresPlanCache(db) if db is not None else None

@@ -120,7 +120,7 @@ class OpenAIProvider:
 
 def provider_from(config: settings.Settings, *, http_client: Any = None) -> Provider | None:
     """OpenAI when OPENAI_API_KEY is set, a compatible server with OPENAI_BASE_URL, else None."""
-    if not (config.openai_api_key or config.openai_base_url):
+    if not config.planner_configured:
         return None
     return OpenAIProvider(
         model=config.llm_model,

@@ -66,10 +66,11 @@ class UpstashLimiter:
 
 def limiter(config: settings.Settings, db: store.Store) -> Limiter:
     """Upstash when both Upstash variables are set, Postgres otherwise."""
-    if config.upstash_redis_rest_url and config.upstash_redis_rest_token:
+    if config.upstash is not None:
+        url, token = config.upstash
         return UpstashLimiter(
-            config.upstash_redis_rest_url,
-            config.upstash_redis_rest_token,
+            url,
+            token,
             limit=config.rate_limit,
             window=config.rate_window,
         )

@@ -48,6 +48,18 @@ class Settings(BaseModel):
         return self.database_url is None
 
     @property
+    def planner_configured(self) -> bool:
+        """An LLM provider is configured (OpenAI, or a compatible server by base URL)."""
+        return bool(self.openai_api_key or self.openai_base_url)
+
+    @property
+    def upstash(self) -> tuple[str, str] | None:
+        """Upstash Redis's REST URL and token when both are set (rate limits, plan cache)."""
+        if self.upstash_redis_rest_url and self.upstash_redis_rest_token:
+            return self.upstash_redis_rest_url, self.upstash_redis_rest_token
+        return None
+
+    @property
     def jwks_url(self) -> str | None:
         if self.supabase_jwks_url:
             return self.supabase_jwks_url

@@ -22,7 +22,6 @@ from cpa_scheduler.api.deps import AppState, CurrentCaller, UserSession, Verifie
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
 Status = Literal["pending", "running", "done", "failed", "cancelled"]
-TERMINAL = {"done", "failed", "cancelled"}
 
 
 class JobCreate(BaseModel):
@@ -108,7 +107,7 @@ async def create_job(
     background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict[str, Any]:
-    configured = bool(app.config.openai_api_key or app.config.openai_base_url)
+    configured = app.config.planner_configured
     with tracing.span(
         "cpa.job.create", attributes={"cpa.tenant_id": str(caller.tenant_id)}
     ) as span:
@@ -246,7 +245,9 @@ async def job_events(
         """Events after ``last``, and whether the job had ended with none left."""
         async with app.store.user(claims) as session:
             rows = await session.event_list(job_id, last, 500)
-            ended = False if rows else (await session.job_get(job_id))["status"] in TERMINAL
+            ended = (
+                False if rows else (await session.job_get(job_id))["status"] in events_mod.TERMINAL
+            )
         return [events_mod.view(r) for r in rows], ended
 
     first, ended = await poll(after if after is not None else start)  # 404 unless visible

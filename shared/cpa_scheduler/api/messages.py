@@ -63,7 +63,7 @@ async def message(
 async def answer(
     msg: protocol.Message, app: state_mod.State, caller: Caller, session: store.Session
 ) -> protocol.Message:
-    configured = bool(app.config.openai_api_key or app.config.openai_base_url)
+    configured = app.config.planner_configured
     match msg:
         case protocol.Request(payload=p):
             return await _submit(

@@ -59,7 +59,7 @@ class ScheduleList(BaseModel):
 async def create_schedule(
     body: ScheduleCreate, app: AppState, caller: CurrentCaller, session: UserSession
 ) -> dict[str, Any]:
-    configured = bool(app.config.openai_api_key or app.config.openai_base_url)
+    configured = app.config.planner_configured
     row = await schedules.create(
         session, tenant_id=caller.tenant_id, cron=body.cron, time_zone=body.time_zone,
         request=body.request, spec=body.graph, planner_configured=configured,
