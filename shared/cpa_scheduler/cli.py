@@ -56,7 +56,7 @@ def _route(args: argparse.Namespace) -> int:
 async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
     config = settings.from_env()
     url = database.prepare(config, migrate=config.local)
-    db = store.Store(url)
+    db = store.Store(url, timeout=config.db_timeout)
     dispatcher = dispatch.Dispatcher(
         db,
         registry=planner.registry_for(config, db),
@@ -71,9 +71,32 @@ async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         print("dispatcher: running; SIGTERM stops it after the ToDos it holds.", file=sys.stderr)
-        return (await dispatcher.run_forever(url, stop=stop)).as_dict()
+        max_down = config.dispatch_max_down or None
+        worker = asyncio.create_task(dispatcher.run_forever(url, stop=stop, max_down=max_down))
+        watchdog = asyncio.create_task(_watchdog(dispatcher.health, stop))
+        await asyncio.wait({worker, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        if not worker.done():  # the watchdog gave up on a stalled loop
+            worker.cancel()
+            watchdog.result()
+        watchdog.cancel()
+        return worker.result().as_dict()
     finally:
         await db.close()
+
+
+async def _watchdog(health: dispatch.Health, stop: asyncio.Event) -> None:
+    """Raise when the dispatcher loop has stopped making progress (a hang, not a fault: faults
+    are retried by the loop itself), so the worker exits non-zero and is restarted."""
+    import time
+
+    while not stop.is_set():
+        await asyncio.sleep(min(5.0, health.stale_after / 4))
+        idle = time.monotonic() - health.last_beat
+        if health.running and idle > health.stale_after:
+            raise errors.UnavailableError(
+                f"The dispatcher made no progress for {idle:.0f} s (limit "
+                f"{health.stale_after:.0f} s); exiting so its supervisor restarts it."
+            )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -101,11 +124,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = settings.from_env()
     url = database.prepare(config, migrate=True)
-    db = store.Store(url, max_size=config.pool_max_size)
-    api_state.set_state(
-        api_state.State(config, db, auth.verifier(config), ratelimit.limiter(config, db))
-    )
+    db = store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
     dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
+    api_state.set_state(
+        api_state.State(
+            config, db, auth.verifier(config), ratelimit.limiter(config, db), dispatcher.health
+        )
+    )
 
     async def main() -> None:
         from cpa_scheduler import api
@@ -125,10 +150,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"CPA Scheduler on http://{args.host}:{args.port} ({mode}).", file=sys.stderr)
         print("Get a token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)",
               file=sys.stderr)  # fmt: skip
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
+        failed = worker.done() and not stop.is_set()
+        stop.set()
         server.should_exit = True
-        await asyncio.gather(web, worker)
+        await asyncio.gather(web, worker, return_exceptions=True)
         await db.close()
+        if failed:  # the supervised loop only ends on stop; anything else is a bug: say so
+            worker.result()
+            raise errors.UnavailableError("The dispatcher stopped unexpectedly.")
 
     asyncio.run(main())
     return 0

@@ -34,6 +34,10 @@ class Settings(BaseModel):
     pool_max_size: int = 10
     rate_limit: int = 60
     rate_window: int = 60
+    # Seconds a request waits for a pooled connection (or a new one) before its 503.
+    db_timeout: float = Field(default=2.0, gt=0, le=60)
+    # A worker whose database stays unreachable this long exits non-zero (0: never).
+    dispatch_max_down: float = Field(default=300.0, ge=0)
 
     @property
     def local(self) -> bool:
@@ -71,6 +75,8 @@ _ENV = {
     "api_url": "CPA_API_URL",
     "rate_limit": "CPA_RATE_LIMIT",
     "rate_window": "CPA_RATE_WINDOW",
+    "db_timeout": "CPA_DB_TIMEOUT",
+    "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
 }
 
 

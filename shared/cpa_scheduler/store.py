@@ -66,7 +66,7 @@ def translate() -> Iterator[None]:
         raise errors.NotFoundError(
             f"Not found: the caller may not do this ({exc.diag.message_primary})."
         ) from None
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
         raise errors.UnavailableError(
             f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
         ) from None
@@ -362,18 +362,32 @@ def _uuid(value: uuid.UUID | str, what: str) -> str:
 class Store:
     """A connection pool and the three transaction scopes."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 2.0
+    ) -> None:
         import psycopg
         from psycopg.rows import DictRow, dict_row
         from psycopg_pool import AsyncConnectionPool
 
         self.url = url
+        self.timeout = timeout
+        # While the database is down a request must get its 503 in about `timeout` seconds,
+        # not the pool's default 30: the wait for a connection and each new connection are
+        # bounded, and the pool keeps retrying in the background (reconnect_timeout) so the
+        # first request after an outage finds a fresh connection.
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
             open=False,
-            kwargs={"prepare_threshold": None, "row_factory": dict_row, "autocommit": False},
+            timeout=timeout,
+            reconnect_timeout=3600,
+            kwargs={
+                "prepare_threshold": None,
+                "row_factory": dict_row,
+                "autocommit": False,
+                "connect_timeout": max(2, int(timeout + 0.999)),
+            },
             connection_class=psycopg.AsyncConnection[DictRow],
         )
         self._opened = False
@@ -391,7 +405,10 @@ class Store:
 
             with translate():
                 # One direct connection first: a wrong URL fails now, with the server's reason.
-                probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=10)
+                probe = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(self.url, connect_timeout=10),
+                    timeout=max(self.timeout, 2.0),
+                )
                 await probe.close()
                 await self._pool.open(wait=True, timeout=10)
                 self._opened = True
