@@ -87,6 +87,7 @@ class Health:
     failures: int = 0  # consecutive
     failing_since: float | None = None
     last_error: str | None = None
+    last_exc: BaseException | None = None
     running: bool = False
 
     def ok(self) -> None:
@@ -105,7 +106,7 @@ class Health:
         self.failures += 1
         self.failing_since = self.failing_since or now
         cause = exc.message if isinstance(exc, errors.CpaError) else repr(exc)
-        self.last_error = f"{where}: {cause}"
+        self.last_error, self.last_exc = f"{where}: {cause}", exc
         delay = min(self.backoff_cap, 0.25 * float(2 ** min(self.failures - 1, 16)))
         log.warning("dispatcher: %s failed (%d in a row), next try in %.2f s: %s",
                     where, self.failures, delay, cause)  # fmt: skip
@@ -242,7 +243,7 @@ class Dispatcher:
                     if delay is not None:
                         paused_until = time.monotonic() + delay
                         if not running and not pending and flushing is None:
-                            raise errors.UnavailableError(
+                            raise self.health.last_exc or errors.UnavailableError(
                                 f"A claim failed: {self.health.last_error}"
                             )
                     need_claim = False

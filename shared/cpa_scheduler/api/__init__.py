@@ -50,4 +50,4 @@ async def readyz(state: AppState) -> Any:
     if ready:
         return body
     body["status"] = "unavailable"
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
