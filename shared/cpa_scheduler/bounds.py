@@ -18,6 +18,7 @@ from cpa_scheduler import errors
 MAX_DEPTH = 64
 MAX_PARAMS_BYTES = 256 * 1024
 MAX_RESULT_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
 
 def problem(value: Any, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> str | None:

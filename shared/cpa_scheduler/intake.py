@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -70,6 +72,14 @@ async def submit(
     intent, g = plan(
         text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner
     )
+    if idempotency_key is not None:
+        body = {
+            "request": text,
+            "graph": None if spec is None else spec.model_dump(mode="json"),
+            "priority": priority,
+            "plan": force_planner,
+        }
+        await session.idempotency_check(tenant_id, idempotency_key, body_hash(body))
     return await session.job_create(
         tenant_id=tenant_id,
         todos=todo_rows(g),
@@ -78,6 +88,12 @@ async def submit(
         idempotency_key=idempotency_key,
         priority=priority,
     )
+
+
+def body_hash(body: Any) -> str:
+    """A stable fingerprint of a job request's body (key order and spacing do not matter)."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
 
 
 JOB_FIELDS = (

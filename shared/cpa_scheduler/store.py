@@ -66,6 +66,12 @@ def translate() -> Iterator[None]:
         raise errors.NotFoundError(
             f"Not found: the caller may not do this ({exc.diag.message_primary})."
         ) from None
+    except UnicodeEncodeError as exc:  # psycopg encoding a str that holds a lone surrogate
+        bad = exc.object[exc.start : exc.end] if isinstance(exc.object, str) else "?"
+        raise errors.InvalidError(
+            f"A text value contains {bad!r}, an unpaired surrogate that is not valid Unicode; "
+            "send well-formed UTF-8."
+        ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
         raise errors.UnavailableError(
             f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
@@ -126,6 +132,11 @@ class Session:
         )
         assert row is not None
         return row
+
+    async def idempotency_check(self, tenant_id: uuid.UUID | str, key: str, body_hash: str) -> bool:
+        """Record a new key's body hash (True); False for a replay; ConflictError otherwise."""
+        params = {"tenant_id": str(tenant_id), "key": key, "body_hash": body_hash}
+        return bool(await self._scalar("idempotency_check", params))
 
     async def job_get(self, job_id: uuid.UUID | str) -> Row:
         row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})

@@ -142,3 +142,6 @@ on conflict (name) do update
  where (private.catalogue_actions.target, private.catalogue_actions.requires_confirmation,
         private.catalogue_actions.params_schema)
        is distinct from (excluded.target, excluded.requires_confirmation, excluded.params_schema);
+
+-- name: idempotency_check
+select cpa.idempotency_check_v1(%(tenant_id)s, %(key)s, %(body_hash)s) as new;
