@@ -274,22 +274,21 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _do(assign: protocol.Assign, sandbox: Path) -> Any:
-    """The safe built-in subset a reference agent performs."""
+    """The safe built-in subset a reference agent performs (files: see sandbox.Sandbox)."""
+    from cpa_scheduler.sandbox import Sandbox
+
     p = assign.payload.params
     if assign.payload.action == "desktop.open_app":
         print(f"agent: open app {p['app']!r}", file=sys.stderr)
         return {"opened": p["app"]}
     if assign.payload.action in ("file.write", "file.read", "notes.create"):
-        name = p.get("path") or f"notes/{assign.payload.todo_id}.md"
-        target = (sandbox / str(name).lstrip("/~")).resolve()
-        if not target.is_relative_to(sandbox.resolve()):
-            raise errors.PermanentError(f"The path {name!r} is outside the agent's sandbox.")
+        name = str(p.get("path") or f"notes/{assign.payload.todo_id}.md")
+        box = Sandbox(sandbox)
         if assign.payload.action == "file.read":
-            return {"text": target.read_text("utf-8")}
-        target.parent.mkdir(parents=True, exist_ok=True)
+            return {"text": box.read(name)}
         content = p.get("content", p.get("text", ""))
-        target.write_text(content if isinstance(content, str) else json.dumps(content), "utf-8")
-        return {"path": str(target), "bytes": target.stat().st_size}
+        text = content if isinstance(content, str) else json.dumps(content)
+        return box.write(name, text.encode("utf-8", "backslashreplace"))
     raise errors.PermanentError(f"This agent cannot perform {assign.payload.action!r}.")
 
 
@@ -314,7 +313,11 @@ def _agent(args: argparse.Namespace) -> int:
                             assign, "done", {"todo_id": assign.payload.todo_id, "result": result}
                         )
                     except (errors.CpaError, OSError) as exc:
-                        text = exc.message if isinstance(exc, errors.CpaError) else str(exc)
+                        # Never an OSError's text: it may hold the agent's absolute paths.
+                        text = exc.message if isinstance(exc, errors.CpaError) else (
+                            f"The action failed on this computer ({type(exc).__name__}, "
+                            f"errno {exc.errno})."
+                        )  # fmt: skip
                         reply = protocol.reply_to(
                             assign, "failure", {"todo_id": assign.payload.todo_id, "error": text}
                         )
