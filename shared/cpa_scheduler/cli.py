@@ -62,6 +62,7 @@ async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
         registry=planner.registry_for(config, db),
         concurrency=args.concurrency,
         lease_seconds=args.lease,
+        tenant_cap=config.tenant_cap,
     )
     try:
         if args.once:
@@ -125,7 +126,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = settings.from_env()
     url = database.prepare(config, migrate=True)
     db = store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
-    dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
+    dispatcher = dispatch.Dispatcher(
+        db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap
+    )
     api_state.set_state(
         api_state.State(
             config, db, auth.verifier(config), ratelimit.limiter(config, db), dispatcher.health

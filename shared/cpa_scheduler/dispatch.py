@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -178,8 +180,10 @@ class Dispatcher:
 
     store: store.Store
     registry: executor.Registry = field(default_factory=executor.builtin)
-    owner: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex[:12]}")
+    owner: str = field(default_factory=lambda: owner_name())
     concurrency: int = 128
+    # Running cloud ToDos one tenant may hold (None: no cap); CPA_TENANT_RUNNING_CAP.
+    tenant_cap: int | None = 64
     batch: int = 100
     lanes: int = 2
     lease_seconds: float = 60.0
@@ -202,8 +206,9 @@ class Dispatcher:
         """
         started = time.monotonic()
         share = max(1, self.concurrency // self.lanes)
+        busy: set[int] = set()  # lanes that hold running ToDos
         parts = await asyncio.gather(
-            *(self._lane(budget, share, stop, wake) for _ in range(self.lanes)),
+            *(self._lane(budget, share, stop, wake, (i, busy)) for i in range(self.lanes)),
             return_exceptions=True,  # a failing lane must not orphan the other one
         )
         total = Summary()
@@ -220,9 +225,11 @@ class Dispatcher:
         concurrency: int,
         stop: asyncio.Event | None,
         wake: asyncio.Event | None,
+        lanes: tuple[int, set[int]] = (0, set()),
     ) -> Summary:
         started = time.monotonic()
         deadline = started + budget
+        me, busy = lanes
         summary = Summary()
         running: dict[asyncio.Task[_Outcome], dict[str, Any]] = {}
         pending: list[_Outcome] = []  # finished, waiting for the next flush
@@ -256,9 +263,19 @@ class Dispatcher:
                     flush_batch = pending
                     flushing = asyncio.create_task(self._flush(flush_batch, summary))
                     pending = []
+                if running:
+                    busy.add(me)
+                else:
+                    busy.discard(me)
                 if not running and not pending and flushing is None:
                     if stopping or not need_claim:
-                        break
+                        if wake is None or not busy:
+                            break
+                        # Another lane still runs ToDos, so the pass goes on: stay ready for
+                        # new work (a NOTIFY, or a claim a second later) rather than leave it
+                        # to a lane whose slots may all be taken by one tenant's long ToDos.
+                        await _first_of(wake, stop, seconds=1.0)
+                        need_claim = True
                     continue
                 timeout = max(0.0, deadline - time.monotonic()) if not stopping else None
                 if paused:
@@ -339,6 +356,7 @@ class Dispatcher:
         try:
             while not stop.is_set():
                 try:
+                    await self.reclaim_dead()
                     await self._run_listening(listen_url, stop, sweep_interval, total)
                 except Exception as exc:
                     delay = self.health.fault("dispatch pass", exc)
@@ -352,6 +370,20 @@ class Dispatcher:
         finally:
             self.health.running = False
         return total
+
+    async def reclaim_dead(self) -> int:
+        """Requeue now the ToDos leased to dispatchers of this host whose process is gone."""
+        prefix = ":".join(self.owner.split(":")[:2]) + ":"
+        if prefix.count(":") != 2:
+            return 0
+        async with self.store.service() as session:
+            dead = dead_owners(await session.todo_lease_owners(prefix), self.owner)
+            if not dead:
+                return 0
+            n = await session.todo_reclaim_dead(dead)
+        log.warning("dispatcher: reclaimed %d ToDo(s) leased to %d dead dispatcher(s) on this "
+                    "host: %s", n, len(dead), ", ".join(dead))  # fmt: skip
+        return n
 
     async def _run_listening(
         self, listen_url: str, stop: asyncio.Event, sweep_interval: float, total: Summary
@@ -396,8 +428,9 @@ class Dispatcher:
     async def _claim(self, limit: int) -> list[dict[str, Any]]:
         async with self.store.service() as session:
             rows = await session.todo_claim(
-                target="cloud", owner=self.owner, limit=limit, lease_seconds=self.lease_seconds
-            )
+                target="cloud", owner=self.owner, limit=limit, lease_seconds=self.lease_seconds,
+                tenant_cap=self.tenant_cap,
+            )  # fmt: skip
         self.health.ok()
         return rows
 
@@ -590,3 +623,46 @@ def _clean(text: str) -> str:
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _first_of(wake: asyncio.Event, stop: asyncio.Event | None, *, seconds: float) -> None:
+    waiters = [asyncio.create_task(wake.wait())]
+    if stop is not None:
+        waiters.append(asyncio.create_task(stop.wait()))
+    await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+
+
+def owner_name() -> str:
+    """A lease owner naming this host and process, so a successor can prove it dead."""
+    return f"dispatcher:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def dead_owners(owners: list[str], me: str) -> list[str]:
+    """The dispatcher owners on this host whose process is provably gone.
+
+    Provably: the pid no longer exists, or it is this very process under an older name (a
+    restarted container reuses its pid). Any other live pid might be the owner: it is left to
+    its lease.
+    """
+    _, host, pid, _ = me.split(":", 3)
+    dead = []
+    for owner in owners:
+        parts = owner.split(":")
+        if len(parts) != 4 or parts[0] != "dispatcher" or parts[1] != host or owner == me:
+            continue
+        try:
+            other = int(parts[2])
+        except ValueError:
+            continue
+        if other == int(pid):
+            dead.append(owner)
+            continue
+        try:
+            os.kill(other, 0)
+        except ProcessLookupError:
+            dead.append(owner)
+        except PermissionError:
+            pass  # it exists (another user's process)
+    return dead

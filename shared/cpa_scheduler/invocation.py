@@ -57,8 +57,10 @@ def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
     if _loop is None or _dispatcher is None:
         config = settings.from_env()
         _loop = asyncio.new_event_loop()
-        db = store.Store(database.prepare(config, migrate=config.local))
-        _dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
+        db = store.Store(database.prepare(config, migrate=config.local), timeout=config.db_timeout)
+        _dispatcher = dispatch.Dispatcher(
+            db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap
+        )
     return _loop, _dispatcher
 
 

@@ -38,6 +38,13 @@ class Settings(BaseModel):
     db_timeout: float = Field(default=2.0, gt=0, le=60)
     # A worker whose database stays unreachable this long exits non-zero (0: never).
     dispatch_max_down: float = Field(default=300.0, ge=0)
+    # Running cloud ToDos one tenant may hold at once (0: no cap), so one cannot fill the
+    # dispatcher.
+    tenant_running_cap: int = Field(default=64, ge=0)
+
+    @property
+    def tenant_cap(self) -> int | None:
+        return self.tenant_running_cap or None
 
     @property
     def local(self) -> bool:
@@ -77,6 +84,7 @@ _ENV = {
     "rate_window": "CPA_RATE_WINDOW",
     "db_timeout": "CPA_DB_TIMEOUT",
     "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
+    "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
 }
 
 

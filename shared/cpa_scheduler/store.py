@@ -193,6 +193,7 @@ class Session:
         lease_seconds: float = 60.0,
         tenant_id: uuid.UUID | str | None = None,
         actions: Sequence[str] | None = None,
+        tenant_cap: int | None = None,
     ) -> list[Row]:
         return await self._all(
             "todo_claim",
@@ -203,8 +204,17 @@ class Session:
                 "lease_seconds": lease_seconds,
                 "tenant_id": str(tenant_id) if tenant_id else None,
                 "actions": list(actions) if actions is not None else None,
+                "tenant_cap": tenant_cap,
             },
         )
+
+    async def todo_lease_owners(self, prefix: str) -> list[str]:
+        """Owners (``prefix``...) of the leases on running ToDos."""
+        return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
+
+    async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
+        """Expire now the leases of dispatcher owners proven dead."""
+        return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))
 
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
         return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))

@@ -167,7 +167,7 @@ async def test_an_unstorable_result_fails_its_todo_alone(
     reg.register("echo", echo)
     m = await member_factory()
     job = await job_factory(m, [{"key": f"t{i}", "action": "echo"} for i in range(100)])
-    d = dispatch.Dispatcher(db, registry=reg, concurrency=100, batch=100, lanes=1)
+    d = dispatch.Dispatcher(db, registry=reg, concurrency=100, batch=100, lanes=1, tenant_cap=None)
     summary = await d.run_pass(30)
     assert summary.done == 98 and summary.failed == 2, summary.as_dict()
     async with db.user(m.claims) as s:

@@ -46,8 +46,8 @@ select * from cpa.job_retry_v1(%(job_id)s);
 select * from public.todos where id = %(todo_id)s;
 
 -- name: todo_claim
-select * from cpa.todo_claim_v1(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
-                                   %(tenant_id)s, %(actions)s);
+select * from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
+                                %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
 -- name: todo_complete
 select cpa.todo_complete_v1(%(items)s::jsonb) as n;
@@ -145,3 +145,9 @@ on conflict (name) do update
 
 -- name: idempotency_check
 select cpa.idempotency_check_v1(%(tenant_id)s, %(key)s, %(body_hash)s) as new;
+
+-- name: todo_lease_owners
+select owner from cpa.todo_lease_owners_v1(%(prefix)s) as owner;
+
+-- name: todo_reclaim_dead
+select cpa.todo_reclaim_dead_v1(%(owners)s) as n;
