@@ -63,6 +63,8 @@ async def _dispatch_run(args: argparse.Namespace) -> dict[str, object]:
         concurrency=args.concurrency,
         lease_seconds=args.lease,
         tenant_cap=config.tenant_cap,
+        retention_days=config.retention_days,
+        audit_retention_days=config.audit_retention_days,
     )
     try:
         if args.once:
@@ -127,8 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
     url = database.prepare(config, migrate=True)
     db = store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
     dispatcher = dispatch.Dispatcher(
-        db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap
-    )
+        db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
+        retention_days=config.retention_days, audit_retention_days=config.audit_retention_days,
+    )  # fmt: skip
     api_state.set_state(
         api_state.State(
             config, db, auth.verifier(config), ratelimit.limiter(config, db), dispatcher.health

@@ -184,6 +184,11 @@ class Dispatcher:
     concurrency: int = 128
     # Running cloud ToDos one tenant may hold (None: no cap); CPA_TENANT_RUNNING_CAP.
     tenant_cap: int | None = 64
+    # Retention (CPA_RETENTION_DAYS, CPA_AUDIT_RETENTION_DAYS), pruned at most this often.
+    retention_days: int = 30
+    audit_retention_days: int = 365
+    retention_every: float = 3600.0
+    _pruned_at: float | None = field(default=None, repr=False)
     batch: int = 100
     lanes: int = 2
     lease_seconds: float = 60.0
@@ -371,6 +376,24 @@ class Dispatcher:
             self.health.running = False
         return total
 
+    async def maybe_prune(self) -> dict[str, int] | None:
+        """Run one retention batch when the last one is ``retention_every`` seconds old."""
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < self.retention_every:
+            return None
+        self._pruned_at = now
+        try:
+            async with self.store.service() as session:
+                pruned = await session.retention_prune(
+                    job_days=self.retention_days, audit_days=self.audit_retention_days
+                )
+        except Exception as exc:
+            self.health.fault("retention", exc)
+            return None
+        if any(pruned.values()):
+            log.info("dispatcher: retention pruned %s", pruned)
+        return pruned
+
     async def reclaim_dead(self) -> int:
         """Requeue now the ToDos leased to dispatchers of this host whose process is gone."""
         prefix = ":".join(self.owner.split(":")[:2]) + ":"
@@ -414,6 +437,7 @@ class Dispatcher:
                 total.add(await self.run_pass(3600.0, stop=stop, wake=wake))
                 if stop.is_set():
                     break
+                await self.maybe_prune()
                 sleepers = [asyncio.create_task(wake.wait()), asyncio.create_task(stop.wait())]
                 await asyncio.wait(
                     sleepers, timeout=sweep_interval, return_when=asyncio.FIRST_COMPLETED

@@ -59,8 +59,10 @@ def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
         _loop = asyncio.new_event_loop()
         db = store.Store(database.prepare(config, migrate=config.local), timeout=config.db_timeout)
         _dispatcher = dispatch.Dispatcher(
-            db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap
-        )
+            db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
+            retention_days=config.retention_days,
+            audit_retention_days=config.audit_retention_days,
+        )  # fmt: skip
     return _loop, _dispatcher
 
 
@@ -80,6 +82,7 @@ def handler(event: dict[str, Any], context: LambdaContext | None = None) -> dict
                 "body": json.dumps(body)}  # fmt: skip
     loop, dispatcher = _get_dispatcher()
     summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+    loop.run_until_complete(dispatcher.maybe_prune())  # at most hourly per warm container
     summary["source"] = invocation.source
     if invocation.source == "http":
         return {"statusCode": 200, "headers": {"content-type": "application/json"},

@@ -41,6 +41,9 @@ class Settings(BaseModel):
     # Running cloud ToDos one tenant may hold at once (0: no cap), so one cannot fill the
     # dispatcher.
     tenant_running_cap: int = Field(default=64, ge=0)
+    # Days job_events and finished jobs are kept, and audit_log entries.
+    retention_days: int = Field(default=30, ge=1)
+    audit_retention_days: int = Field(default=365, ge=1)
 
     @property
     def tenant_cap(self) -> int | None:
@@ -85,6 +88,8 @@ _ENV = {
     "db_timeout": "CPA_DB_TIMEOUT",
     "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
     "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
+    "retention_days": "CPA_RETENTION_DAYS",
+    "audit_retention_days": "CPA_AUDIT_RETENTION_DAYS",
 }
 
 

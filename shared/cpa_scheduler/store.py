@@ -212,6 +212,13 @@ class Session:
         """Owners (``prefix``...) of the leases on running ToDos."""
         return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
 
+    async def retention_prune(
+        self, *, job_days: int, audit_days: int, batch: int = 5000
+    ) -> dict[str, int]:
+        """One bounded batch of retention: old events, finished jobs, audit entries."""
+        params = {"job_days": job_days, "audit_days": audit_days, "batch": batch}
+        return dict(await self._scalar("retention_prune", params))
+
     async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
         """Expire now the leases of dispatcher owners proven dead."""
         return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))

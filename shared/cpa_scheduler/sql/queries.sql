@@ -151,3 +151,6 @@ select owner from cpa.todo_lease_owners_v1(%(prefix)s) as owner;
 
 -- name: todo_reclaim_dead
 select cpa.todo_reclaim_dead_v1(%(owners)s) as n;
+
+-- name: retention_prune
+select cpa.retention_prune_v1(%(job_days)s, %(audit_days)s, %(batch)s) as pruned;
