@@ -251,6 +251,7 @@ class Dispatcher:
                 if not stopping and free > 0 and not paused:
                     if wake is not None:
                         wake.clear()  # before the claim: a later NOTIFY wakes the wait below
+                    busy.add(me)  # claiming counts as busy: an idle lane must not end the pass now
                     rows, delay = await self._claim_guarded(min(free, self.batch), pending)
                     if delay is not None:
                         paused_until = time.monotonic() + delay
@@ -274,7 +275,7 @@ class Dispatcher:
                     busy.discard(me)
                 if not running and not pending and flushing is None:
                     if stopping or not need_claim:
-                        if wake is None or not busy:
+                        if wake is None or not busy - {me}:
                             break
                         # Another lane still runs ToDos, so the pass goes on: stay ready for
                         # new work (a NOTIFY, or a claim a second later) rather than leave it

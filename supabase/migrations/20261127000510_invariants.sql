@@ -266,3 +266,8 @@ alter table public.jobs
   add constraint jobs_intent_length check (length(intent) <= 200) not valid;
 alter table public.todos
   add constraint todos_priority_bounds check (priority between -1000 and 1000) not valid;
+alter table public.todos
+  add constraint todos_assigned_agent_length check (length(assigned_agent) <= 200) not valid;
+alter table public.agents
+  add constraint agents_name_length check (length(name) <= 200) not valid,
+  add constraint agents_actions_count check (cardinality(actions) <= 200) not valid;
