@@ -105,6 +105,7 @@ class Health:
 
     def fault(self, where: str, exc: BaseException) -> float:
         now = time.monotonic()
+        self.last_beat = now  # retrying is progress: the watchdog is for hangs, not outages
         self.failures += 1
         self.failing_since = self.failing_since or now
         cause = exc.message if isinstance(exc, errors.CpaError) else repr(exc)
