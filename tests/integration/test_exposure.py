@@ -8,6 +8,7 @@ user's claims in the transaction.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tomllib
 from pathlib import Path
@@ -271,3 +272,25 @@ async def test_not_yours_and_not_found_read_the_same(
     async with db.service() as s:
         [todo] = await s.job_todos(job["id"])
     assert todo["status"] == "confirming"
+
+
+async def test_migrate_keeps_the_catalogue_table_equal_to_the_yaml(
+    db: store.Store, db_url: str
+) -> None:
+    from cpa_scheduler import catalogue, migration
+
+    async with db.admin() as s:
+        await s.conn.execute("delete from private.catalogue_actions where name = 'email.send'")
+        await s.conn.execute(
+            "update private.catalogue_actions set requires_confirmation = false, target = 'cloud'"
+            " where name = 'file.write'"
+        )
+    await asyncio.to_thread(migration.apply, db_url)
+    async with db.admin() as s:
+        cur = await s.conn.execute(
+            "select name, target, requires_confirmation from private.catalogue_actions"
+        )
+        rows = {r["name"]: (r["target"], r["requires_confirmation"]) for r in await cur.fetchall()}
+    shipped = catalogue.default().actions
+    for name, action in shipped.items():
+        assert rows[name] == (action.target, action.requires_confirmation), name
