@@ -81,7 +81,7 @@ class Health:
     answers the pause before the next try: exponential from 0.25 s, capped at ``backoff_cap``.
     """
 
-    backoff_cap: float = 5.0
+    backoff_cap: float = 2.0
     stale_after: float = 90.0
     started: float = field(default_factory=time.monotonic)
     last_ok: float | None = None

@@ -401,15 +401,17 @@ class Store:
         self.timeout = timeout
         # While the database is down a request must get its 503 in about `timeout` seconds,
         # not the pool's default 30: the wait for a connection and each new connection are
-        # bounded, and the pool keeps retrying in the background (reconnect_timeout) so the
-        # first request after an outage finds a fresh connection.
+        # bounded. The pool's background reconnect backs off exponentially without a cap (1, 2,
+        # 4 ... s until reconnect_timeout); a short reconnect_timeout ends that series early, and
+        # the next request or claim then starts a fresh attempt at once, so a recovered
+        # database is used again within seconds rather than after minutes of backoff.
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
             open=False,
             timeout=timeout,
-            reconnect_timeout=3600,
+            reconnect_timeout=5,
             kwargs={
                 "prepare_threshold": None,
                 "row_factory": dict_row,
