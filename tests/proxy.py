@@ -2,7 +2,8 @@
 
 ``cut()`` closes every open connection (what a restart or a network blip does to clients);
 ``down()`` also makes new connections hang without an answer (a database that is unreachable,
-not refusing); ``up()`` restores forwarding.
+not refusing); ``refuse()`` resets new connections at once (a stopped database); ``up()``
+restores forwarding.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Proxy:
     target_port: int
     port: int = 0
     alive: bool = True
+    refusing: bool = False
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _stalled: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -42,8 +44,13 @@ class Proxy:
         self.alive = False
         self.cut()
 
+    def refuse(self) -> None:
+        """Drop every connection and reset new ones at once (a database that is stopped)."""
+        self.refusing = True
+        self.down()
+
     def up(self) -> None:
-        self.alive = True
+        self.alive, self.refusing = True, False
         for writer in self._stalled:
             writer.transport.abort()
         self._stalled.clear()
@@ -57,6 +64,9 @@ class Proxy:
                 await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         if not self.alive:
             self._stalled.append(writer)  # accepted, never answered
             return

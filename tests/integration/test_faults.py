@@ -117,10 +117,10 @@ async def test_the_dispatcher_backs_off_while_down_and_runs_after(
     m = await member_factory()
     d = dispatch.Dispatcher(pdb, concurrency=4)
     stop = asyncio.Event()
-    proxy.down()
+    proxy.refuse()
     worker = asyncio.create_task(d.run_forever(proxy.url(db_url), stop=stop, sweep_interval=0.2))
     try:
-        await asyncio.sleep(5.0)
+        await asyncio.sleep(3.0)
         assert not worker.done()
         snap = d.health.snapshot()
         assert snap["status"] == "failing" and snap["failures"] >= 2, snap
@@ -137,7 +137,7 @@ async def test_a_worker_that_cannot_recover_gives_up(
     db_url: str, proxied: tuple[proxy_mod.Proxy, store.Store]
 ) -> None:
     proxy, pdb = proxied
-    proxy.down()
+    proxy.refuse()
     d = dispatch.Dispatcher(pdb)
     started = time.monotonic()
     with pytest.raises(errors.UnavailableError, match="could not reach the database"):
