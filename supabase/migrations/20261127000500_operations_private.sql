@@ -82,20 +82,9 @@ begin
 end;
 $$;
 
--- Who may report on a leased ToDo: the exact lease owner, never "anyone" (a null owner
--- matches nothing). End users act only as one of their desktop agents, on desktop ToDos of
--- their tenants; cloud ToDos belong to the dispatcher.
-create function private.lease_holder_v1(p_todo public.todos, p_owner text)
-returns boolean
-language sql stable set search_path = ''
-as $$
-  select p_owner is not null and p_todo.lease_owner = p_owner
-     and (not private.caller_is_user_v1()
-          or (p_owner like 'agent:%' and p_todo.target = 'desktop'
-              and p_todo.tenant_id in (select private.user_tenant_ids_v1())))
-$$;
-revoke execute on function private.lease_holder_v1(public.todos, text) from public;
-grant execute on function private.lease_holder_v1(public.todos, text) to authenticated, service_role;
+-- Who may report on a leased ToDo (complete, fail, release): the exact lease owner, never
+-- "anyone" (a null owner matches nothing). End users act only as one of their desktop agents,
+-- on desktop ToDos of their tenants; cloud ToDos belong to the dispatcher.
 
 -- complete -------------------------------------------------------------------------------------
 -- p_items: [{"id", "owner", "attempt"?, "result"}]
@@ -106,6 +95,7 @@ as $$
 declare
   v_done uuid[];
   v_jobs uuid[];
+  v_user boolean := private.caller_is_user_v1();
 begin
   with items as (
     select (i ->> 'id')::uuid as id, i ->> 'owner' as owner, (i ->> 'attempt')::integer as attempt,
@@ -117,8 +107,10 @@ begin
            updated_at = now(), lease_owner = null, lease_expires_at = null
       from items
      where t.id = items.id and t.status = 'running'
-       and private.lease_holder_v1(t, items.owner)
+       and t.lease_owner = items.owner
        and t.attempts = coalesce(items.attempt, t.attempts)
+       and (not v_user or (items.owner like 'agent:%' and t.target = 'desktop'
+                           and t.tenant_id in (select private.user_tenant_ids_v1())))
     returning t.id, t.job_id
   )
   select array_agg(upd.id), array_agg(distinct upd.job_id) into v_done, v_jobs from upd;
@@ -176,6 +168,7 @@ declare
   v_retried integer;
   v_terminal uuid[];
   v_final text[];
+  v_user boolean := private.caller_is_user_v1();
 begin
   select array_agg(s.id), array_agg(s.error), array_agg(s.retry), array_agg(s.attempts)
     into v_ids, v_errors, v_retry, v_attempts
@@ -186,8 +179,10 @@ begin
         from jsonb_array_elements(p_items) as i
         join public.todos t on t.id = (i ->> 'id')::uuid
        where t.status = 'running'
-         and private.lease_holder_v1(t, i ->> 'owner')
+         and t.lease_owner = i ->> 'owner'
          and t.attempts = coalesce((i ->> 'attempt')::integer, t.attempts)
+         and (not v_user or (i ->> 'owner' like 'agent:%' and t.target = 'desktop'
+                             and t.tenant_id in (select private.user_tenant_ids_v1())))
        order by t.id
          for update of t
     ) s;
@@ -227,13 +222,16 @@ as $$
 declare
   v_released integer;
   v_spent uuid[];
+  v_user boolean := private.caller_is_user_v1();
 begin
   with items as (
     select (i ->> 'id')::uuid as id, i ->> 'owner' as owner from jsonb_array_elements(p_items) as i
   ), mine as (
     select t.id, t.refusals from public.todos t join items on items.id = t.id
      where t.status = 'running'
-       and private.lease_holder_v1(t, items.owner)
+       and t.lease_owner = items.owner
+       and (not v_user or (items.owner like 'agent:%' and t.target = 'desktop'
+                           and t.tenant_id in (select private.user_tenant_ids_v1())))
      for update of t
   ), upd as (
     update public.todos t
