@@ -23,7 +23,6 @@ language plpgsql security definer set search_path = ''
 as $$
 declare
   v_tenants uuid[];
-  v_locked uuid[];
   v_share integer;
 begin
   perform private.todo_expire_v1(100);
@@ -47,13 +46,15 @@ begin
   end if;
   v_share := greatest(1, ceil(p_limit::numeric / array_length(v_tenants, 1))::integer);
   if p_tenant_cap is not null then
-    -- Two claimers counting a tenant's running ToDos at once would both see room: a claimer
-    -- counts only tenants whose lock it holds (until it commits), and skips the others, as
-    -- SKIP LOCKED does for rows. Taken in its own statement, so the count below sees every
-    -- claim committed before the lock was granted.
-    select array_agg(a.tenant_id) into v_locked
-      from unnest(v_tenants) as a(tenant_id)
-     where pg_try_advisory_xact_lock(7263100, hashtext(a.tenant_id::text || ':' || p_target));
+    -- Two claimers counting a tenant's running ToDos at once would both see room: claims of
+    -- one tenant take turns on a transaction lock (a claim holds it for milliseconds), in
+    -- tenant order so claimers of several tenants cannot deadlock. Taken in its own
+    -- statement, so the count below sees every claim committed before the lock was granted.
+    -- (Skipping a locked tenant instead would let a concurrent claimer come back empty and
+    -- end its pass while the tenant still has ready work.)
+    perform pg_advisory_xact_lock(7263100, hashtext(a.tenant_id::text || ':' || p_target))
+       from unnest(v_tenants) as a(tenant_id)
+      order by a.tenant_id;
   end if;
 
   return query
@@ -62,7 +63,6 @@ begin
       from unnest(v_tenants) as a(tenant_id)
       cross join lateral (
         select case when p_tenant_cap is null then v_share
-                    when not a.tenant_id = any(coalesce(v_locked, '{}')) then 0
                     else least(v_share, greatest(0, p_tenant_cap - (
                            select count(*) from public.todos r
                             where r.tenant_id = a.tenant_id and r.target = p_target
