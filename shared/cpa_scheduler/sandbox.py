@@ -54,7 +54,8 @@ class Sandbox:
             raise errors.PermanentError(
                 f"The file {'/'.join(parts)!r} is larger than {MAX_READ} bytes; read a smaller file."
             )
-        return data.decode("utf-8", "replace")
+        # NUL cannot travel in a jsonb result; undecodable bytes become U+FFFD too.
+        return data.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
     @contextlib.contextmanager
     def _parent(self, parts: list[str], *, create: bool) -> Iterator[int]:

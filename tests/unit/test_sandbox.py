@@ -53,3 +53,9 @@ def test_hard_links_are_refused_and_not_truncated(tmp_path: Path) -> None:
     with pytest.raises(errors.PermanentError, match="hard links"):
         box.read("linked")
     assert outside.read_text() == "keep"
+
+
+def test_read_text_is_storable(tmp_path: Path) -> None:
+    box = Sandbox(tmp_path / "box")
+    box.write("bin", b"a\x00b\xffc")
+    assert box.read("bin") == "a\ufffdb\ufffdc"
