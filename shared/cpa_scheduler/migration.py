@@ -143,4 +143,7 @@ def sync_catalogue(conn: psycopg.Connection[Any]) -> None:
         for a in catalogue.default().actions.values()
     ]
     with conn.transaction():
+        found = conn.execute("select to_regclass('private.catalogue_actions')").fetchone()
+        if found is None or found[0] is None:  # a migrations folder from before the table
+            return
         conn.execute(sql.get("catalogue_sync"), {"actions": json.dumps(rows)})

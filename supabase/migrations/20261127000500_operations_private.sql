@@ -32,6 +32,29 @@ alter function public.job_attach_v1(uuid, jsonb) set schema cpa;
 alter function public.plan_cache_get_v1(uuid, text) set schema cpa;
 alter function public.plan_cache_put_v1(uuid, text, jsonb, integer) set schema cpa;
 
+-- Functions made before this migration that call a moved operation by its old name would
+-- fail at their next call (plpgsql resolves names when it runs): they are re-created with the
+-- cpa. names. Found by their source, whichever migration made them (another branch's migration
+-- with an earlier timestamp, too), so the order in which branches merge does not matter.
+do $$
+declare
+  v_oid oid;
+  v_pattern constant text := 'public\.(job_create_v1|todo_claim_v1|todo_complete_v1|todo_fail_v1'
+    '|todo_release_v1|todo_snooze_v1|todo_extend_v1|todo_confirm_v1|job_cancel_v1|job_retry_v1'
+    '|agent_upsert_v1|agent_claim_v1|todo_note_v1|job_route_v1|rate_limit_hit_v1|job_attach_v1'
+    '|plan_cache_get_v1|plan_cache_put_v1)(\s*\()';
+begin
+  for v_oid in
+    select p.oid from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+     where n.nspname in ('public', 'private', 'cpa') and p.prokind = 'f'
+       and p.prosrc ~ v_pattern
+       and not exists (select 1 from pg_depend d where d.objid = p.oid and d.deptype = 'e')
+  loop
+    execute regexp_replace(pg_get_functiondef(v_oid), v_pattern, 'cpa.\1\2', 'g');
+  end loop;
+end;
+$$;
+
 -- One answer for "not yours" and "does not exist": a different hint would let ids be probed.
 create or replace function private.tenant_authorize_v1(p_tenant_id uuid)
 returns void
