@@ -110,7 +110,7 @@ async def test_leases_of_a_dead_dispatcher_on_this_host_are_reclaimed_at_once(
             t["lease_owner"] for t in await s.job_todos(job["id"]) if t["status"] == "running"
         }
     assert owners == {alive, elsewhere}
-    assert took < 2.0
+    assert took < 5.0  # generous for a loaded CI machine; measured 0.02-0.04 s
     print(f"\nrecovery of a dead dispatcher's leases (600 s lease): {took:.3f} s")
 
 

