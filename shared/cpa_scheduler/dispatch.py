@@ -276,7 +276,7 @@ class Dispatcher:
                     busy.discard(me)
                 if not running and not pending and flushing is None:
                     if stopping or not need_claim:
-                        if wake is None or not busy - {me}:
+                        if stopping or wake is None or not busy - {me}:
                             break
                         # Another lane still runs ToDos, so the pass goes on: stay ready for
                         # new work (a NOTIFY, or a claim a second later) rather than leave it
@@ -336,6 +336,7 @@ class Dispatcher:
                         await self._flush(pending, summary)
                     break
         finally:
+            busy.discard(me)  # however the lane ends, the others must not wait on it
             extender.cancel()
             if flushing is not None:
                 try:

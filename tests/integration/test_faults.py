@@ -198,3 +198,23 @@ async def test_a_batch_the_database_refuses_is_stored_todo_by_todo(
     async with db.service() as s:
         bad = await s.todo_get(rows[7]["id"])
     assert bad["status"] == "failed" and "cannot be stored" in bad["error"]
+
+
+async def test_a_lane_that_fails_does_not_keep_the_pass_alive(
+    proxied: tuple[proxy_mod.Proxy, store.Store],
+) -> None:
+    """A lane whose claim fails must leave the set of busy lanes, and a stopping lane never
+    waits on the others: otherwise the pass (and a stop) could hang on an idle lane."""
+    proxy, pdb = proxied
+    d = dispatch.Dispatcher(pdb)
+    busy: set[int] = set()
+    proxy.refuse()
+    with pytest.raises(errors.UnavailableError):
+        await asyncio.wait_for(d._lane(5, 4, None, asyncio.Event(), (0, busy)), 10)
+    assert busy == set()
+    proxy.up()
+    stop = asyncio.Event()
+    stop.set()
+    stale = {1}  # another lane still listed as busy
+    summary = await asyncio.wait_for(d._lane(5, 4, stop, asyncio.Event(), (0, stale)), 5)
+    assert summary.claimed == 0
