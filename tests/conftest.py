@@ -195,6 +195,16 @@ def member_factory(db: store.Store) -> MemberFactory:
     return make
 
 
+async def register_action(db: store.Store, name: str, target: str = "cloud") -> None:
+    """Add an action to the catalogue the database enforces (tests with their own executors)."""
+    async with db.admin() as session:
+        await session.conn.execute(
+            "insert into private.catalogue_actions (name, target) values (%s, %s)"
+            " on conflict (name) do nothing",
+            (name, target),
+        )
+
+
 JobFactory = Callable[..., Awaitable[dict[str, Any]]]
 
 

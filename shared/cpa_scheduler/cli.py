@@ -65,12 +65,15 @@ def _route(args: argparse.Namespace) -> int:
 async def _dispatch_run(
     args: argparse.Namespace, config: settings.Settings, url: str
 ) -> dict[str, object]:
-    db = store.Store(url)
+    db = store.Store(url, timeout=config.db_timeout)
     dispatcher = dispatch.Dispatcher(
         db,
         registry=planner.registry_for(config, db),
         concurrency=args.concurrency,
         lease_seconds=args.lease,
+        tenant_cap=config.tenant_cap,
+        retention_days=config.retention_days,
+        audit_retention_days=config.audit_retention_days,
     )
     try:
         if args.once:
@@ -96,7 +99,15 @@ async def _dispatch_run(
                   file=sys.stderr)  # fmt: skip
         print("dispatcher: running; SIGTERM stops it after the ToDos it holds.", file=sys.stderr)
         try:
-            return (await dispatcher.run_forever(url, stop=stop)).as_dict()
+            max_down = config.dispatch_max_down or None
+            worker = asyncio.create_task(dispatcher.run_forever(url, stop=stop, max_down=max_down))
+            watchdog = asyncio.create_task(_watchdog(dispatcher.health, stop))
+            await asyncio.wait({worker, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if not worker.done():  # the watchdog gave up on a stalled loop
+                worker.cancel()
+                watchdog.result()
+            watchdog.cancel()
+            return worker.result().as_dict()
         finally:
             if web is not None:
                 web.should_exit = True
@@ -104,6 +115,21 @@ async def _dispatch_run(
     finally:
         await db.close()
         tracing.shutdown()
+
+
+async def _watchdog(health: dispatch.Health, stop: asyncio.Event) -> None:
+    """Raise when the dispatcher loop has stopped making progress (a hang, not a fault: faults
+    are retried by the loop itself), so the worker exits non-zero and is restarted."""
+    import time
+
+    while not stop.is_set():
+        await asyncio.sleep(min(5.0, health.stale_after / 4))
+        idle = time.monotonic() - health.last_beat
+        if health.running and idle > health.stale_after:
+            raise errors.UnavailableError(
+                f"The dispatcher made no progress for {idle:.0f} s (limit "
+                f"{health.stale_after:.0f} s); exiting so its supervisor restarts it."
+            )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -143,11 +169,16 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
 
     logs.setup()
     tracing.setup("cpa-scheduler")
-    db = store.Store(url, max_size=config.pool_max_size)
+    db = store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
+    dispatcher = dispatch.Dispatcher(
+        db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
+        retention_days=config.retention_days, audit_retention_days=config.audit_retention_days,
+    )  # fmt: skip
     api_state.set_state(
-        api_state.State(config, db, auth.verifier(config), ratelimit.limiter(config, db))
+        api_state.State(
+            config, db, auth.verifier(config), ratelimit.limiter(config, db), dispatcher.health
+        )
     )
-    dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
 
     async def main() -> None:
         from cpa_scheduler import api
@@ -165,11 +196,17 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         print(f"CPA Scheduler on http://{args.host}:{args.port} ({mode}).", file=sys.stderr)
         print("Get a token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)",
               file=sys.stderr)  # fmt: skip
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
+        failed = worker.done() and not stop.is_set()
+        stop.set()
         server.should_exit = True
-        await asyncio.gather(web, worker)
+        await asyncio.gather(web, worker, return_exceptions=True)
         await db.close()
         tracing.shutdown()
+        if failed:  # the supervised loop only ends on stop; anything else is a bug: say so
+            worker.result()
+            raise errors.UnavailableError("The dispatcher stopped unexpectedly.")
 
     try:
         asyncio.run(main())
@@ -375,7 +412,9 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _do(assign: protocol.Assign, sandbox: Path) -> Any:
-    """The safe built-in subset a reference agent performs."""
+    """The safe built-in subset a reference agent performs (files: see sandbox.Sandbox)."""
+    from cpa_scheduler.sandbox import Sandbox
+
     p = assign.payload.params
     if assign.payload.action == "desktop.open_app":
         print(f"agent: open app {p['app']!r}", file=sys.stderr)
@@ -385,16 +424,13 @@ def _do(assign: protocol.Assign, sandbox: Path) -> Any:
         print(f"agent: reminder at {p['at']}: {p['text']}", file=sys.stderr)
         return {"scheduled": p["at"], "text": p["text"]}
     if assign.payload.action in ("file.write", "file.read", "notes.create"):
-        name = p.get("path") or f"notes/{assign.payload.todo_id}.md"
-        target = (sandbox / str(name).lstrip("/~")).resolve()
-        if not target.is_relative_to(sandbox.resolve()):
-            raise errors.PermanentError(f"The path {name!r} is outside the agent's sandbox.")
+        name = str(p.get("path") or f"notes/{assign.payload.todo_id}.md")
+        box = Sandbox(sandbox)
         if assign.payload.action == "file.read":
-            return {"text": target.read_text("utf-8")}
-        target.parent.mkdir(parents=True, exist_ok=True)
+            return {"text": box.read(name)}
         content = p.get("content", p.get("text", ""))
-        target.write_text(content if isinstance(content, str) else json.dumps(content), "utf-8")
-        return {"path": str(target), "bytes": target.stat().st_size}
+        text = content if isinstance(content, str) else json.dumps(content)
+        return box.write(name, text.encode("utf-8", "backslashreplace"))
     raise errors.PermanentError(f"This agent cannot perform {assign.payload.action!r}.")
 
 
@@ -421,7 +457,11 @@ def _agent(args: argparse.Namespace) -> int:
                             assign, "done", {"todo_id": assign.payload.todo_id, "result": result}
                         )
                     except (errors.CpaError, OSError) as exc:
-                        text = exc.message if isinstance(exc, errors.CpaError) else str(exc)
+                        # Never an OSError's text: it may hold the agent's absolute paths.
+                        text = exc.message if isinstance(exc, errors.CpaError) else (
+                            f"The action failed on this computer ({type(exc).__name__}, "
+                            f"errno {exc.errno})."
+                        )  # fmt: skip
                         reply = protocol.reply_to(
                             assign, "failure", {"todo_id": assign.payload.todo_id, "error": text}
                         )

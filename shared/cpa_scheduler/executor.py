@@ -138,33 +138,49 @@ class HttpRequest:
         self._timeout = timeout
         self._max_body = max_body
 
-    async def check_target(self, url: str) -> None:
-        """Raise :class:`TargetRefusedError` unless every address of the URL's host is public."""
+    async def check_target(self, url: str) -> str | None:
+        """Raise :class:`TargetRefusedError` unless every address of the URL's host is public.
+
+        Answers the vetted address the request must connect to (None for a host on the allow
+        list): resolving again at connect time would let DNS rebinding swap in a private one.
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise errors.PermanentError(f"The URL {url!r} must be an absolute http(s) URL.")
         host = parts.hostname.lower()
         if host in self._hosts:
-            return
+            return None
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             addresses = [str(ipaddress.ip_address(host))]
         except ValueError:
             addresses = await self._resolver(host, port)
+        if not addresses:
+            raise errors.RetryableError(f"The host {host!r} has no address.")
         for address in addresses:
-            ip = ipaddress.ip_address(address)
-            if any(ip in net for net in self._nets):
-                continue
-            if not ip.is_global or ip.is_multicast:
+            refused = self.refusal(ipaddress.ip_address(address))
+            if refused is not None:
                 raise errors.TargetRefusedError(
-                    f"The URL {url!r} resolves to {address}, a private, loopback or link-local "
-                    "address; outbound requests may only reach public hosts unless "
-                    "CPA_HTTP_ALLOW lists it."
+                    f"The URL {url!r} resolves to {address}, {refused}; outbound requests may "
+                    "only reach public hosts unless CPA_HTTP_ALLOW lists it."
                 )
+        return addresses[0]
+
+    def refusal(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """Why an address may not be reached, or None when it may."""
+        if any(ip in net for net in self._nets):
+            return None
+        if ip.is_loopback or ip.is_unspecified:
+            return "a private, loopback or link-local address"
+        if isinstance(ip, ipaddress.IPv6Address) and _embeds_ipv4(ip):
+            return "an IPv6 address that embeds an IPv4 address (mapped, compatible, NAT64 or 6to4)"
+        if not ip.is_global or ip.is_multicast:
+            return "a private, loopback or link-local address"
+        return None
 
     async def __call__(self, params: dict[str, Any], ctx: Context) -> Any:
         url = str(params["url"])
-        await self.check_target(url)
+        pinned = await self.check_target(url)
         method = str(params.get("method", "GET"))
         headers = {str(k): str(v) for k, v in (params.get("headers") or {}).items()}
         timeout = float(params.get("timeout", self._timeout))
@@ -173,7 +189,9 @@ class HttpRequest:
 
         try:
             # Redirects are not followed: a public host could redirect to a private one.
-            client = self._client or httpx.AsyncClient(follow_redirects=False)
+            client = self._client or httpx.AsyncClient(
+                follow_redirects=False, transport=_pinned_transport(url, pinned)
+            )
             try:
                 response = await client.request(
                     method,
@@ -209,6 +227,60 @@ class HttpRequest:
             except ValueError:
                 pass
         return result
+
+
+# IPv6 ranges whose addresses carry an IPv4 address a gateway may forward to (RFC 4291
+# mapped and compatible, RFC 6052/8215 NAT64, RFC 3056 6to4, RFC 4380 Teredo).
+_EMBEDDING = [
+    ipaddress.ip_network(n)
+    for n in ("::ffff:0:0/96", "::/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32")
+]
+
+
+def _embeds_ipv4(ip: ipaddress.IPv6Address) -> bool:
+    return any(ip in net for net in _EMBEDDING)
+
+
+def _pinned_transport(url: str, address: str | None) -> httpx.AsyncHTTPTransport | None:
+    """A transport whose connections go to the vetted ``address`` whatever the URL's host
+    resolves to now; TLS still verifies the certificate against the URL's host name."""
+    if address is None:
+        return None
+    import httpcore
+    import httpx
+
+    wanted = (urlsplit(url).hostname or "").lower().strip("[]")
+    vetted: str = address
+
+    class Pinned(httpcore.AsyncNetworkBackend):
+        def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+            self._inner = inner
+
+        async def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> httpcore.AsyncNetworkStream:
+            if host.lower().strip("[]") not in (wanted, vetted):
+                raise errors.TargetRefusedError(f"A connection to {host!r} was not vetted.")
+            return await self._inner.connect_tcp(
+                vetted, port, timeout=timeout, local_address=local_address,
+                socket_options=socket_options,
+            )  # fmt: skip
+
+        async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> Any:
+            raise errors.TargetRefusedError("Outbound requests may not use Unix sockets.")
+
+        async def sleep(self, seconds: float) -> None:
+            await self._inner.sleep(seconds)
+
+    transport = httpx.AsyncHTTPTransport(trust_env=False)  # an env proxy would resolve again
+    pool = transport._pool  # httpx builds its httpcore pool; only its backend is swapped
+    pool._network_backend = Pinned(pool._network_backend)
+    return transport
 
 
 def _is_network(value: str) -> bool:

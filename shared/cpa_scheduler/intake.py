@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -115,6 +117,18 @@ async def submit(
     job answers with a notification that names the schedule."""
     from cpa_scheduler import schedules  # imports intake: resolved at call time
 
+    if idempotency_key is not None:
+        # A key replays its first job only for the same body; another body is a conflict.
+        body = {
+            "request": text,
+            "graph": None if spec is None else spec.model_dump(mode="json"),
+            "priority": priority,
+            "plan": force_planner,
+            "time_zone": time_zone,
+            "run_at": None if run_at is None else run_at.isoformat(),
+        }
+        await session.idempotency_check(tenant_id, idempotency_key, body_hash(body))
+
     tz = times.zone(time_zone)
     now = now or datetime.now(UTC)
     check_run_at(run_at, now)
@@ -168,6 +182,12 @@ async def keep_trace(
     value = tracing.traceparent(span)
     if value is not None:
         await session.job_trace_set(job["id"], value)
+
+
+def body_hash(body: Any) -> str:
+    """A stable fingerprint of a job request's body (key order and spacing do not matter)."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
 
 
 JOB_FIELDS = (

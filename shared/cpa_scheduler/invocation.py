@@ -72,8 +72,12 @@ def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
         tracing.setup("cpa-scheduler-dispatcher")
         config = settings.from_env()
         _loop = asyncio.new_event_loop()
-        db = store.Store(database.prepare(config, migrate=config.local))
-        _dispatcher = dispatch.Dispatcher(db, registry=planner.registry_for(config, db))
+        db = store.Store(database.prepare(config, migrate=config.local), timeout=config.db_timeout)
+        _dispatcher = dispatch.Dispatcher(
+            db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
+            retention_days=config.retention_days,
+            audit_retention_days=config.audit_retention_days,
+        )  # fmt: skip
     return _loop, _dispatcher
 
 
@@ -94,6 +98,7 @@ def handler(event: dict[str, Any], context: LambdaContext | None = None) -> dict
     loop, dispatcher = _get_dispatcher()
     try:
         summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+        loop.run_until_complete(dispatcher.maybe_prune())  # at most hourly per warm container
     except errors.CpaError as exc:
         log.error("The dispatch pass failed: %s", exc.message, extra={"code": exc.code})
         raise

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cpa_scheduler import errors
+
+if TYPE_CHECKING:
+    import psycopg
 
 _HISTORY = """
 create schema if not exists supabase_migrations;
@@ -112,7 +116,34 @@ def apply(url: str, directory: Traversable | None = None) -> list[str]:
                         f"{str(exc).strip()}"
                     ) from None
                 applied_now.append(migration.version)
+            sync_catalogue(conn)
         finally:
             conn.execute("select pg_advisory_unlock(7263002)")
             conn.commit()
     return applied_now
+
+
+def sync_catalogue(conn: psycopg.Connection[Any]) -> None:
+    """Upsert the shipped action catalogue into ``private.catalogue_actions``.
+
+    The database refuses ToDos whose action is not in that table; a migration fills it, and
+    this keeps it equal to the actions.yaml of the installed package.
+    """
+    import json
+
+    from cpa_scheduler import catalogue, sql
+
+    rows = [
+        {
+            "name": a.name,
+            "target": a.target,
+            "requires_confirmation": a.requires_confirmation,
+            "params_schema": a.params,
+        }
+        for a in catalogue.default().actions.values()
+    ]
+    with conn.transaction():
+        found = conn.execute("select to_regclass('private.catalogue_actions')").fetchone()
+        if found is None or found[0] is None:  # a migrations folder from before the table
+            return
+        conn.execute(sql.get("catalogue_sync"), {"actions": json.dumps(rows)})

@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from cpa_scheduler import errors
+from cpa_scheduler import bounds, errors
 
 PROTOCOL_VERSION = "cpa-acp/1"
 
@@ -93,6 +93,14 @@ class TodoSpec(_Frozen):
         le=2592000,
         description="Desktop ToDos: fail when no agent has taken it this many seconds.",
     )
+
+    @pydantic.field_validator("params")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = bounds.problem(value, max_bytes=bounds.MAX_PARAMS_BYTES)
+        if bad is not None:
+            raise ValueError(f"params cannot be stored: {bad}")
+        return value
 
 
 class GraphSpec(_Frozen):
@@ -334,14 +342,21 @@ def parse(data: str | bytes | dict[str, Any]) -> Message:
     """
     try:
         if isinstance(data, str | bytes):
-            return _adapter.validate_json(data)
+            data = json.loads(data)
+        bad = bounds.problem(data, max_bytes=bounds.MAX_MESSAGE_BYTES)
+        if bad is not None:
+            raise errors.ProtocolError(f"The message cannot be accepted: {bad}.")
         return _adapter.validate_python(data)
+    except RecursionError:
+        raise errors.ProtocolError(
+            f"The message is nested deeper than {bounds.MAX_DEPTH} levels."
+        ) from None
     except pydantic.ValidationError as exc:
         errs = _field_errors(exc)
         raise errors.ProtocolError(
             f"The message is not a valid protocol message: {_describe(errs)}.", errors=errs
         ) from None
-    except json.JSONDecodeError as exc:  # pragma: no cover - pydantic wraps JSON errors
+    except json.JSONDecodeError as exc:
         raise errors.ProtocolError(f"The message is not valid JSON: {exc}.") from None
 
 

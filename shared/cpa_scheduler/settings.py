@@ -41,6 +41,20 @@ class Settings(BaseModel):
     # Seconds one events answer may take behind a buffered host other than Mangum (which is
     # detected); unset means such answers stream until the job ends.
     events_bound: float | None = Field(default=None, gt=0, le=900)
+    # Seconds a request waits for a pooled connection (or a new one) before its 503.
+    db_timeout: float = Field(default=2.0, gt=0, le=60)
+    # A worker whose database stays unreachable this long exits non-zero (0: never).
+    dispatch_max_down: float = Field(default=300.0, ge=0)
+    # Running cloud ToDos one tenant may hold at once (0: no cap), so one cannot fill the
+    # dispatcher.
+    tenant_running_cap: int = Field(default=64, ge=0)
+    # Days job_events and finished jobs are kept, and audit_log entries.
+    retention_days: int = Field(default=30, ge=1)
+    audit_retention_days: int = Field(default=365, ge=1)
+
+    @property
+    def tenant_cap(self) -> int | None:
+        return self.tenant_running_cap or None
 
     @property
     def local(self) -> bool:
@@ -92,6 +106,11 @@ _ENV = {
     "rate_limit": "CPA_RATE_LIMIT",
     "rate_window": "CPA_RATE_WINDOW",
     "events_bound": "CPA_EVENTS_BOUND",
+    "db_timeout": "CPA_DB_TIMEOUT",
+    "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
+    "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
+    "retention_days": "CPA_RETENTION_DAYS",
+    "audit_retention_days": "CPA_AUDIT_RETENTION_DAYS",
 }
 
 

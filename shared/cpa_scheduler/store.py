@@ -66,7 +66,13 @@ def translate() -> Iterator[None]:
         raise errors.NotFoundError(
             f"Not found: the caller may not do this ({exc.diag.message_primary})."
         ) from None
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+    except UnicodeEncodeError as exc:  # psycopg encoding a str that holds a lone surrogate
+        bad = exc.object[exc.start : exc.end] if isinstance(exc.object, str) else "?"
+        raise errors.InvalidError(
+            f"A text value contains {bad!r}, an unpaired surrogate that is not valid Unicode; "
+            "send well-formed UTF-8."
+        ) from None
+    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
         raise errors.UnavailableError(
             f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
         ) from None
@@ -130,6 +136,11 @@ class Session:
         )
         assert row is not None
         return row
+
+    async def idempotency_check(self, tenant_id: uuid.UUID | str, key: str, body_hash: str) -> bool:
+        """Record a new key's body hash (True); False for a replay; ConflictError otherwise."""
+        params = {"tenant_id": str(tenant_id), "key": key, "body_hash": body_hash}
+        return bool(await self._scalar("idempotency_check", params))
 
     async def job_get(self, job_id: uuid.UUID | str) -> Row:
         row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})
@@ -204,6 +215,7 @@ class Session:
         lease_seconds: float = 60.0,
         tenant_id: uuid.UUID | str | None = None,
         actions: Sequence[str] | None = None,
+        tenant_cap: int | None = None,
     ) -> list[Row]:
         return await self._all(
             "todo_claim",
@@ -214,8 +226,24 @@ class Session:
                 "lease_seconds": lease_seconds,
                 "tenant_id": str(tenant_id) if tenant_id else None,
                 "actions": list(actions) if actions is not None else None,
+                "tenant_cap": tenant_cap,
             },
         )
+
+    async def todo_lease_owners(self, prefix: str) -> list[str]:
+        """Owners (``prefix``...) of the leases on running ToDos."""
+        return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
+
+    async def retention_prune(
+        self, *, job_days: int, audit_days: int, batch: int = 5000
+    ) -> dict[str, int]:
+        """One bounded batch of retention: old events, finished jobs, audit entries."""
+        params = {"job_days": job_days, "audit_days": audit_days, "batch": batch}
+        return dict(await self._scalar("retention_prune", params))
+
+    async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
+        """Expire now the leases of dispatcher owners proven dead."""
+        return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))
 
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
         return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))
@@ -457,18 +485,34 @@ def _uuid(value: uuid.UUID | str, what: str) -> str:
 class Store:
     """A connection pool and the three transaction scopes."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 2.0
+    ) -> None:
         import psycopg
         from psycopg.rows import DictRow, dict_row
         from psycopg_pool import AsyncConnectionPool
 
         self.url = url
+        self.timeout = timeout
+        # While the database is down a request must get its 503 in about `timeout` seconds,
+        # not the pool's default 30: the wait for a connection and each new connection are
+        # bounded. The pool's background reconnect backs off exponentially without a cap (1, 2,
+        # 4 ... s until reconnect_timeout); a short reconnect_timeout ends that series early, and
+        # the next request or claim then starts a fresh attempt at once, so a recovered
+        # database is used again within seconds rather than after minutes of backoff.
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
             open=False,
-            kwargs={"prepare_threshold": None, "row_factory": dict_row, "autocommit": False},
+            timeout=timeout,
+            reconnect_timeout=5,
+            kwargs={
+                "prepare_threshold": None,
+                "row_factory": dict_row,
+                "autocommit": False,
+                "connect_timeout": max(2, int(timeout + 0.999)),
+            },
             connection_class=psycopg.AsyncConnection[DictRow],
         )
         self._opened = False
@@ -486,7 +530,10 @@ class Store:
 
             with translate():
                 # One direct connection first: a wrong URL fails now, with the server's reason.
-                probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=10)
+                probe = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(self.url, connect_timeout=10),
+                    timeout=max(self.timeout, 2.0),
+                )
                 await probe.close()
                 await self._pool.open(wait=True, timeout=10)
                 self._opened = True

@@ -7,7 +7,7 @@ from typing import Any
 
 from cpa_scheduler import dispatch, errors, executor, store
 
-from tests.conftest import JobFactory, Member, MemberFactory
+from tests.conftest import JobFactory, Member, MemberFactory, register_action
 
 
 async def todos_of(db: store.Store, m: Member, job_id: Any) -> dict[str, dict[str, Any]]:
@@ -142,6 +142,7 @@ async def test_retryable_errors_back_off(
     reg = executor.builtin()
     reg.register("flaky", flaky)
     m = await member_factory()
+    await register_action(db, "flaky")
     job = await job_factory(m, [{"key": "f", "action": "flaky"}])
     d = dispatch.Dispatcher(db, registry=reg, backoff_base=0.2)
     first = await d.run_pass(5)

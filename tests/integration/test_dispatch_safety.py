@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from cpa_scheduler import agent, dispatch, protocol, store
 
-from tests.conftest import JobFactory, Member, MemberFactory
+from tests.conftest import JobFactory, Member, MemberFactory, register_action
 
 
 async def job_state(db: store.Store, m: Member, job_id: Any) -> tuple[str, dict[str, str]]:
@@ -97,6 +97,7 @@ async def test_three_concurrent_passes_never_run_a_todo_twice(
     from cpa_scheduler import executor
 
     m = await member_factory()
+    await register_action(db, "count")
     job = await job_factory(m, [{"key": f"w{i}", "action": "count"} for i in range(600)])
     passes = []
     for _ in range(3):

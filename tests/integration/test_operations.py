@@ -48,7 +48,8 @@ async def test_four_claimers_over_5000_claim_each_once(
     db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
     m = await member_factory()
-    await job_factory(m, [{"key": f"k{i}", "action": "noop"} for i in range(5000)])
+    for _ in range(5):  # a job holds at most 1000 ToDos
+        await job_factory(m, [{"key": f"k{i}", "action": "noop"} for i in range(1000)])
     seen: list[str] = []
 
     async def worker(name: str) -> None:
@@ -283,7 +284,8 @@ async def test_fairness_small_tenant_is_not_starved(
 ) -> None:
     big = await member_factory("big")
     small = await member_factory("small")
-    await job_factory(big, [{"key": f"k{i}", "action": "noop"} for i in range(10_000)])
+    for _ in range(10):  # a job holds at most 1000 ToDos
+        await job_factory(big, [{"key": f"k{i}", "action": "noop"} for i in range(1000)])
     await job_factory(small, [{"key": f"s{i}", "action": "noop"} for i in range(5)])
     rows = await claim(db, limit=20)
     by_tenant = [r["tenant_id"] for r in rows]
@@ -302,6 +304,7 @@ async def test_confirmation_gates_a_todo(
                 "key": "send",
                 "action": "email.send",
                 "target": "desktop",
+                "params": {"to": "anna@example.com", "subject": "Hi", "body": "Hello"},
                 "requires_confirmation": True,
             }
         ],
@@ -326,6 +329,7 @@ async def test_declining_fails_the_job(
                 "key": "send",
                 "action": "email.send",
                 "target": "desktop",
+                "params": {"to": "anna@example.com", "subject": "Hi", "body": "Hello"},
                 "requires_confirmation": True,
             }
         ],

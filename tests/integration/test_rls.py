@@ -67,7 +67,12 @@ async def _seed(
     b = await member_factory("B")
     for m in (a, b):
         await job_factory(
-            m, [{"key": "x", "action": "noop"}, {"key": "y", "action": "noop", "depends_on": ["x"]}]
+            m,
+            [
+                {"key": "x", "action": "noop"},
+                {"key": "y", "action": "noop", "depends_on": ["x"]},
+                {"key": "z", "action": "noop"},
+            ],
         )
         async with db.service() as s:
             await s.agent_upsert(m.tenant_id, "laptop", "Laptop", ["desktop.open_app"])
@@ -135,11 +140,11 @@ def _statement(table: str, op: str, tenant: uuid.UUID) -> tuple[str, dict[str, A
         ),
     }[table]
     if table == "todo_edges":
-        # A new edge between two existing ToDos of the tenant (y -> x exists, add x -> y's twin).
+        # A new edge between two existing ToDos of the tenant (z now depends on x; no cycle).
         return (
             "with i as (insert into public.todo_edges (tenant_id, todo_id, depends_on_id) "
-            "select %(t)s, y.id, x.id from public.todos x join public.todos y on y.job_id = x.job_id "
-            "where x.tenant_id = %(t)s and x.key = 'y' and y.key = 'x' returning 1) select count(*) as n from i",
+            "select %(t)s, z.id, x.id from public.todos x join public.todos z on z.job_id = x.job_id "
+            "where x.tenant_id = %(t)s and x.key = 'x' and z.key = 'z' returning 1) select count(*) as n from i",
             {"t": t},
         )
     return (

@@ -156,3 +156,66 @@ async def test_timeouts_are_retryable() -> None:
 async def test_non_http_url_is_permanent() -> None:
     with pytest.raises(errors.PermanentError, match="absolute http"):
         await executor.HttpRequest(resolver=fake_resolver)({"url": "file:///etc/passwd"}, CTX)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1",  # IPv4-compatible
+        "::ffff:127.0.0.1",  # IPv4-mapped
+        "::ffff:10.0.0.1",
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b:1::a00:1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+    ],
+)
+async def test_ipv6_forms_that_embed_ipv4_are_refused(address: str) -> None:
+    http = executor.HttpRequest(resolver=fake_resolver)
+    with pytest.raises(errors.TargetRefusedError, match="embeds an IPv4"):
+        await http.check_target(f"http://[{address}]/")
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return [address]
+
+    named = executor.HttpRequest(resolver=resolver)
+    with pytest.raises(errors.TargetRefusedError, match="embeds an IPv4"):
+        await named.check_target("https://rebind.example.com/")
+
+
+async def test_a_public_ipv6_address_passes_the_check() -> None:
+    http = executor.HttpRequest(resolver=fake_resolver)
+    assert await http.check_target("https://v6.example.com/") == "2606:4700::6810:85e5"
+
+
+async def test_the_connection_goes_to_the_vetted_address_only() -> None:
+    """DNS rebinding: the host is resolved once, and the connection uses that address. The
+    name does not resolve at all outside the fake resolver, so reaching the server proves it."""
+    import asyncio
+
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    answers = [["127.0.0.1"], ["10.0.0.1"]]  # a rebinding resolver: safe first, private after
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return answers.pop(0)
+
+    try:
+        http = executor.HttpRequest(allow=["127.0.0.1/32"], resolver=resolver)
+        result = await http({"url": f"http://rebind.invalid:{port}/x"}, CTX)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result["status"] == 200 and result["text"] == "ok"
+    assert answers == [["10.0.0.1"]]  # resolved exactly once
+    assert b"host: rebind.invalid" in seen[0].lower()

@@ -34,11 +34,27 @@ async def healthz() -> dict[str, Any]:
 
 
 @app.get(
-    "/readyz", tags=["health"], responses={503: {"description": "The database is unreachable."}}
+    "/readyz",
+    tags=["health"],
+    responses={503: {"description": "The database is unreachable or the dispatcher is failing."}},
 )
 async def readyz(state: AppState) -> Any:
-    """Readiness: the database is reachable."""
-    if await state.store.ping():
-        return {"status": "ready"}
-    return JSONResponse({"status": "unavailable", "detail": "The database is unreachable."},
-                        status_code=503, headers={"Retry-After": "5"})  # fmt: skip
+    """Readiness: the database is reachable and, where this process runs one, the dispatcher
+    has made a successful pass recently."""
+    body: dict[str, Any] = {"status": "ready", "database": "ready"}
+    ready = await state.store.ping()
+    if not ready:
+        body["database"] = "unavailable"
+        body["detail"] = "The database is unreachable."
+    if state.dispatcher is not None:
+        body["dispatcher"] = state.dispatcher.snapshot()
+        if not state.dispatcher.ready:
+            ready = False
+            body.setdefault(
+                "detail", f"The dispatcher is {body['dispatcher']['status']}: "
+                f"{state.dispatcher.last_error or 'no successful pass yet'}."
+            )  # fmt: skip
+    if ready:
+        return body
+    body["status"] = "unavailable"
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

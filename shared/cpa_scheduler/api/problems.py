@@ -88,6 +88,13 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Input that slipped past the checks is still the client's mistake, not ours.
+    if isinstance(exc, UnicodeError):
+        return problem(422, "invalid", "The request holds text that is not valid Unicode (an "
+                       "unpaired surrogate or a NUL character); send well-formed UTF-8.")  # fmt: skip
+    if isinstance(exc, RecursionError):
+        return problem(422, "invalid", "The request is nested too deeply; JSON may nest at "
+                       "most 64 levels.")  # fmt: skip
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(500, "internal", "Something went wrong on our side; the error was logged.")
 

@@ -38,35 +38,35 @@ select t.*,
  order by t.position;
 
 -- name: job_cancel
-select * from public.job_cancel_v1(%(job_id)s);
+select * from cpa.job_cancel_v1(%(job_id)s);
 
 -- name: job_retry
-select * from public.job_retry_v1(%(job_id)s);
+select * from cpa.job_retry_v1(%(job_id)s);
 
 -- name: todo_get
 select * from public.todos where id = %(todo_id)s;
 
 -- name: todo_claim
-select * from public.todo_claim_v1(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
-                                   %(tenant_id)s, %(actions)s);
+select * from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
+                                %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
 -- name: todo_complete
-select public.todo_complete_v1(%(items)s::jsonb) as n;
+select cpa.todo_complete_v1(%(items)s::jsonb) as n;
 
 -- name: todo_fail
-select public.todo_fail_v1(%(items)s::jsonb, %(backoff_base)s) as n;
+select cpa.todo_fail_v1(%(items)s::jsonb, %(backoff_base)s) as n;
 
 -- name: todo_release
-select public.todo_release_v1(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
+select cpa.todo_release_v1(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
 
 -- name: todo_snooze
-select public.todo_snooze_v1(%(todo_id)s, %(owner)s, %(until)s) as ok;
+select cpa.todo_snooze_v1(%(todo_id)s, %(owner)s, %(until)s) as ok;
 
 -- name: todo_extend
-select public.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
+select cpa.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
 
 -- name: todo_confirm
-select * from public.todo_confirm_v1(%(todo_id)s, %(approved)s);
+select * from cpa.todo_confirm_v1(%(todo_id)s, %(approved)s);
 
 -- name: todo_dependency_results
 -- The results of the direct and transitive dependencies a ToDo's $refs may read.
@@ -78,10 +78,10 @@ select e.todo_id, p.key, p.result
 select key, result from public.todos where job_id = %(job_id)s and status = 'done';
 
 -- name: agent_upsert
-select * from public.agent_upsert_v1(%(tenant_id)s, %(agent_key)s, %(name)s, %(actions)s);
+select * from cpa.agent_upsert_v1(%(tenant_id)s, %(agent_key)s, %(name)s, %(actions)s);
 
 -- name: agent_claim
-select * from public.agent_claim_v1(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
+select * from cpa.agent_claim_v1(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
                                     %(lease_seconds)s);
 
 -- name: event_list
@@ -111,25 +111,25 @@ on conflict (tenant_id, user_id) do nothing;
 select tenant_id from public.memberships where user_id = %(user_id)s order by created_at limit 1;
 
 -- name: todo_note
-select public.todo_note_v1(%(todo_id)s, %(kind)s, %(data)s::jsonb) as id;
+select cpa.todo_note_v1(%(todo_id)s, %(kind)s, %(data)s::jsonb) as id;
 
 -- name: rate_limit_hit
-select * from public.rate_limit_hit_v1(%(tenant_id)s, %(limit)s, %(window_seconds)s);
+select * from cpa.rate_limit_hit_v1(%(tenant_id)s, %(limit)s, %(window_seconds)s);
 
 -- name: membership_mine
 select tenant_id from public.memberships where user_id = (select auth.uid()) order by created_at, tenant_id;
 
 -- name: job_attach
-select public.job_attach_v1(%(job_id)s, %(todos)s::jsonb) as n;
+select cpa.job_attach_v1(%(job_id)s, %(todos)s::jsonb) as n;
 
 -- name: plan_cache_get
-select public.plan_cache_get_v1(%(tenant_id)s, %(key)s) as plan;
+select cpa.plan_cache_get_v1(%(tenant_id)s, %(key)s) as plan;
 
 -- name: plan_cache_put
-select public.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s);
+select cpa.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s);
 
 -- name: job_route
-select public.job_route_v1(%(job_id)s, %(agent_key)s) as n;
+select cpa.job_route_v1(%(job_id)s, %(agent_key)s) as n;
 
 -- name: job_trace_set
 select cpa.job_trace_v1(%(job_id)s, %(traceparent)s) as ok;
@@ -233,3 +233,29 @@ select * from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_a
 
 -- name: job_by_idempotency_key
 select * from public.jobs where tenant_id = %(tenant_id)s and idempotency_key = %(key)s;
+
+
+-- name: catalogue_sync
+-- The shipped actions.yaml into the table the database checks ToDo inserts against.
+insert into private.catalogue_actions (name, target, requires_confirmation, params_schema)
+select a.name, a.target, a.requires_confirmation, a.params_schema
+  from jsonb_to_recordset(%(actions)s::jsonb)
+       as a(name text, target text, requires_confirmation boolean, params_schema jsonb)
+on conflict (name) do update
+   set target = excluded.target, requires_confirmation = excluded.requires_confirmation,
+       params_schema = excluded.params_schema, updated_at = now()
+ where (private.catalogue_actions.target, private.catalogue_actions.requires_confirmation,
+        private.catalogue_actions.params_schema)
+       is distinct from (excluded.target, excluded.requires_confirmation, excluded.params_schema);
+
+-- name: idempotency_check
+select cpa.idempotency_check_v1(%(tenant_id)s, %(key)s, %(body_hash)s) as new;
+
+-- name: todo_lease_owners
+select owner from cpa.todo_lease_owners_v1(%(prefix)s) as owner;
+
+-- name: todo_reclaim_dead
+select cpa.todo_reclaim_dead_v1(%(owners)s) as n;
+
+-- name: retention_prune
+select cpa.retention_prune_v1(%(job_days)s, %(audit_days)s, %(batch)s) as pruned;
