@@ -1,0 +1,72 @@
+"""Where the database time of a 1 x 10,000 no-op drain goes: pg_stat_statements, nested
+statements included (track = all), on a private durable embedded PostgreSQL.
+
+    python -m tests.bench.profile_drain [--n 10000]
+
+Top-level statements (the dispatcher's calls) and the statements they run inside functions and
+triggers are listed separately; a nested statement's time is part of its caller's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+import psycopg
+from cpa_scheduler import embedded, migration, store
+
+from tests.bench.bench_dispatch import _vacuum, create_jobs, drain, tenant
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    pg = embedded.EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="cpa-prof-")) / "pg", durable=True)
+    pg.start()
+    admin = pg.url(user=embedded.SUPERUSER)
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute("alter system set shared_preload_libraries = 'pg_stat_statements'")
+        c.execute("alter system set pg_stat_statements.track = 'all'")
+    pg.stop()
+    pg.start()
+    try:
+        migration.bootstrap(admin)
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute("create extension pg_stat_statements")
+        url = pg.url()
+        migration.apply(url)
+        db = store.Store(url, max_size=4)
+        t = await tenant(db)
+        await create_jobs(
+            db, t, [[{"key": f"k{i}", "action": "noop", "target": "cloud"} for i in range(args.n)]]
+        )
+        await _vacuum(url)
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute("select pg_stat_statements_reset()")
+        elapsed, summary = await drain(db)
+        await db.close()
+        print(f"drain: {summary.done} ToDos in {elapsed:.2f} s = {summary.done / elapsed:,.0f}/s")
+        with psycopg.connect(admin, autocommit=True) as c:
+            for top in (True, False):
+                rows = c.execute(
+                    "select calls, round(total_exec_time::numeric, 1) as ms, rows,"
+                    " regexp_replace(left(query, 110), '\\s+', ' ', 'g') as q"
+                    " from pg_stat_statements where toplevel = %s"
+                    " and query not ilike '%%pg_stat_statements%%'"
+                    " order by total_exec_time desc limit %s",
+                    (top, args.top),
+                ).fetchall()
+                print(f"\n{'top-level' if top else 'nested (inside functions/triggers)'}:")
+                print("| calls | total ms | rows | statement |\n|---|---|---|---|")
+                for calls, ms, nrows, q in rows:
+                    print(f"| {calls} | {ms} | {nrows} | `{q.replace('|', '/')}` |")
+    finally:
+        pg.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
