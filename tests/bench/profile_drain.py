@@ -18,12 +18,14 @@ import psycopg
 from cpa_scheduler import embedded, migration, store
 
 from tests.bench.bench_dispatch import _vacuum, create_jobs, drain, tenant
+from tests.bench.bench_event_steps import prefix_dir
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--upto", default=None, help="apply migrations up to this version only")
     args = ap.parse_args()
     pg = embedded.EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="cpa-prof-")) / "pg", durable=True)
     pg.start()
@@ -34,11 +36,12 @@ async def main() -> None:
     pg.stop()
     pg.start()
     try:
-        migration.bootstrap(admin)
+        folder = prefix_dir(args.upto) if args.upto else None
+        migration.bootstrap(admin, folder)
         with psycopg.connect(admin, autocommit=True) as c:
             c.execute("create extension pg_stat_statements")
         url = pg.url()
-        migration.apply(url)
+        migration.apply(url, folder)
         db = store.Store(url, max_size=4)
         t = await tenant(db)
         await create_jobs(
@@ -64,6 +67,11 @@ async def main() -> None:
                 print("| calls | total ms | rows | statement |\n|---|---|---|---|")
                 for calls, ms, nrows, q in rows:
                     print(f"| {calls} | {ms} | {nrows} | `{q.replace('|', '/')}` |")
+            row = c.execute(
+                "select round(sum(total_exec_time)::numeric, 1) from pg_stat_statements"
+                " where toplevel and query not ilike '%%pg_stat_statements%%'"
+            ).fetchone()
+            print(f"\ntotal top-level execution time: {row[0] if row else 0} ms")
     finally:
         pg.stop()
 
