@@ -21,11 +21,35 @@ from tests.bench.bench_dispatch import _vacuum, create_jobs, drain, tenant
 from tests.bench.bench_event_steps import prefix_dir
 
 
+async def creates(db: store.Store, tenant_id: object, n: int) -> None:
+    """N creations of the API benchmark's 5-ToDo chain, as POST /v1/jobs makes them."""
+    import uuid
+
+    from tests.bench.bench_api import GRAPH
+
+    user = uuid.uuid4()
+    async with db.admin() as s:
+        await s.membership_ensure(tenant_id, user, tenant_name="bench")  # type: ignore[arg-type]
+    claims = {"sub": str(user), "role": "authenticated", "aud": "authenticated"}
+    for _ in range(n):
+        async with db.user(claims) as s:
+            await s.job_submit(tenant_id=None, todos=GRAPH["todos"], request=None,
+                               intent="explicit", idempotency_key=None, priority=0, run_at=None,
+                               time_zone="UTC", traceparent=None, rate_limit=(10**9, 60))  # fmt: skip
+    print(f"{n} job creations")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--upto", default=None, help="apply migrations up to this version only")
+    ap.add_argument(
+        "--creates",
+        type=int,
+        default=0,
+        help="profile N POST-shaped job creations (cpa.job_submit_v1) instead",
+    )
     args = ap.parse_args()
     pg = embedded.EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="cpa-prof-")) / "pg", durable=True)
     pg.start()
@@ -50,9 +74,14 @@ async def main() -> None:
         await _vacuum(url)
         with psycopg.connect(admin, autocommit=True) as c:
             c.execute("select pg_stat_statements_reset()")
-        elapsed, summary = await drain(db)
+        if args.creates:
+            await creates(db, t, args.creates)
+        else:
+            elapsed, summary = await drain(db)
+            print(
+                f"drain: {summary.done} ToDos in {elapsed:.2f} s = {summary.done / elapsed:,.0f}/s"
+            )
         await db.close()
-        print(f"drain: {summary.done} ToDos in {elapsed:.2f} s = {summary.done / elapsed:,.0f}/s")
         with psycopg.connect(admin, autocommit=True) as c:
             for top in (True, False):
                 rows = c.execute(

@@ -61,6 +61,14 @@ async def main() -> None:
                                    idempotency_key=None, priority=0, run_at=None,
                                    time_zone="UTC", traceparent=None, rate_limit=(10**9, 60))  # fmt: skip
 
+        async def old_path() -> None:  # what the route did before: 4 calls in the transaction
+            async with db.user(claims) as s:
+                [tid] = await s.my_tenants()
+                job = await s.job_create(tenant_id=tid, todos=rows, request=None,
+                                         intent="explicit")  # fmt: skip
+                await s.job_todos(job["id"])
+                await s.rate_limit_hit(tid, 10**9, 60)
+
         async def rolled_back() -> None:  # the same call, no commit (no WAL flush)
             async with db._pool.connection() as conn:
                 async with conn.transaction(force_rollback=True):
@@ -88,6 +96,7 @@ async def main() -> None:
             "transaction + claims + select 1 + commit (no write)": rtt,
             "cpa.job_submit_v1 in the user scope, rolled back": rolled_back,
             "store: transaction + claims + job_submit + commit": create,
+            "store, the old path: tenants, create, read-back, rate limit (4 calls) + commit": old_path,
             "ASGI route in process (no network)": route,
         }
         times: dict[str, list[float]] = {k: [] for k in steps}
