@@ -141,8 +141,8 @@ class Dispatcher:
     registry: executor.Registry = field(default_factory=executor.builtin)
     owner: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex[:12]}")
     # 256 / 128: with the lanes sharing the concurrency a claim can fill its batch, and bigger
-    # batches mean fewer commits per ToDo. A 1 x 10,000 no-op drain ran 1.18-1.44x faster than
-    # at 128 / 100 in each of 5 interleaved repeats (tests/bench/RESULTS.md).
+    # batches mean fewer commits per ToDo. A 1 x 10,000 no-op drain beat 128 / 100 in 8 of 10
+    # interleaved repeats; ratios of the medians x1.18 and x1.29 (tests/bench/RESULTS.md).
     concurrency: int = 256
     batch: int = 128
     lanes: int = 2
