@@ -62,6 +62,15 @@ class Verifier:
         self._leeway = leeway
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=600) if jwks_url else None
 
+    def may_block(self, token: str) -> bool:
+        """Whether verifying ``token`` may fetch the JWKS (network I/O); HS256 never does."""
+        import jwt
+
+        try:
+            return self._jwks is not None and jwt.get_unverified_header(token).get("alg") != "HS256"
+        except jwt.PyJWTError:
+            return False  # verify() refuses it without I/O
+
     def verify(self, token: str) -> Claims:
         import jwt
 

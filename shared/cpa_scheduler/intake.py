@@ -171,6 +171,50 @@ async def submit(
     )
 
 
+async def submit_one_call(
+    session: store.Session,
+    *,
+    tenant_id: uuid.UUID | None,
+    text: str | None = None,
+    spec: protocol.GraphSpec | None = None,
+    idempotency_key: str | None = None,
+    priority: int = 0,
+    planner_configured: bool = False,
+    force_planner: bool = False,
+    time_zone: str = "UTC",
+    run_at: datetime | None = None,
+    traceparent: str | None = None,
+    rate_limit: tuple[int, int] | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """:func:`submit` for ``POST /v1/jobs`` as one SQL call: tenant choice, create, trace
+    context, Postgres rate limit and the answer (the job's JSON text) in ``cpa.job_submit_v1``.
+
+    ``tenant_id`` None: the caller's oldest membership. Returns None, having written nothing,
+    for the requests that need the tenant before the create (a recurring text makes a schedule;
+    ToDos kept only where an agent offers them, and a request with an Idempotency-Key, whose
+    body hash is checked against the tenant): the caller then takes :func:`submit`."""
+    tz = times.zone(time_zone)
+    now = now or datetime.now(UTC)
+    check_run_at(run_at, now)
+    if text and spec is None and not force_planner and times.recurring(text) is not None:
+        return None
+    if idempotency_key is not None:
+        # The body-hash check needs the tenant first: keyed requests take submit's path.
+        return None
+    intent, g, optional = plan(
+        text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner,
+        resolve_time=resolver(tz, now),
+    )  # fmt: skip
+    if optional:
+        return None
+    return await session.job_submit(
+        tenant_id=tenant_id, todos=todo_rows(g), request=text, intent=intent,
+        idempotency_key=idempotency_key, priority=priority, run_at=run_at, time_zone=tz.key,
+        traceparent=traceparent, rate_limit=rate_limit,
+    )  # fmt: skip
+
+
 async def keep_trace(
     session: store.Session, job: dict[str, Any], span: tracing.Span | None
 ) -> None:

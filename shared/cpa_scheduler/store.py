@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -141,6 +142,51 @@ class Session:
         """Record a new key's body hash (True); False for a replay; ConflictError otherwise."""
         params = {"tenant_id": str(tenant_id), "key": key, "body_hash": body_hash}
         return bool(await self._scalar("idempotency_check", params))
+
+    async def job_submit(
+        self,
+        *,
+        tenant_id: uuid.UUID | None,
+        todos: Sequence[Mapping[str, Any]],
+        request: str | None,
+        intent: str,
+        idempotency_key: str | None,
+        priority: int,
+        run_at: datetime | None,
+        time_zone: str,
+        traceparent: str | None,
+        rate_limit: tuple[int, int] | None,
+    ) -> str:
+        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v1``).
+
+        ``tenant_id`` None: the caller's oldest membership. ``rate_limit`` ``(limit, window)``:
+        count the Postgres rate limit in the same call (:class:`errors.RateLimitedError` past it,
+        and the job is not created)."""
+        import psycopg
+
+        limit, window = rate_limit or (None, 60)
+        params = {
+            "tenant_id": None if tenant_id is None else str(tenant_id),
+            "request": request,
+            "intent": intent,
+            "todos": _jsonb(list(todos)),
+            "idempotency_key": idempotency_key,
+            "priority": priority,
+            "max_retries": 3,
+            "run_at": run_at,
+            "time_zone": time_zone,
+            "traceparent": traceparent,
+            "rate_limit": limit,
+            "rate_window": window,
+        }
+        try:
+            return str(await self._scalar("job_submit", params))
+        except psycopg.Error as exc:
+            if exc.sqlstate != "CP429":
+                raise
+            wait = max(1, math.ceil(float(exc.diag.message_detail or 1)))
+            said = (exc.diag.message_primary or "The tenant created too many jobs").rstrip(".")
+            raise errors.RateLimitedError(f"{said}; retry in {wait} s.", retry_after=wait) from None
 
     async def job_get(self, job_id: uuid.UUID | str) -> Row:
         row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})

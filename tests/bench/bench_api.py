@@ -60,7 +60,8 @@ def start(cmd: list[str], env: dict[str, str], base: str) -> subprocess.Popen[by
         try:
             if (
                 httpx.get(
-                    f"{base}/healthz" if "serve" in cmd else f"{base}/docs", timeout=1
+                    f"{base}/healthz" if any("cpa_scheduler" in c for c in cmd) else f"{base}/docs",
+                    timeout=1,
                 ).status_code
                 == 200
             ):
@@ -72,16 +73,25 @@ def start(cmd: list[str], env: dict[str, str], base: str) -> subprocess.Popen[by
 
 
 def openloop(
-    url: str, body: Any, headers: dict[str, str], rate: float, seconds: float
+    url: str,
+    body: Any,
+    headers: dict[str, str],
+    rate: float,
+    seconds: float,
+    *,
+    allow_errors: bool = False,
 ) -> dict[str, float]:
-    """One open-loop run at ``rate`` req/s in a separate load process."""
+    """One open-loop run at ``rate`` req/s in a separate load process.
+
+    ``allow_errors``: past its capacity a server may refuse or time out (503 when its pool is
+    exhausted); the search for the sustainable rate counts that as a miss, not as a crash."""  # fmt: skip
     cmd = [sys.executable, "-m", "tests.bench.openloop", url, "--rate", str(rate),
            "--seconds", str(seconds), "--body", json.dumps(body)]  # fmt: skip
     for name, value in headers.items():
         cmd += ["--header", f"{name}: {value}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds * 20)
     result: dict[str, float] = json.loads(done.stdout)
-    assert result["errors"] == 0, result
+    assert allow_errors or result["errors"] == 0, result
     return result
 
 
@@ -106,7 +116,8 @@ def sustainable(url: str, body: Any, headers: dict[str, str], seconds: float) ->
     """The highest rate of SEARCH whose p99 stays under 100 ms (0 if none)."""
     best = 0.0
     for rate in SEARCH:
-        if openloop(url, body, headers, rate, seconds)["p99"] >= 100:
+        result = openloop(url, body, headers, rate, seconds, allow_errors=True)
+        if result["p99"] >= 100 or result["errors"]:
             break
         best = rate
     return best
@@ -137,7 +148,7 @@ async def main() -> None:
         "SUPABASE_URL": ISSUER.removesuffix("/auth/v1"),
         "CPA_RATE_LIMIT": "1000000000",
     }
-    ours_port, bare_port = free_port(), free_port()
+    ours_port, bare_port, api_port = free_port(), free_port(), free_port()
     ours = start(
         [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(ours_port)],
         env,
@@ -157,11 +168,21 @@ async def main() -> None:
         env,
         f"http://127.0.0.1:{bare_port}",
     )
+    # The API alone, as the Lambda function runs it: no dispatcher sharing its event loop.
+    api_only = start(
+        [sys.executable, "-m", "uvicorn", "cpa_scheduler.api:app", "--port", str(api_port),
+         "--log-level", "warning", "--no-access-log"],
+        env,
+        f"http://127.0.0.1:{api_port}",
+    )  # fmt: skip
     targets = {
         "ours": (f"http://127.0.0.1:{ours_port}/v1/jobs", {"graph": GRAPH},
                  {"Authorization": f"Bearer {token}"}),
         "ours (desktop graph)": (f"http://127.0.0.1:{ours_port}/v1/jobs", {"graph": DESKTOP},
                                  {"Authorization": f"Bearer {token}"}),
+        "ours, API alone (uvicorn, no dispatcher)": (f"http://127.0.0.1:{api_port}/v1/jobs",
+                                                     {"graph": GRAPH},
+                                                     {"Authorization": f"Bearer {token}"}),
         "bare": (f"http://127.0.0.1:{bare_port}/bare", {"graph": GRAPH}, {}),
     }  # fmt: skip
     figures: dict[str, list[float]] = {}
@@ -184,10 +205,10 @@ async def main() -> None:
                 record(f"{key}: sustainable req/s (p99 < 100 ms)",
                        sustainable(url, body, headers, args.seconds))  # fmt: skip
     finally:
-        ours.terminate()
-        bare.terminate()
-        ours.wait(30)
-        bare.wait(30)
+        for proc in (ours, bare, api_only):
+            proc.terminate()
+        for proc in (ours, bare, api_only):
+            proc.wait(30)
         srv.drop_db(name)
         stop()
     med = {k: statistics.median(v) for k, v in figures.items()}
@@ -197,7 +218,7 @@ async def main() -> None:
     for key, values in figures.items():
         print(f"| {key} | {med[key]:.1f} | {min(values):.1f}–{max(values):.1f} |")
     print()
-    for key in ("ours", "ours (desktop graph)"):
+    for key in ("ours", "ours (desktop graph)", "ours, API alone (uvicorn, no dispatcher)"):
         p50 = med[f"{key}: single client p50 ms"] / med["bare: single client p50 ms"]
         rate = med[f"{key}: sustainable req/s (p99 < 100 ms)"] / max(
             med["bare: sustainable req/s (p99 < 100 ms)"], 1

@@ -93,8 +93,9 @@ async def create_jobs(
 
 
 async def drain(
-    db: store.Store, concurrency: int = 128, batch: int = 100
+    db: store.Store, concurrency: int = 256, batch: int = 128
 ) -> tuple[float, dispatch.Summary]:
+    """A pass of the dispatcher (its defaults unless given) until no work is left."""
     # One tenant here: no per-tenant cap, as in the runs RESULTS.md quotes (issue 10 added it).
     d = dispatch.Dispatcher(db, concurrency=concurrency, batch=batch, tenant_cap=None)
     t0 = time.perf_counter()
@@ -105,7 +106,7 @@ async def drain(
 # --- (a) our throughput ------------------------------------------------------------------------
 
 
-async def ours_wide(srv: Server, n: int) -> float:
+async def ours_wide(srv: Server, n: int, concurrency: int = 256, batch: int = 128) -> float:
     name = srv.create_db(supabase=True)
     try:
         db = store.Store(srv.url(name), max_size=4)
@@ -114,7 +115,7 @@ async def ours_wide(srv: Server, n: int) -> float:
         todos = [{"key": f"k{i}", "action": "noop", "target": "cloud"} for i in range(n)]
         await create_jobs(db, t, [todos[i : i + 1000] for i in range(0, n, 1000)])
         await _vacuum(srv.url(name))
-        elapsed, summary = await drain(db)
+        elapsed, summary = await drain(db, concurrency, batch)
         assert summary.done == n, summary
         await db.close()
         return n / elapsed
@@ -142,6 +143,28 @@ async def ours_chains(srv: Server, jobs: int, length: int) -> float:
 async def _vacuum(url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
         await c.execute("vacuum analyze")
+
+
+async def fairness(srv: Server, big: int = 5000, small: int = 50) -> float:
+    """Tenant B's small job submitted right after tenant A's big one: B's time to done as a
+    share of A's (0.01 = B finished within the first 1 % of A's drain)."""
+    name = srv.create_db(supabase=True)
+    try:
+        db = store.Store(srv.url(name), max_size=4)
+        a, b = await tenant(db), await tenant(db)
+        [ja] = await create_jobs(db, a, [[{"key": f"a{i}", "action": "noop"} for i in range(big)]])
+        [jb] = await create_jobs(
+            db, b, [[{"key": f"b{i}", "action": "noop"} for i in range(small)]]
+        )
+        await _vacuum(srv.url(name))
+        await drain(db)
+        async with db.service() as s:
+            job_a, job_b = await s.job_get(ja), await s.job_get(jb)
+        await db.close()
+        span_a = (job_a["completed_at"] - job_a["started_at"]).total_seconds()
+        return float((job_b["completed_at"] - job_a["started_at"]).total_seconds() / span_a)
+    finally:
+        srv.drop_db(name)
 
 
 # --- (b) peers ----------------------------------------------------------------------------------
@@ -340,6 +363,10 @@ async def main() -> None:
 
     runs: list[tuple[str, Callable[[], Awaitable[float]]]] = [
         ("ours: 1 job x 10,000 independent", lambda: ours_wide(srv, args.n)),
+        (
+            "ours: 1 job x 10,000 independent, concurrency 128 batch 100 (old default)",
+            lambda: ours_wide(srv, args.n, 128, 100),
+        ),
         ("ours: 100 jobs x 100-ToDo chains", lambda: ours_chains(srv, 100, args.n // 100)),
         ("PgQueuer 1.6 (asyncpg, batch 10)", lambda: pgqueuer_run(srv, args.n, 10)),
         ("PgQueuer 1.6 (asyncpg, batch 50)", lambda: pgqueuer_run(srv, args.n, 50)),
@@ -358,6 +385,7 @@ async def main() -> None:
             ours_ratio, level_ratio = await makespan(srv, seed=rep)
             record("makespan / critical path: ours", ours_ratio)
             record("makespan / critical path: level-by-level", level_ratio)
+            record("fairness: small tenant done / big tenant span", await fairness(srv))
             lat = await latency(srv)
             record("latency p50 ms", pct(lat, 50))
             record("latency p99 ms", pct(lat, 99))
@@ -372,6 +400,9 @@ async def main() -> None:
     print("| figure | runs | median |\n|---|---|---|")
     for key, values in figures.items():
         print(f"| {key} | {', '.join(fmt(v) for v in values)} | {fmt(med[key])} |")
+    pgq50 = med["PgQueuer 1.6 (asyncpg, batch 50)"]
+    for ours_key in ("ours: 1 job x 10,000 independent", "ours: 100 jobs x 100-ToDo chains"):
+        print(f"| {ours_key} / PgQueuer batch 50 | {med[ours_key] / pgq50:.2f} |")
     best_pgq = max(med["PgQueuer 1.6 (asyncpg, batch 10)"], med["PgQueuer 1.6 (asyncpg, batch 50)"])
     print()
     pairs = {

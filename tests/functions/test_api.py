@@ -345,7 +345,9 @@ async def test_every_message_type_has_an_answer(
     assert "payload.todo_id" in is_problem(invalid, 422, "message_invalid")["detail"]
 
 
-async def test_rate_limit_postgres(wire: Any, member_factory: MemberFactory) -> None:
+async def test_rate_limit_postgres(
+    wire: Any, member_factory: MemberFactory, db: store.Store
+) -> None:
     wire(rate_limit=2, rate_window=60)
     from functions import api
 
@@ -360,6 +362,55 @@ async def test_rate_limit_postgres(wire: Any, member_factory: MemberFactory) -> 
         limited = await c.post("/v1/jobs", headers=bearer(m), json={"request": "Öffne Spotify"})
     is_problem(limited, 429, "rate_limited")
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    async with db.user(m.claims) as s:  # the refused request created nothing
+        assert len(await s.job_list(tenant_id=m.tenant_id, status=None, before=None, limit=10)) == 2
+
+
+async def test_create_answers_what_get_answers_and_picks_the_tenant(
+    client: httpx.AsyncClient, member_factory: MemberFactory, db: store.Store
+) -> None:
+    """POST /v1/jobs is one SQL call (cpa.job_submit_v1): its answer is the job as GET reads it,
+    for the caller's own tenant or the one X-CPA-Tenant names, and 404 for anyone else's."""
+    from datetime import datetime
+
+    a, b = await member_factory("A"), await member_factory("B")
+    graph = {"todos": [{"key": "x", "action": "noop", "params": {"n": 1}},
+                       {"key": "y", "action": "noop", "depends_on": ["x"]}]}  # fmt: skip
+    created = await client.post(
+        "/v1/jobs", headers={**bearer(a), "Idempotency-Key": "k1"}, json={"graph": graph}
+    )
+    assert created.status_code == 201 and created.headers["content-type"] == "application/json"
+    got = (await client.get(f"/v1/jobs/{created.json()['id']}", headers=bearer(a))).json()
+
+    def same(value: Any) -> Any:  # timestamps compare as instants, not as strings
+        if isinstance(value, dict):
+            return {k: same(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [same(v) for v in value]
+        if isinstance(value, str) and len(value) > 19 and value[10:11] == "T":
+            return datetime.fromisoformat(value)
+        return value
+
+    assert same(created.json()) == same(got)
+    assert created.json()["tenant_id"] == str(a.tenant_id)
+    assert created.json()["todos"][1]["depends_on"] == ["x"]
+    again = await client.post(
+        "/v1/jobs", headers={**bearer(a), "Idempotency-Key": "k1"}, json={"graph": graph}
+    )
+    assert again.status_code == 201 and again.json()["id"] == created.json()["id"]
+    is_problem(
+        await client.post(
+            "/v1/jobs", headers={**bearer(a), "X-CPA-Tenant": str(b.tenant_id)},
+            json={"graph": graph},
+        ),
+        404,
+    )  # fmt: skip
+    is_problem(
+        await client.post(
+            "/v1/jobs", headers={**bearer(a), "X-CPA-Tenant": "nope"}, json={"graph": graph}
+        ),
+        422,
+    )
 
 
 async def test_health_and_readiness(client: httpx.AsyncClient, wire: Any, db: store.Store) -> None:

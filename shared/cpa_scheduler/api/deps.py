@@ -6,6 +6,7 @@ lookup and the Postgres rate limit run inside it too, so a request holds one poo
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,18 +18,23 @@ from cpa_scheduler import auth, errors, logs, store
 from cpa_scheduler.api import state as state_mod
 
 
-def get_state() -> state_mod.State:
+# Dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its threadpool, a
+# thread hop per dependency and request for work that takes microseconds.
+async def get_state() -> state_mod.State:
     return state_mod.get()
 
 
 AppState = Annotated[state_mod.State, Depends(get_state)]
 
 
-def get_claims(request: Request, app: AppState) -> auth.Claims:
+async def get_claims(request: Request, app: AppState) -> auth.Claims:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise errors.AuthError("Send 'Authorization: Bearer <Supabase access token>'.")
+    if app.verifier.may_block(token.strip()):
+        # A JWKS-signed token may need the project's keys fetched (blocking HTTP): off the loop.
+        return await asyncio.to_thread(app.verifier.verify, token.strip())
     return app.verifier.verify(token.strip())
 
 
@@ -50,20 +56,27 @@ class Caller:
     tenant_id: uuid.UUID
 
 
-async def get_caller(
-    claims: VerifiedClaims,
-    session: UserSession,
-    x_cpa_tenant: Annotated[
-        str | None, Header(description="Act for this tenant (optional).")
-    ] = None,
-) -> Caller:
+TenantHeader = Annotated[str | None, Header(description="Act for this tenant (optional).")]
+
+
+def wanted_tenant(claims: auth.Claims, x_cpa_tenant: str | None) -> uuid.UUID | None:
+    """The tenant the caller asks for (header, else the token's app_metadata), unchecked;
+    None: their oldest membership."""
     wanted = x_cpa_tenant or claims.app_metadata.get("tenant_id")
+    if wanted is None:
+        return None
+    try:
+        return uuid.UUID(str(wanted))
+    except ValueError:
+        raise errors.InvalidError(f"The tenant id {wanted!r} is not a UUID.") from None
+
+
+async def get_caller(
+    claims: VerifiedClaims, session: UserSession, x_cpa_tenant: TenantHeader = None
+) -> Caller:
+    tenant = wanted_tenant(claims, x_cpa_tenant)
     tenants = await session.my_tenants()
-    if wanted is not None:
-        try:
-            tenant = uuid.UUID(str(wanted))
-        except ValueError:
-            raise errors.InvalidError(f"The tenant id {wanted!r} is not a UUID.") from None
+    if tenant is not None:
         if tenant not in tenants:
             raise errors.NotFoundError(
                 f"The tenant {tenant} does not exist or you are not a member."

@@ -15,6 +15,13 @@ select * from cpa.job_create_v2(%(tenant_id)s, %(request)s, %(intent)s, %(todos)
                                 %(idempotency_key)s, %(priority)s, %(max_retries)s,
                                 %(run_at)s::timestamptz, %(time_zone)s);
 
+-- name: job_submit
+-- POST /v1/jobs in one call; the answer is the job as JSON text, passed to the client as is.
+select cpa.job_submit_v1(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
+                         %(idempotency_key)s, %(priority)s, %(max_retries)s,
+                         %(run_at)s::timestamptz, %(time_zone)s, %(traceparent)s,
+                         %(rate_limit)s, %(rate_window)s)::text as job;
+
 -- name: job_get
 select * from public.jobs where id = %(job_id)s;
 
