@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from cpa_scheduler import dispatch, errors, protocol, store, tracing
+from cpa_scheduler import errors, graph, protocol, store, tracing
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
@@ -44,7 +44,7 @@ async def claim(
         try:
             if job_id not in results:
                 results[job_id] = await session.todo_job_results(job_id)
-            params = dispatch.resolve_refs(row["params"], results[job_id], row["key"])
+            params = graph.resolve_refs(row["params"], results[job_id], row["key"])
         except errors.PermanentError as exc:
             await session.todo_fail(
                 [{"id": str(row["id"]), "owner": owner(agent_id), "error": exc.message}]

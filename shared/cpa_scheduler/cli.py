@@ -29,7 +29,6 @@ from cpa_scheduler import (
     intents,
     logs,
     planner,
-    protocol,
     settings,
     store,
     tracing,
@@ -142,7 +141,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 NAMESPACE = uuid.UUID("5f1c1e9e-6b1e-4c1a-9a55-3c0a7c3d7e00")
-DESKTOP_ACTIONS = ["desktop.open_app", "file.write", "file.read", "notes.create", "reminder.create"]
 
 
 def _ident(value: str, kind: str) -> uuid.UUID:
@@ -411,69 +409,15 @@ def _watch(args: argparse.Namespace) -> int:
     return 0 if asyncio.run(run()) == "done" else 1
 
 
-def _do(assign: protocol.Assign, sandbox: Path) -> Any:
-    """The safe built-in subset a reference agent performs (files: see sandbox.Sandbox)."""
-    from cpa_scheduler.sandbox import Sandbox
-
-    p = assign.payload.params
-    if assign.payload.action == "desktop.open_app":
-        print(f"agent: open app {p['app']!r}", file=sys.stderr)
-        return {"opened": p["app"]}
-    if assign.payload.action == "reminder.create":
-        # The reference agent has no reminder app: it shows the reminder by printing it.
-        print(f"agent: reminder at {p['at']}: {p['text']}", file=sys.stderr)
-        return {"scheduled": p["at"], "text": p["text"]}
-    if assign.payload.action in ("file.write", "file.read", "notes.create"):
-        name = str(p.get("path") or f"notes/{assign.payload.todo_id}.md")
-        box = Sandbox(sandbox)
-        if assign.payload.action == "file.read":
-            return {"text": box.read(name)}
-        content = p.get("content", p.get("text", ""))
-        text = content if isinstance(content, str) else json.dumps(content)
-        return box.write(name, text.encode("utf-8", "backslashreplace"))
-    raise errors.PermanentError(f"This agent cannot perform {assign.payload.action!r}.")
-
-
 def _agent(args: argparse.Namespace) -> int:
+    from cpa_scheduler import desktop
+
     sandbox = Path(args.sandbox).expanduser()
     sandbox.mkdir(parents=True, exist_ok=True)
 
     async def run() -> int:
-        handled = 0
         async with _client() as c:
-            offer = protocol.make("offer", {"agent_id": args.agent_id, "name": "reference agent",
-                                            "actions": DESKTOP_ACTIONS}, sender=args.agent_id, receiver="scheduler")  # fmt: skip
-            await c.send(offer)
-            while True:
-                for assign in await c.claim(args.agent_id, DESKTOP_ACTIONS, limit=5):
-                    trace = assign.payload.traceparent
-                    await c.send(
-                        protocol.reply_to(assign, "agree", {"todo_id": assign.payload.todo_id}),
-                        traceparent=trace,
-                    )
-                    try:
-                        result = _do(assign, sandbox)
-                        reply = protocol.reply_to(
-                            assign, "done", {"todo_id": assign.payload.todo_id, "result": result}
-                        )
-                    except (errors.CpaError, OSError) as exc:
-                        # Never an OSError's text: it may hold the agent's absolute paths.
-                        text = exc.message if isinstance(exc, errors.CpaError) else (
-                            f"The action failed on this computer ({type(exc).__name__}, "
-                            f"errno {exc.errno})."
-                        )  # fmt: skip
-                        reply = protocol.reply_to(
-                            assign, "failure", {"todo_id": assign.payload.todo_id, "error": text}
-                        )
-                    answer = await c.send(reply, traceparent=trace)
-                    handled += 1
-                    print(
-                        f"agent: {assign.payload.key} -> {reply.type} ({answer.type})",
-                        file=sys.stderr,
-                    )
-                if args.once:
-                    return handled
-                await asyncio.sleep(args.poll)
+            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, poll=args.poll)
 
     asyncio.run(run())
     return 0

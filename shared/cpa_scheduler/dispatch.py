@@ -17,7 +17,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -149,38 +148,6 @@ class Health:
             "down_seconds": round(self.down_for(), 3),
             "last_error": self.last_error,
         }
-
-
-def resolve_refs(params: Any, results: Mapping[str, Any], key: str) -> Any:
-    """Replace every ``{"$ref": "dep.result.path"}`` with the value it names."""
-    if graph.is_ref(params):
-        ref = str(params[graph.REF_KEY])
-        source, _, rest = ref.partition(".")
-        if source not in results:
-            raise errors.PermanentError(
-                f"The ToDo {key!r} references {ref!r}, but {source!r} has no result; "
-                "it must be a finished dependency."
-            )
-        value: Any = results[source]
-        parts = rest.split(".") if rest else []
-        if parts and parts[0] == "result":
-            parts = parts[1:]
-        for part in parts:
-            if isinstance(value, Mapping) and part in value:
-                value = value[part]
-            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-                value = value[int(part)]
-            else:
-                raise errors.PermanentError(
-                    f"The ToDo {key!r} references {ref!r}, but the result of {source!r} "
-                    f"has no {part!r}."
-                )
-        return value
-    if isinstance(params, dict):
-        return {k: resolve_refs(v, results, key) for k, v in params.items()}
-    if isinstance(params, list):
-        return [resolve_refs(v, results, key) for v in params]
-    return params
 
 
 @dataclass
@@ -671,7 +638,7 @@ class Dispatcher:
     async def _execute(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
         key = row["key"]
         try:
-            params = resolve_refs(row["params"], results.get(str(row["job_id"]), {}), key)
+            params = graph.resolve_refs(row["params"], results.get(str(row["job_id"]), {}), key)
             if row["action"] == "wait" and row["timer_until"] is None:
                 seconds = params.get("seconds") if isinstance(params, dict) else None
                 await executor.wait({"seconds": seconds}, self._context(row))

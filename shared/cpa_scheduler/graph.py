@@ -202,3 +202,53 @@ class Graph:
             start = max((finish[d] for d in self._todos[key].depends_on), default=0.0)
             finish[key] = start + float(durations.get(key, 0.0))
         return max(finish.values())
+
+
+def todo_rows(g: Graph) -> list[dict[str, Any]]:
+    """The ToDos of a validated graph as rows, in the shape job creation takes."""
+    return [
+        {
+            "key": t.key,
+            "action": t.action,
+            "target": t.target,
+            "params": t.params,
+            "depends_on": list(dict.fromkeys(t.depends_on)),
+            "max_attempts": t.max_attempts,
+            "requires_confirmation": t.requires_confirmation,
+        }
+        | ({"run_at": t.run_at.isoformat()} if t.run_at is not None else {})
+        | ({"agent_timeout": t.agent_timeout} if t.agent_timeout is not None else {})
+        for t in g
+    ]
+
+
+def resolve_refs(params: Any, results: Mapping[str, Any], key: str) -> Any:
+    """Replace every ``{"$ref": "dep.result.path"}`` with the value it names."""
+    if is_ref(params):
+        ref = str(params[REF_KEY])
+        source, _, rest = ref.partition(".")
+        if source not in results:
+            raise errors.PermanentError(
+                f"The ToDo {key!r} references {ref!r}, but {source!r} has no result; "
+                "it must be a finished dependency."
+            )
+        value: Any = results[source]
+        parts = rest.split(".") if rest else []
+        if parts and parts[0] == "result":
+            parts = parts[1:]
+        for part in parts:
+            if isinstance(value, Mapping) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                raise errors.PermanentError(
+                    f"The ToDo {key!r} references {ref!r}, but the result of {source!r} "
+                    f"has no {part!r}."
+                )
+        return value
+    if isinstance(params, dict):
+        return {k: resolve_refs(v, results, key) for k, v in params.items()}
+    if isinstance(params, list):
+        return [resolve_refs(v, results, key) for v in params]
+    return params

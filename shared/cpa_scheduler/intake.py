@@ -20,24 +20,6 @@ NO_PLANNER = (
 )
 
 
-def todo_rows(g: graph.Graph) -> list[dict[str, Any]]:
-    """The ToDos of a validated graph in the shape ``job_create_v1`` takes."""
-    return [
-        {
-            "key": t.key,
-            "action": t.action,
-            "target": t.target,
-            "params": t.params,
-            "depends_on": list(dict.fromkeys(t.depends_on)),
-            "max_attempts": t.max_attempts,
-            "requires_confirmation": t.requires_confirmation,
-        }
-        | ({"run_at": t.run_at.isoformat()} if t.run_at is not None else {})
-        | ({"agent_timeout": t.agent_timeout} if t.agent_timeout is not None else {})
-        for t in g
-    ]
-
-
 def resolver(tz: ZoneInfo, now: datetime) -> intents.TimeResolver:
     """Reads a request's time expressions in the caller's zone at one fixed "now"."""
     return lambda when: times.resolve(when, tz=tz, now=now).isoformat()
@@ -155,10 +137,10 @@ async def submit(
         text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner,
         resolve_time=resolver(tz, now),
     )  # fmt: skip
-    rows = todo_rows(g)
+    rows = graph.todo_rows(g)
     if optional:
         g = without(g, await _unoffered(session, tenant_id, g, optional))
-        rows = [r | {"optional": True} if r["key"] in optional else r for r in todo_rows(g)]
+        rows = [r | {"optional": True} if r["key"] in optional else r for r in graph.todo_rows(g)]
     return await session.job_create(
         tenant_id=tenant_id,
         todos=rows,
@@ -209,7 +191,7 @@ async def submit_one_call(
     if optional:
         return None
     return await session.job_submit(
-        tenant_id=tenant_id, todos=todo_rows(g), request=text, intent=intent,
+        tenant_id=tenant_id, todos=graph.todo_rows(g), request=text, intent=intent,
         idempotency_key=idempotency_key, priority=priority, run_at=run_at, time_zone=tz.key,
         traceparent=traceparent, rate_limit=rate_limit,
     )  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 
 from cpa_scheduler import cache as cache_mod
 from cpa_scheduler import catalogue as catalogue_mod
-from cpa_scheduler import errors, executor, intents, llm, protocol, settings, store
+from cpa_scheduler import errors, executor, graph, intents, llm, protocol, settings, store
 
 log = logging.getLogger("cpa.planner")
 REF = {
@@ -194,14 +194,13 @@ class Planner:
             spec = protocol.GraphSpec.model_validate({"todos": todos})
             if any(t.action == "plan" for t in spec.todos):
                 return [], ["a plan may not contain another 'plan' step"]
-            graph = self.catalogue.build(spec, max_todos=self.max_todos)
+            built = self.catalogue.build(spec, max_todos=self.max_todos)
         except errors.InvalidError as exc:
             return [], [exc.message, *(str(e.get("msg")) for e in exc.errors[1:])]
         except ValueError as exc:
             return [], [f"the plan does not fit the ToDo shape: {exc}"]
-        from cpa_scheduler import intake
 
-        return intake.todo_rows(graph), []
+        return graph.todo_rows(built), []
 
 
 # --- executors -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from cpa_scheduler import errors, intake, protocol, store, times
+from cpa_scheduler import errors, graph, intake, protocol, store, times
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def plan(
     # Optional desktop ToDos depend on which agents are online when a run happens: leave them out.
     if optional:
         g = intake.without(g, set(optional))
-    return intent, intake.todo_rows(g)
+    return intent, graph.todo_rows(g)
 
 
 def _named_time(request: str) -> str:
