@@ -188,6 +188,9 @@ class Session:
             said = (exc.diag.message_primary or "The tenant created too many jobs").rstrip(".")
             raise errors.RateLimitedError(f"{said}; retry in {wait} s.", retry_after=wait) from None
 
+    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
+        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
+
     async def job_get(self, job_id: uuid.UUID | str) -> Row:
         row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})
         if row is None:
@@ -226,6 +229,10 @@ class Session:
         assert row is not None
         return row
 
+    async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
+        params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
+        return int(await self._scalar("job_attach", params))
+
     async def job_trace_set(self, job_id: uuid.UUID | str, traceparent: str) -> bool:
         """Keep the W3C trace context of the request that created the job (first one wins)."""
         params = {"job_id": str(job_id), "traceparent": traceparent}
@@ -235,14 +242,6 @@ class Session:
         """``{job_id: traceparent}`` of those jobs that were created with tracing on."""
         rows = await self._all("job_traces", {"ids": [str(j) for j in job_ids]})
         return {str(r["id"]): str(r["traceparent"]) for r in rows}
-
-    # metrics ------------------------------------------------------------------------------
-
-    async def metrics_snapshot(self) -> list[Row]:
-        return await self._all("metrics_snapshot")
-
-    async def metrics_top_tenants(self, limit: int) -> list[Row]:
-        return await self._all("metrics_top_tenants", {"limit": limit})
 
     # todos --------------------------------------------------------------------------------
 
@@ -276,21 +275,6 @@ class Session:
             },
         )
 
-    async def todo_lease_owners(self, prefix: str) -> list[str]:
-        """Owners (``prefix``...) of the leases on running ToDos."""
-        return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
-
-    async def retention_prune(
-        self, *, job_days: int, audit_days: int, batch: int = 5000
-    ) -> dict[str, int]:
-        """One bounded batch of retention: old events, finished jobs, audit entries."""
-        params = {"job_days": job_days, "audit_days": audit_days, "batch": batch}
-        return dict(await self._scalar("retention_prune", params))
-
-    async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
-        """Expire now the leases of dispatcher owners proven dead."""
-        return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))
-
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
         return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))
 
@@ -316,35 +300,34 @@ class Session:
         params = {"ids": [str(i) for i in ids], "owner": owner, "lease_seconds": lease_seconds}
         return int(await self._scalar("todo_extend", params))
 
+    async def todo_lease_owners(self, prefix: str) -> list[str]:
+        """Owners (``prefix``...) of the leases on running ToDos."""
+        return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
+
+    async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
+        """Expire now the leases of dispatcher owners proven dead."""
+        return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))
+
+    async def todo_next_due(self, target: str = "cloud") -> datetime | None:
+        """When the next ready ToDo (or schedule occurrence) comes due; None when none waits."""
+        due = await self._scalar("todo_next_due", {"target": target})
+        return due if isinstance(due, datetime) else None
+
+    async def todo_job_results(self, job_id: uuid.UUID | str) -> dict[str, Any]:
+        rows = await self._all("todo_job_results", {"job_id": str(job_id)})
+        return {row["key"]: row["result"] for row in rows}
+
     async def todo_confirm(self, todo_id: uuid.UUID | str, *, approved: bool = True) -> Row:
         params = {"todo_id": _uuid(todo_id, "ToDo"), "approved": approved}
         row = await self._one("todo_confirm", params)
         assert row is not None
         return row
 
-    async def todo_dependency_results(
-        self, ids: Sequence[uuid.UUID | str]
-    ) -> dict[str, dict[str, Any]]:
-        """``{todo_id: {dependency key: result}}`` for the given ToDos' direct dependencies."""
-        rows = await self._all("todo_dependency_results", {"ids": [str(i) for i in ids]})
-        out: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            out.setdefault(str(row["todo_id"]), {})[row["key"]] = row["result"]
-        return out
-
-    async def todo_job_results(self, job_id: uuid.UUID | str) -> dict[str, Any]:
-        rows = await self._all("todo_job_results", {"job_id": str(job_id)})
-        return {row["key"]: row["result"] for row in rows}
-
     async def todo_note(self, todo_id: uuid.UUID | str, kind: str, data: Mapping[str, Any]) -> int:
         params = {"todo_id": _uuid(todo_id, "ToDo"), "kind": kind, "data": _jsonb(dict(data))}
         return int(await self._scalar("todo_note", params))
 
-    # agents -------------------------------------------------------------------------------
-
-    async def job_route(self, job_id: uuid.UUID | str, agent_key: str) -> int:
-        """Pin the job's unstarted desktop ToDos to one agent."""
-        return int(await self._scalar("job_route", {"job_id": str(job_id), "agent_key": agent_key}))
+    # agents and desktop assignment --------------------------------------------------------
 
     async def agent_upsert(
         self, tenant_id: uuid.UUID | str, agent_key: str, name: str | None, actions: Sequence[str]
@@ -376,6 +359,19 @@ class Session:
         }
         return await self._all("agent_claim", params)
 
+    async def agent_offering(
+        self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
+    ) -> bool:
+        params = {"tenant_id": str(tenant_id), "action": action, "seen_seconds": seen_seconds}
+        return bool(await self._scalar("agent_offering", params))
+
+    async def job_route(self, job_id: uuid.UUID | str, agent_key: str) -> int:
+        """Pin the job's unstarted desktop ToDos to one agent."""
+        return int(await self._scalar("job_route", {"job_id": str(job_id), "agent_key": agent_key}))
+
+    async def desktop_sweep(self, seen_seconds: float = 120.0) -> int:
+        return int(await self._scalar("desktop_sweep", {"seen_seconds": seen_seconds}))
+
     # events -------------------------------------------------------------------------------
 
     async def event_list(
@@ -404,6 +400,8 @@ class Session:
         }
         return int(await self._scalar("event_append", params))
 
+    # rate limits and the plan cache -------------------------------------------------------
+
     async def rate_limit_hit(
         self, tenant_id: uuid.UUID | str, limit: int, window_seconds: int
     ) -> tuple[bool, float]:
@@ -411,10 +409,6 @@ class Session:
         row = await self._one("rate_limit_hit", params)
         assert row is not None
         return bool(row["allowed"]), float(row["retry_after"])
-
-    async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
-        params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
-        return int(await self._scalar("job_attach", params))
 
     async def plan_cache_get(self, tenant_id: uuid.UUID | str, key: str) -> Any:
         return await self._scalar("plan_cache_get", {"tenant_id": str(tenant_id), "key": key})
@@ -425,24 +419,7 @@ class Session:
         params = {"tenant_id": str(tenant_id), "key": key, "plan": _jsonb(plan), "ttl": ttl}
         await self._all("plan_cache_put", params)
 
-    # timed work and schedules -------------------------------------------------------------
-
-    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
-        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
-
-    async def todo_next_due(self, target: str = "cloud") -> datetime | None:
-        """When the next ready ToDo (or schedule occurrence) comes due; None when none waits."""
-        due = await self._scalar("todo_next_due", {"target": target})
-        return due if isinstance(due, datetime) else None
-
-    async def desktop_sweep(self, seen_seconds: float = 120.0) -> int:
-        return int(await self._scalar("desktop_sweep", {"seen_seconds": seen_seconds}))
-
-    async def agent_offering(
-        self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
-    ) -> bool:
-        params = {"tenant_id": str(tenant_id), "action": action, "seen_seconds": seen_seconds}
-        return bool(await self._scalar("agent_offering", params))
+    # schedules ----------------------------------------------------------------------------
 
     async def schedule_create(
         self, *, tenant_id: uuid.UUID | str, cron: str, time_zone: str, request: str | None,
@@ -497,6 +474,21 @@ class Session:
         row = await self._one("schedule_fire", params)
         assert row is not None
         return row
+
+    # metrics and retention ----------------------------------------------------------------
+
+    async def metrics_snapshot(self) -> list[Row]:
+        return await self._all("metrics_snapshot")
+
+    async def metrics_top_tenants(self, limit: int) -> list[Row]:
+        return await self._all("metrics_top_tenants", {"limit": limit})
+
+    async def retention_prune(
+        self, *, job_days: int, audit_days: int, batch: int = 5000
+    ) -> dict[str, int]:
+        """One bounded batch of retention: old events, finished jobs, audit entries."""
+        params = {"job_days": job_days, "audit_days": audit_days, "batch": batch}
+        return dict(await self._scalar("retention_prune", params))
 
     # set-up (admin scope) -----------------------------------------------------------------
 

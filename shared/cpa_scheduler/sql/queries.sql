@@ -75,12 +75,6 @@ select cpa.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
 -- name: todo_confirm
 select * from cpa.todo_confirm_v1(%(todo_id)s, %(approved)s);
 
--- name: todo_dependency_results
--- The results of the direct and transitive dependencies a ToDo's $refs may read.
-select e.todo_id, p.key, p.result
-  from public.todo_edges e join public.todos p on p.id = e.depends_on_id
- where e.todo_id = any(%(ids)s);
-
 -- name: todo_job_results
 select key, result from public.todos where job_id = %(job_id)s and status = 'done';
 
