@@ -19,8 +19,9 @@ import json
 import math
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cpa_scheduler import errors, sql
 
@@ -32,6 +33,24 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 Row = dict[str, Any]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class TodoRow:
+    """A cloud ToDo as the dispatcher claimed it: what it needs to run it and answer for it."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    key: str
+    action: str
+    params: dict[str, Any]
+    attempts: int  # this attempt's number (the claim counted it)
+    max_attempts: int
+    timer_until: datetime | None  # set once the ToDo has snoozed
+    lease_expires_at: datetime | None
+    error: str | None  # the last attempt's, e.g. that its lease expired
 
 
 @contextlib.contextmanager
@@ -96,15 +115,29 @@ class Session:
                 return []
             return list(await cur.fetchall())
 
+    async def _typed(self, name: str, params: Mapping[str, Any], cls: type[_T]) -> list[_T]:
+        """Rows as frozen ``cls`` instances; the query selects exactly its fields."""
+        from psycopg.rows import class_row
+
+        with translate():
+            cur = self.conn.cursor(row_factory=class_row(cls))
+            await cur.execute(sql.get(name), params)
+            return await cur.fetchall()
+
     async def _one(self, name: str, params: Mapping[str, Any] | None = None) -> Row | None:
         with translate():
             cur = await self.conn.execute(sql.get(name), params or {})
             return await cur.fetchone()
 
-    async def _scalar(self, name: str, params: Mapping[str, Any]) -> Any:
+    async def _first(self, name: str, params: Mapping[str, Any]) -> Row:
+        """The row of a query that always answers one (its SQL function raises otherwise)."""
         row = await self._one(name, params)
-        assert row is not None
-        return next(iter(row.values()))
+        if row is None:
+            raise errors.CpaError(f"The query {name!r} answered no row, but it always answers one.")
+        return row
+
+    async def _scalar(self, name: str, params: Mapping[str, Any]) -> Any:
+        return next(iter((await self._first(name, params)).values()))
 
     # jobs ---------------------------------------------------------------------------------
 
@@ -121,7 +154,7 @@ class Session:
         run_at: datetime | None = None,
         time_zone: str = "UTC",
     ) -> Row:
-        row = await self._one(
+        return await self._first(
             "job_create",
             {
                 "tenant_id": str(tenant_id),
@@ -135,8 +168,6 @@ class Session:
                 "time_zone": time_zone,
             },
         )
-        assert row is not None
-        return row
 
     async def idempotency_check(self, tenant_id: uuid.UUID | str, key: str, body_hash: str) -> bool:
         """Record a new key's body hash (True); False for a replay; ConflictError otherwise."""
@@ -220,14 +251,10 @@ class Session:
         return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
 
     async def job_cancel(self, job_id: uuid.UUID | str) -> Row:
-        row = await self._one("job_cancel", {"job_id": _uuid(job_id, "job")})
-        assert row is not None
-        return row
+        return await self._first("job_cancel", {"job_id": _uuid(job_id, "job")})
 
     async def job_retry(self, job_id: uuid.UUID | str) -> Row:
-        row = await self._one("job_retry", {"job_id": _uuid(job_id, "job")})
-        assert row is not None
-        return row
+        return await self._first("job_retry", {"job_id": _uuid(job_id, "job")})
 
     async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
         params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
@@ -261,8 +288,8 @@ class Session:
         tenant_id: uuid.UUID | str | None = None,
         actions: Sequence[str] | None = None,
         tenant_cap: int | None = None,
-    ) -> list[Row]:
-        return await self._all(
+    ) -> list[TodoRow]:
+        return await self._typed(
             "todo_claim",
             {
                 "target": target,
@@ -273,6 +300,7 @@ class Session:
                 "actions": list(actions) if actions is not None else None,
                 "tenant_cap": tenant_cap,
             },
+            TodoRow,
         )
 
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
@@ -319,9 +347,7 @@ class Session:
 
     async def todo_confirm(self, todo_id: uuid.UUID | str, *, approved: bool = True) -> Row:
         params = {"todo_id": _uuid(todo_id, "ToDo"), "approved": approved}
-        row = await self._one("todo_confirm", params)
-        assert row is not None
-        return row
+        return await self._first("todo_confirm", params)
 
     async def todo_note(self, todo_id: uuid.UUID | str, kind: str, data: Mapping[str, Any]) -> int:
         params = {"todo_id": _uuid(todo_id, "ToDo"), "kind": kind, "data": _jsonb(dict(data))}
@@ -338,9 +364,7 @@ class Session:
             "name": name,
             "actions": list(actions),
         }
-        row = await self._one("agent_upsert", params)
-        assert row is not None
-        return row
+        return await self._first("agent_upsert", params)
 
     async def agent_claim(
         self,
@@ -406,8 +430,7 @@ class Session:
         self, tenant_id: uuid.UUID | str, limit: int, window_seconds: int
     ) -> tuple[bool, float]:
         params = {"tenant_id": str(tenant_id), "limit": limit, "window_seconds": window_seconds}
-        row = await self._one("rate_limit_hit", params)
-        assert row is not None
+        row = await self._first("rate_limit_hit", params)
         return bool(row["allowed"]), float(row["retry_after"])
 
     async def plan_cache_get(self, tenant_id: uuid.UUID | str, key: str) -> Any:
@@ -430,9 +453,7 @@ class Session:
             "graph": None if graph is None else _jsonb(graph), "intent": intent,
             "todos": _jsonb(list(todos)), "next_run_at": next_run_at,
         }  # fmt: skip
-        row = await self._one("schedule_create", params)
-        assert row is not None
-        return row
+        return await self._first("schedule_create", params)
 
     async def schedule_get(self, schedule_id: uuid.UUID | str) -> Row:
         row = await self._one("schedule_get", {"schedule_id": _uuid(schedule_id, "schedule")})
@@ -453,9 +474,7 @@ class Session:
             "paused": paused,
             "next_run_at": next_run_at,
         }
-        row = await self._one("schedule_pause", params)
-        assert row is not None
-        return row
+        return await self._first("schedule_pause", params)
 
     async def schedule_delete(self, schedule_id: uuid.UUID | str) -> None:
         await self._all("schedule_delete", {"schedule_id": _uuid(schedule_id, "schedule")})
@@ -471,9 +490,7 @@ class Session:
             "occurrence": occurrence,
             "next_run_at": next_run_at,
         }
-        row = await self._one("schedule_fire", params)
-        assert row is not None
-        return row
+        return await self._first("schedule_fire", params)
 
     # metrics and retention ----------------------------------------------------------------
 

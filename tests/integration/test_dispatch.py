@@ -132,12 +132,12 @@ async def test_retryable_errors_back_off(
 ) -> None:
     calls = 0
 
-    async def flaky(params: dict[str, Any], ctx: executor.Context) -> Any:
+    async def flaky(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
         nonlocal calls
         calls += 1
         if calls < 2:
             raise errors.RetryableError("upstream 503")
-        return {"ok": True}
+        return executor.Done({"ok": True})
 
     reg = executor.builtin()
     reg.register("flaky", flaky)

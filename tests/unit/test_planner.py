@@ -199,9 +199,11 @@ async def test_llm_generate_returns_text_and_usage() -> None:
     rec = Recorder(
         httpx2.Response(200, content=body.encode(), headers={"content-type": "application/json"})
     )
-    out = await planner.GenerateExecutor(rec.provider())(
+    outcome = await planner.GenerateExecutor(rec.provider())(
         {"prompt": "Sag hallo", "inputs": {"name": "Anna"}}, CTX
     )
+    assert isinstance(outcome, executor.Done)
+    out = outcome.result
     assert out["text"] == "Guten Morgen!" and out["usage"]["completion_tokens"] == 121
     assert "response_format" not in rec.requests[0]
     assert '"name": "Anna"' in rec.requests[0]["messages"][1]["content"]

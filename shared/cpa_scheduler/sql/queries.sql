@@ -54,8 +54,11 @@ select * from cpa.job_retry_v1(%(job_id)s);
 select * from public.todos where id = %(todo_id)s;
 
 -- name: todo_claim
-select * from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
-                                %(tenant_id)s, %(actions)s, %(tenant_cap)s);
+-- The columns of store.TodoRow, which the rows are built as.
+select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer_until,
+       lease_expires_at, error
+  from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
+                         %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
 -- name: todo_complete
 select cpa.todo_complete_v1(%(items)s::jsonb) as n;
