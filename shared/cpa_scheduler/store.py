@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cpa_scheduler import errors, sql
+from cpa_scheduler import errors, graph, sql
 
 # psycopg is imported where it is first used (the pool, the error mapping): on Lambda the
 # handler's import then stays near a bare FastAPI import (scripts/import_time.py).
@@ -232,7 +232,7 @@ class Session:
         self,
         *,
         tenant_id: uuid.UUID | str | None = None,
-        status: str | None = None,
+        status: graph.JobStatus | None = None,
         before: tuple[datetime, uuid.UUID] | None = None,
         limit: int = 50,
     ) -> list[Row]:
