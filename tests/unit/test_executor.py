@@ -43,6 +43,15 @@ def test_unknown_action_has_no_executor() -> None:
         executor.builtin().get("desktop.open_app")
 
 
+def test_llm_actions_are_known_but_unavailable_without_a_provider() -> None:
+    registry = executor.builtin()
+    assert "plan" not in registry and "llm.generate" not in registry
+    with pytest.raises(errors.PermanentError, match="No LLM provider is configured, so 'plan'"):
+        registry.get("plan")
+    registry.register("plan", executor.noop)  # what the planner does with a provider
+    assert registry.get("plan") is executor.noop
+
+
 def test_builtin_actions() -> None:
     assert executor.builtin().actions() == ["http.request", "noop", "notify", "wait"]
 

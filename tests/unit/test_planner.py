@@ -209,6 +209,16 @@ async def test_llm_generate_returns_text_and_usage() -> None:
     assert '"name": "Anna"' in rec.requests[0]["messages"][1]["content"]
 
 
+async def test_plan_executor_answers_attach_with_the_planned_todos() -> None:
+    rec = Recorder(chat(GOOD))
+    outcome = await planner.PlanExecutor(planner.Planner(rec.provider()))(
+        {"request": "Wie wird das Wetter?"}, CTX
+    )
+    assert isinstance(outcome, executor.Attach)
+    assert [t["key"] for t in outcome.todos] == ["news", "mail", "sum"]
+    assert outcome.result["attach"] == outcome.todos and outcome.result["cached"] is False
+
+
 async def test_plan_executor_reports_attach_and_refuses_reserved_keys() -> None:
     clash = {
         "todos": [
