@@ -556,7 +556,12 @@ class Dispatcher:
     async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
         counted = Summary()  # added to the pass's summary only once the transaction commits
         async with self.store.service() as session:
-            settled = [await self._settle(session, f) for f in finished]
+            settled: list[tuple[TodoRow, Settled]] = []
+            for f in finished:
+                if isinstance(f.outcome, executor.Attach):
+                    settled.append((f.row, await self._attach(session, f.row, f.outcome)))
+                else:
+                    settled.append((f.row, f.outcome))
             await self._commit(session, settled, counted)
         summary.add(counted)
 
@@ -567,17 +572,17 @@ class Dispatcher:
             error = f"The outcome of {f.row.action!r} cannot be stored: {exc.message}"
             await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
 
-    async def _settle(self, session: Session, f: _Finished) -> tuple[TodoRow, Settled]:
-        """The outcome to store; an Attach attaches its ToDos in this transaction first, and
-        is then done, or fails when they cannot be attached."""
-        if not isinstance(f.outcome, executor.Attach):
-            return f.row, f.outcome
+    async def _attach(
+        self, session: Session, row: TodoRow, attach: executor.Attach
+    ) -> executor.Done | executor.Fail:
+        """Attach the ToDos in the transaction that completes ``row``: then it is done, or it
+        fails when they cannot be attached."""
         try:
             async with session.conn.transaction():  # a savepoint: a bad plan fails alone
-                await session.job_attach(f.row.job_id, f.outcome.todos)
+                await session.job_attach(row.job_id, attach.todos)
         except errors.CpaError as exc:
-            return f.row, executor.Fail(f"The plan could not be attached: {exc.message}")
-        return f.row, executor.Done(f.outcome.result)
+            return executor.Fail(f"The plan could not be attached: {exc.message}")
+        return executor.Done(attach.result)
 
     async def _commit(
         self, session: Session, settled: list[tuple[TodoRow, Settled]], summary: Summary
@@ -868,8 +873,13 @@ class _Lane:
 
 def _storable(row: TodoRow, outcome: executor.Outcome) -> executor.Outcome:
     """The outcome with a result the database can store, or a Fail that says why not."""
-    if not isinstance(outcome, executor.Done | executor.Attach):
+    if isinstance(outcome, executor.Snooze | executor.Fail):
         return outcome
+    if not isinstance(outcome, executor.Done | executor.Attach):  # an untyped executor
+        return executor.Fail(
+            f"The executor for {row.action!r} answered {type(outcome).__name__}, not an "
+            "outcome (Done, Snooze, Attach or Fail)."
+        )
     result = _jsonable(outcome.result)
     bad = bounds.problem(result, max_bytes=bounds.MAX_RESULT_BYTES)
     if bad is not None:
