@@ -165,7 +165,9 @@ class Client:
             self._refresher = asyncio.create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
-        assert self._provider is not None
+        provider = self._provider
+        if provider is None:
+            return  # nothing to renew the token with
         while True:
             times = token_expiry(self.token)
             if times is None:
@@ -175,7 +177,7 @@ class Client:
             ahead = min(self._margin, (expires - issued) / 2)
             await asyncio.sleep(max(0.0, expires - ahead - time.time()))
             try:
-                await self.set_token(await self._provider())
+                await self.set_token(await provider())
             except (errors.CpaError, httpx.HTTPError) as exc:
                 log.warning("token refresh failed, retrying in 5 s: %s", exc)
                 await asyncio.sleep(5)
@@ -355,8 +357,7 @@ class Client:
     ) -> AsyncIterator[dict[str, Any]]:
         from realtime import RealtimeChannelOptions, RealtimeSubscribeStates
 
-        assert self.realtime is not None
-        config = self.realtime
+        config = self._realtime_config()
         if tenant_id is None:
             tenant_id = (await self.get(job_id))["tenant_id"]
         inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -427,17 +428,24 @@ class Client:
                 await sb.remove_channel(channel)
             self._supabase = None
 
+    def _realtime_config(self) -> RealtimeConfig:
+        if self.realtime is None:
+            raise errors.ConfigError(
+                "Realtime is not configured; set SUPABASE_URL and SUPABASE_PUBLISHABLE_KEY."
+            )
+        return self.realtime
+
     async def _realtime_client(self) -> SupabaseClient:
         from supabase import AsyncClientOptions, acreate_client
 
-        assert self.realtime is not None
+        config = self._realtime_config()
         options = AsyncClientOptions(
             headers={"Authorization": f"Bearer {self.token}"},
             auto_refresh_token=False,
             persist_session=False,
-            realtime={"initial_backoff": self.realtime.reconnect_backoff, "max_retries": 10},
+            realtime={"initial_backoff": config.reconnect_backoff, "max_retries": 10},
         )
-        sb = await acreate_client(self.realtime.url, self.realtime.key, options)
+        sb = await acreate_client(config.url, config.key, options)
         # Before subscribing: the join must carry the user's token, not the publishable key.
         await sb.realtime.set_auth(self.token)
         self._supabase = sb
@@ -453,7 +461,10 @@ class Client:
         out = []
         for row in rows:
             msg = protocol.parse(row)
-            assert isinstance(msg, protocol.Assign)
+            if not isinstance(msg, protocol.Assign):
+                raise errors.ProtocolError(
+                    f"The server answered a claim with a {msg.type!r} message; it must be assign."
+                )
             out.append(msg)
         return out
 

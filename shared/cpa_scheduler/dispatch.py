@@ -3,9 +3,11 @@
 Ready-driven, not level-by-level: whenever capacity frees up the pass claims again, so a ToDo
 released by a completion starts in the same pass and a job's makespan approaches its critical
 path. Completions and failures that finish close together are committed in one transaction.
-Leases are extended while a ToDo runs longer than half its lease. ``wait`` ToDos are timers:
-the first claim parks them with ``run_after`` (no worker is held), the claim after the timer
-completes them.
+Leases are extended while a ToDo runs longer than half its lease. The pass acts on each
+executor's typed outcome (:mod:`cpa_scheduler.executor`), never on an action's name: a
+:class:`~cpa_scheduler.executor.Snooze` parks the ToDo with ``run_after`` (no worker is held,
+which is how ``wait`` timers work), an :class:`~cpa_scheduler.executor.Attach` adds ToDos to
+the job in the transaction that completes it.
 """
 
 from __future__ import annotations
@@ -17,19 +19,15 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cpa_scheduler import bounds, errors, executor, graph, metrics, store, tracing
 
 Session = store.Session
+TodoRow = store.TodoRow  # by this name in the class, whose field ``store`` hides the module
 log = logging.getLogger("cpa.dispatch")
-
-NO_LLM = (
-    "No LLM provider is configured, so {action!r} cannot run; "
-    "set OPENAI_API_KEY or OPENAI_BASE_URL."
-)
 
 
 @dataclass
@@ -70,14 +68,22 @@ class _PassTrace:
     jobs: dict[str, tracing.Context | None] = field(default_factory=dict)
 
 
-@dataclass
-class _Outcome:
-    row: dict[str, Any]
-    result: Any = None
-    error: str | None = None
-    retryable: bool = False
-    snooze_until: datetime | None = None
-    release: bool = False  # give the lease back untouched (it could not be started)
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Not an executor's answer: the lease goes back untouched (the ToDo could not start)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    """A claimed ToDo and how it ended, waiting for the flush that stores it."""
+
+    row: TodoRow
+    outcome: executor.Outcome | Release
+
+
+Claimed = list[tuple[TodoRow, dict[str, dict[str, Any]]]]  # rows and their $ref results
+# An outcome as it is stored: an Attach has become Done (attached) or Fail.
+Settled = executor.Done | executor.Fail | executor.Snooze | Release
 
 
 @dataclass
@@ -265,140 +271,9 @@ class Dispatcher:
         lanes: tuple[int, set[int]] = (0, set()),
     ) -> Summary:
         started = time.monotonic()
-        deadline = started + budget
         me, busy = lanes
-        summary = Summary()
-        running: dict[asyncio.Task[_Outcome], dict[str, Any]] = {}
-        pending: list[_Outcome] = []  # finished, waiting for the next flush
-        flushing: asyncio.Task[None] | None = None
-        need_claim = True  # a claim must follow every flush: it may have released dependents
-        paused_until = 0.0  # after a database fault: no claim or flush before this
-        flush_batch: list[_Outcome] = []
-        extender = asyncio.create_task(self._extend_leases(running))
-        try:
-            while True:
-                stopping = (stop is not None and stop.is_set()) or time.monotonic() >= deadline
-                paused = time.monotonic() < paused_until
-                if not stopping and slots.free() > 0 and not paused:
-                    if wake is not None:
-                        wake.clear()  # before the claim: a later NOTIFY wakes the wait below
-                    busy.add(me)  # claiming counts as busy: an idle lane must not end the pass now
-                    claim_started = time.time_ns()
-                    want = min(slots.free(), self.batch)
-                    slots.held += want  # reserved before the await: the other lanes claim too
-                    before = len(pending)
-                    claimed: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]] = []
-                    delay: float | None = None
-                    try:
-                        claimed, delay = await self._claim_guarded(want, pending)
-                    finally:
-                        # handed-back ToDos wait in pending for the flush: they hold a slot
-                        slots.release(want - len(claimed) - (len(pending) - before))
-                    if delay is not None:
-                        paused_until = time.monotonic() + delay
-                        if not running and not pending and flushing is None:
-                            raise self.health.last_exc or errors.UnavailableError(
-                                f"A claim failed: {self.health.last_error}"
-                            )
-                    need_claim = False
-                    summary.claimed += len(claimed)
-                    rows = [row for row, _ in claimed]
-                    metrics.observe_claim(rows)
-                    parents: dict[str, tracing.Context | None] = {}
-                    if rows and traced is not None:
-                        parents = await self._trace_parents(rows, traced, claim_started)
-                    for row, results in claimed:
-                        # A span per ToDo only where it is recorded: an unsampled job (or pass,
-                        # for untraced jobs) costs no span objects at all.
-                        parent = parents.get(str(row["job_id"]))
-                        record = parent is not None or (
-                            traced is not None and traced.span.is_recording()
-                        )
-                        task = asyncio.create_task(self._run_one(row, results, parent, record))
-                        running[task] = row
-                if flushing is None and pending and not paused:
-                    # Completions commit in the background while the next claim runs.
-                    flush_batch = pending
-                    flushing = asyncio.create_task(self._flush(flush_batch, summary))
-                    slots.release(len(flush_batch))
-                    pending = []
-                if running:
-                    busy.add(me)
-                else:
-                    busy.discard(me)
-                if not running and not pending and flushing is None:
-                    if stopping or not need_claim:
-                        if stopping or wake is None or not busy - {me}:
-                            break
-                        # Another lane still runs ToDos, so the pass goes on: stay ready for
-                        # new work (a NOTIFY, or a claim a second later) rather than leave it
-                        # to a lane whose slots may all be taken by one tenant's long ToDos.
-                        await _first_of(wake, stop, seconds=1.0)
-                        need_claim = True
-                    elif slots.free() <= 0:  # the other lanes hold every slot
-                        await slots.wait_freed(max(0.0, deadline - time.monotonic()))
-                    continue
-                timeout = max(0.0, deadline - time.monotonic()) if not stopping else None
-                if paused:
-                    wait_out = max(0.0, paused_until - time.monotonic())
-                    timeout = wait_out if timeout is None else min(timeout, wait_out)
-                waiters: set[asyncio.Future[Any]] = set(running)
-                if flushing is not None:
-                    waiters.add(flushing)
-                woken: asyncio.Task[bool] | None = None
-                if wake is not None and not stopping and not paused and slots.free() > 0:
-                    woken = asyncio.create_task(wake.wait())
-                    waiters.add(woken)
-                if not waiters:  # only unflushed outcomes, waiting out a fault
-                    await asyncio.sleep(timeout or 0.0)
-                    continue
-                done, _ = await asyncio.wait(
-                    waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if woken is not None:
-                    woken.cancel()
-                    done.discard(woken)
-                if flushing is not None and flushing in done:
-                    done.discard(flushing)
-                    try:
-                        flushing.result()
-                    except Exception as exc:
-                        # Still leased to us: keep the outcomes and commit them after a pause.
-                        # Stopping, give up; the leases expire and nothing is lost.
-                        paused_until = time.monotonic() + self.health.fault("completion", exc)
-                        if stopping:
-                            log.error("dispatcher: %d outcome(s) not stored while stopping; "
-                                      "their leases will expire and they run again",
-                                      len(flush_batch))  # fmt: skip
-                        else:
-                            pending = flush_batch + pending
-                            slots.held += len(flush_batch)
-                    flushing = None
-                    need_claim = True
-                for finished in done:
-                    running.pop(finished)  # type: ignore[call-overload]
-                    pending.append(finished.result())
-                if not done and running and time.monotonic() >= deadline:
-                    # Out of time with work still running: give the leases back.
-                    if flushing is not None:
-                        await flushing
-                        flushing = None
-                    await self._release(list(running.values()))
-                    for task in running:
-                        task.cancel()
-                    slots.release(len(running) + len(pending))
-                    running.clear()
-                    if pending:
-                        await self._flush(pending, summary)
-                    break
-        finally:
-            busy.discard(me)  # however the lane ends, the others must not wait on it
-            extender.cancel()
-            if flushing is not None:
-                try:
-                    await flushing
-                except Exception as exc:
-                    self.health.fault("completion", exc)
+        lane = _Lane(self, slots, started + budget, stop, wake, traced, me, busy)
+        summary = await lane.run()
         summary.elapsed = time.monotonic() - started
         return summary
 
@@ -547,7 +422,7 @@ class Dispatcher:
                 if due is not None and due <= datetime.now(UTC):
                     wake.set()
 
-    async def _claim(self, limit: int) -> list[dict[str, Any]]:
+    async def _claim(self, limit: int) -> list[TodoRow]:
         async with self.store.service() as session:
             rows = await session.todo_claim(
                 target="cloud", owner=self.owner, limit=limit, lease_seconds=self.lease_seconds,
@@ -557,8 +432,8 @@ class Dispatcher:
         return rows
 
     async def _claim_guarded(
-        self, limit: int, pending: list[_Outcome]
-    ) -> tuple[list[tuple[dict[str, Any], dict[str, dict[str, Any]]]], float | None]:
+        self, limit: int, pending: list[_Finished]
+    ) -> tuple[Claimed, float | None]:
         """Claim, and read the dependency results the claimed ToDos refer to.
 
         A fault answers no rows and the pause to wait before the next try. ToDos claimed
@@ -571,12 +446,12 @@ class Dispatcher:
         try:
             results = await self._results_for(rows)
         except Exception as exc:
-            pending.extend(_Outcome(row, release=True) for row in rows)
+            pending.extend(_Finished(row, Release()) for row in rows)
             return [], self.health.fault("dependency results", exc)
         return [(row, results) for row in rows], None
 
-    async def _results_for(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        jobs = {str(r["job_id"]) for r in rows if any(graph.iter_refs(r["params"]))}
+    async def _results_for(self, rows: list[TodoRow]) -> dict[str, dict[str, Any]]:
+        jobs = {str(r.job_id) for r in rows if any(graph.iter_refs(r.params))}
         if not jobs:
             return {}
         out: dict[str, dict[str, Any]] = {}
@@ -586,14 +461,14 @@ class Dispatcher:
         return out
 
     async def _trace_parents(
-        self, rows: list[dict[str, Any]], traced: _PassTrace, claim_started: int
+        self, rows: list[TodoRow], traced: _PassTrace, claim_started: int
     ) -> dict[str, tracing.Context | None]:
         """Per traced job, once per pass, a span in the job's own trace linked to the pass.
 
         Its context parents the job's ToDo spans, so a job's trace shows every pass that
         touched it, however many processes and minutes apart. The pass asks the database
         only for jobs it has not seen yet."""
-        new = sorted({str(r["job_id"]) for r in rows} - traced.jobs.keys())
+        new = sorted({str(r.job_id) for r in rows} - traced.jobs.keys())
         if new:
             async with self.store.service() as session:
                 stored = await session.job_traces(new)
@@ -615,180 +490,401 @@ class Dispatcher:
 
     async def _run_one(
         self,
-        row: dict[str, Any],
+        row: TodoRow,
         results: dict[str, dict[str, Any]],
         parent: tracing.Context | None = None,
         traced: bool = False,
-    ) -> _Outcome:
+    ) -> _Finished:
         began = time.perf_counter()
         if traced:
             # Few attributes: each costs per span; the job is the parent claim span's.
-            attributes = {"cpa.todo_id": str(row["id"]), "cpa.todo_key": row["key"],
-                          "cpa.attempt": row["attempts"]}  # fmt: skip
-            with tracing.span(f"cpa.todo.run {row['action']}", context=parent,
+            attributes = {"cpa.todo_id": str(row.id), "cpa.todo_key": row.key,
+                          "cpa.attempt": row.attempts}  # fmt: skip
+            with tracing.span(f"cpa.todo.run {row.action}", context=parent,
                               attributes=attributes) as span:  # fmt: skip
                 outcome = await self._execute(row, results)
-                if outcome.error is not None:
+                if isinstance(outcome, executor.Fail):
                     tracing.record_error(span, outcome.error)
         else:
             outcome = await self._execute(row, results)
-        metrics.instruments().todo_run.labels(row["action"]).observe(time.perf_counter() - began)
-        return outcome
+        metrics.instruments().todo_run.labels(row.action).observe(time.perf_counter() - began)
+        return _Finished(row, outcome)
 
-    async def _execute(self, row: dict[str, Any], results: dict[str, dict[str, Any]]) -> _Outcome:
-        key = row["key"]
+    async def _execute(self, row: TodoRow, results: dict[str, dict[str, Any]]) -> executor.Outcome:
+        """The executor's outcome; whatever it raises becomes a :class:`executor.Fail`."""
         try:
-            params = graph.resolve_refs(row["params"], results.get(str(row["job_id"]), {}), key)
-            if row["action"] == "wait" and row["timer_until"] is None:
-                seconds = params.get("seconds") if isinstance(params, dict) else None
-                await executor.wait({"seconds": seconds}, self._context(row))
-                assert isinstance(seconds, int | float)
-                until = datetime.now(UTC) + timedelta(seconds=float(seconds))
-                return _Outcome(row, snooze_until=until)
-            if row["action"] in ("llm.generate", "plan") and row["action"] not in self.registry:
-                raise errors.PermanentError(NO_LLM.format(action=row["action"]))
-            run = self.registry.get(row["action"])
-            result = _jsonable(await run(params, self._context(row)))
-            bad = bounds.problem(result, max_bytes=bounds.MAX_RESULT_BYTES)
-            if bad is not None:
-                return _Outcome(
-                    row, error=f"The result of {row['action']!r} cannot be stored: {bad}."
-                )
-            return _Outcome(row, result=result)
+            params = graph.resolve_refs(row.params, results.get(str(row.job_id), {}), row.key)
+            run = self.registry.get(row.action)
+            return _storable(row, await run(params, self._context(row)))
         except (errors.RetryableError, errors.UnavailableError) as exc:
-            return _Outcome(row, error=exc.message, retryable=True)
+            return executor.Fail(exc.message, retryable=True)
         except errors.CpaError as exc:
-            return _Outcome(row, error=exc.message)
+            return executor.Fail(exc.message)
         except Exception as exc:  # an executor bug must not take the pass down
-            return _Outcome(row, error=f"The executor for {row['action']!r} crashed: {exc!r}")
+            return executor.Fail(f"The executor for {row.action!r} crashed: {exc!r}")
 
-    def _context(self, row: dict[str, Any]) -> executor.Context:
+    def _context(self, row: TodoRow) -> executor.Context:
         async def emit(kind: str, data: dict[str, Any]) -> None:
             async with self.store.service() as session:
                 await session.event_append(
-                    tenant_id=row["tenant_id"], job_id=row["job_id"], todo_id=row["id"],
+                    tenant_id=row.tenant_id, job_id=row.job_id, todo_id=row.id,
                     kind=kind, data=data,
                 )  # fmt: skip
 
         return executor.Context(
-            job_id=str(row["job_id"]),
-            todo_id=str(row["id"]),
-            key=row["key"],
-            tenant_id=str(row["tenant_id"]),
-            attempt=row["attempts"],
+            job_id=str(row.job_id),
+            todo_id=str(row.id),
+            key=row.key,
+            tenant_id=str(row.tenant_id),
+            attempt=row.attempts,
             emit=emit,
+            timer_until=row.timer_until,
         )
 
-    async def _flush(self, outcomes: list[_Outcome], summary: Summary) -> None:
+    async def _flush(self, finished: list[_Finished], summary: Summary) -> None:
         try:
-            await self._flush_batch(outcomes, summary)
+            await self._flush_batch(finished, summary)
         except errors.InvalidError as exc:
             # Something in the batch cannot be stored (a value the checks missed): commit the
             # outcomes one by one, so only the offending ToDo fails.
             log.warning("dispatcher: a completion batch of %d was refused (%s); storing "
-                        "each ToDo alone", len(outcomes), exc.message)  # fmt: skip
-            for o in outcomes:
-                await self._flush_one(o, summary)
+                        "each ToDo alone", len(finished), exc.message)  # fmt: skip
+            for f in finished:
+                await self._flush_one(f, summary)
         self.health.ok()
 
-    async def _flush_batch(self, outcomes: list[_Outcome], summary: Summary) -> None:
+    async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
         counted = Summary()  # added to the pass's summary only once the transaction commits
         async with self.store.service() as session:
-            for o in outcomes:
-                if o.error is None and o.row["action"] == "plan" and isinstance(o.result, dict):
-                    await self._attach(session, o)
-            await self._commit(session, outcomes, counted)
+            settled: list[tuple[TodoRow, Settled]] = []
+            for f in finished:
+                if isinstance(f.outcome, executor.Attach):
+                    settled.append((f.row, await self._attach(session, f.row, f.outcome)))
+                else:
+                    settled.append((f.row, f.outcome))
+            await self._commit(session, settled, counted)
         summary.add(counted)
 
-    async def _flush_one(self, o: _Outcome, summary: Summary) -> None:
+    async def _flush_one(self, f: _Finished, summary: Summary) -> None:
         try:
-            await self._flush_batch([o], summary)
+            await self._flush_batch([f], summary)
         except errors.InvalidError as exc:
-            failed = _Outcome(
-                o.row, error=f"The outcome of {o.row['action']!r} cannot be stored: {exc.message}"
-            )
-            await self._flush_batch([failed], summary)
+            error = f"The outcome of {f.row.action!r} cannot be stored: {exc.message}"
+            await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
 
-    async def _attach(self, session: Session, o: _Outcome) -> None:
-        """Attach a planned sub-graph in the transaction that completes the plan ToDo."""
-        assert isinstance(o.result, dict)
+    async def _attach(
+        self, session: Session, row: TodoRow, attach: executor.Attach
+    ) -> executor.Done | executor.Fail:
+        """Attach the ToDos in the transaction that completes ``row``: then it is done, or it
+        fails when they cannot be attached."""
         try:
             async with session.conn.transaction():  # a savepoint: a bad plan fails alone
-                await session.job_attach(o.row["job_id"], o.result.get("attach", []))
+                await session.job_attach(row.job_id, attach.todos)
         except errors.CpaError as exc:
-            o.error, o.retryable = f"The plan could not be attached: {exc.message}", False
+            return executor.Fail(f"The plan could not be attached: {exc.message}")
+        return executor.Done(attach.result)
 
-    async def _commit(self, session: Session, outcomes: list[_Outcome], summary: Summary) -> None:
-        released = [o for o in outcomes if o.release]
-        outcomes = [o for o in outcomes if not o.release]
-        done = [o for o in outcomes if o.error is None and o.snooze_until is None]
-        failed = [o for o in outcomes if o.error is not None]
+    async def _commit(
+        self, session: Session, settled: list[tuple[TodoRow, Settled]], summary: Summary
+    ) -> None:
+        done: list[tuple[TodoRow, executor.Done]] = []
+        failed: list[tuple[TodoRow, executor.Fail]] = []
+        timers: list[tuple[TodoRow, executor.Snooze]] = []
+        released: list[TodoRow] = []
+        for row, outcome in settled:
+            match outcome:
+                case executor.Done():
+                    done.append((row, outcome))
+                case executor.Fail():
+                    failed.append((row, outcome))
+                case executor.Snooze():
+                    timers.append((row, outcome))
+                case Release():
+                    released.append(row)
         if released:
-            await session.todo_release([self._item(o.row) for o in released])
-        timers = [o for o in outcomes if o.snooze_until is not None]
+            await session.todo_release([self._item(row) for row in released])
         if done:
             summary.done += await session.todo_complete(
-                [self._item(o.row) | {"result": _jsonable(o.result)} for o in done]
+                [self._item(row) | {"result": o.result} for row, o in done]
             )
         if failed:
-            items = [
-                self._item(o.row) | {"error": _clean(o.error or ""), "retryable": o.retryable}
-                for o in failed
-            ]
-            await session.todo_fail(items, backoff_base=self.backoff_base)
-            for o in failed:
-                again = o.retryable and o.row["attempts"] < o.row["max_attempts"]
-                if again:
-                    summary.retried += 1
-                else:
-                    summary.failed += 1
-                metrics.observe_finished(o.row["action"], "retry" if again else "failed")
-                log.warning(
-                    "ToDo %r (%s) failed on attempt %s of %s%s: %s",
-                    o.row["key"], o.row["action"], o.row["attempts"], o.row["max_attempts"],
-                    "; it will be retried" if again else "", o.error,
-                    extra={"tenant_id": str(o.row["tenant_id"]), "job_id": str(o.row["job_id"]),
-                           "todo_id": str(o.row["id"]), "action": o.row["action"],
-                           "retry": again},
-                )  # fmt: skip
-        for o in done:
-            metrics.observe_finished(o.row["action"], "done")
-        for o in timers:
-            assert o.snooze_until is not None
-            await session.todo_snooze(o.row["id"], self.owner, o.snooze_until)
+            await self._fail(session, failed, summary)
+        for row, _ in done:
+            metrics.observe_finished(row.action, "done")
+        for row, snooze in timers:
+            await session.todo_snooze(row.id, self.owner, snooze.until)
             summary.timers += 1
 
-    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"id": str(row["id"]), "owner": self.owner, "attempt": row["attempts"]}
+    async def _fail(
+        self, session: Session, failed: list[tuple[TodoRow, executor.Fail]], summary: Summary
+    ) -> None:
+        items = [
+            self._item(row) | {"error": _clean(o.error), "retryable": o.retryable}
+            for row, o in failed
+        ]
+        await session.todo_fail(items, backoff_base=self.backoff_base)
+        for row, o in failed:
+            again = o.retryable and row.attempts < row.max_attempts
+            if again:
+                summary.retried += 1
+            else:
+                summary.failed += 1
+            metrics.observe_finished(row.action, "retry" if again else "failed")
+            log.warning(
+                "ToDo %r (%s) failed on attempt %s of %s%s: %s",
+                row.key, row.action, row.attempts, row.max_attempts,
+                "; it will be retried" if again else "", o.error,
+                extra={"tenant_id": str(row.tenant_id), "job_id": str(row.job_id),
+                       "todo_id": str(row.id), "action": row.action, "retry": again},
+            )  # fmt: skip
 
-    async def _release(self, rows: list[dict[str, Any]]) -> None:
+    def _item(self, row: TodoRow) -> dict[str, Any]:
+        return {"id": str(row.id), "owner": self.owner, "attempt": row.attempts}
+
+    async def _release(self, rows: list[TodoRow]) -> None:
         if rows:
             async with self.store.service() as session:
                 await session.todo_release([self._item(r) for r in rows])
 
-    async def _extend_leases(self, running: dict[asyncio.Task[_Outcome], dict[str, Any]]) -> None:
+    async def _extend_leases(self, running: dict[asyncio.Task[_Finished], TodoRow]) -> None:
+        """Extend the leases of the ToDos that run past half their lease, every quarter lease.
+
+        ``running`` is the lane's own map: an extended row is replaced there by a copy with
+        the new expiry, never changed in place."""
         half = self.lease_seconds / 2
         while True:
             await asyncio.sleep(half / 2)
             now = datetime.now(UTC)
-            long = [
-                r["id"]
+            long = {
+                r.id
                 for r in running.values()
-                if r["lease_expires_at"] is not None
-                and r["lease_expires_at"] - now < timedelta(seconds=half)
-            ]
+                if r.lease_expires_at is not None
+                and r.lease_expires_at - now < timedelta(seconds=half)
+            }
             self.health.beat()
             if long:
                 try:
                     async with self.store.service() as session:
-                        await session.todo_extend(long, self.owner, self.lease_seconds)
+                        await session.todo_extend(list(long), self.owner, self.lease_seconds)
                 except Exception as exc:
                     self.health.fault("lease extension", exc)
                     continue
                 new_expiry = now + timedelta(seconds=self.lease_seconds)
-                for r in running.values():
-                    if r["id"] in long:
-                        r["lease_expires_at"] = new_expiry
+                for task, r in list(running.items()):
+                    if r.id in long:
+                        running[task] = replace(r, lease_expires_at=new_expiry)
+
+
+@dataclass
+class _Lane:
+    """One claim loop of a pass and its state; each turn of the loop is a few named steps.
+
+    A turn claims and starts ToDos while slots are free, starts a flush of the finished ones,
+    and then waits for a ToDo, the flush or a wake-up, and collects what ended.
+    """
+
+    dispatcher: Dispatcher
+    slots: _Slots
+    deadline: float
+    stop: asyncio.Event | None
+    wake: asyncio.Event | None
+    traced: _PassTrace | None
+    me: int
+    busy: set[int]  # the pass's lanes that hold running ToDos
+    summary: Summary = field(default_factory=Summary)
+    running: dict[asyncio.Task[_Finished], TodoRow] = field(default_factory=dict)
+    pending: list[_Finished] = field(default_factory=list)  # finished, waiting for a flush
+    flushing: asyncio.Task[None] | None = None
+    flush_batch: list[_Finished] = field(default_factory=list)
+    need_claim: bool = True  # a claim must follow every flush: it may have released dependents
+    paused_until: float = 0.0  # after a database fault: no claim or flush before this
+
+    async def run(self) -> Summary:
+        extender = asyncio.create_task(self.dispatcher._extend_leases(self.running))
+        try:
+            while await self._turn():
+                pass
+        finally:
+            self.busy.discard(self.me)  # however the lane ends, the others must not wait on it
+            extender.cancel()
+            await self._await_flush()
+        return self.summary
+
+    async def _turn(self) -> bool:
+        """One turn of the loop; False when the lane is done."""
+        stopping = (self.stop is not None and self.stop.is_set()) or self._out_of_time()
+        paused = time.monotonic() < self.paused_until
+        if not stopping and self.slots.free() > 0 and not paused:
+            await self._claim()
+        if self.flushing is None and self.pending and not paused:
+            self._flush()
+        if self.running:
+            self.busy.add(self.me)
+        else:
+            self.busy.discard(self.me)
+        if not self.running and not self.pending and self.flushing is None:
+            return await self._idle(stopping)
+        done = await self._wait(stopping, paused)
+        if done is None:
+            return True
+        finished = self._collect(done, stopping)
+        if not finished and self.running and self._out_of_time():
+            await self._give_back()
+            return False
+        return True
+
+    def _out_of_time(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    async def _claim(self) -> None:
+        """Claim what the free slots allow and start it."""
+        d = self.dispatcher
+        if self.wake is not None:
+            self.wake.clear()  # before the claim: a later NOTIFY wakes the wait
+        self.busy.add(self.me)  # claiming counts as busy: an idle lane must not end the pass now
+        claim_started = time.time_ns()
+        want = min(self.slots.free(), d.batch)
+        self.slots.held += want  # reserved before the await: the other lanes claim too
+        before = len(self.pending)
+        claimed: Claimed = []
+        delay: float | None = None
+        try:
+            claimed, delay = await d._claim_guarded(want, self.pending)
+        finally:
+            # handed-back ToDos wait in pending for the flush: they hold a slot
+            self.slots.release(want - len(claimed) - (len(self.pending) - before))
+        if delay is not None:
+            self.paused_until = time.monotonic() + delay
+            if not self.running and not self.pending and self.flushing is None:
+                raise d.health.last_exc or errors.UnavailableError(
+                    f"A claim failed: {d.health.last_error}"
+                )
+        self.need_claim = False
+        self.summary.claimed += len(claimed)
+        metrics.observe_claim(row.error for row, _ in claimed)
+        await self._start(claimed, claim_started)
+
+    async def _start(self, claimed: Claimed, claim_started: int) -> None:
+        """A task per claimed ToDo, traced where its job (or the pass) is recorded."""
+        d, traced = self.dispatcher, self.traced
+        parents: dict[str, tracing.Context | None] = {}
+        if claimed and traced is not None:
+            parents = await d._trace_parents([r for r, _ in claimed], traced, claim_started)
+        for row, results in claimed:
+            # A span per ToDo only where it is recorded: an unsampled job (or pass, for
+            # untraced jobs) costs no span objects at all.
+            parent = parents.get(str(row.job_id))
+            record = parent is not None or (traced is not None and traced.span.is_recording())
+            task = asyncio.create_task(d._run_one(row, results, parent, record))
+            self.running[task] = row
+
+    def _flush(self) -> None:
+        """Commit the finished ToDos in the background while the next claim runs."""
+        self.flush_batch, self.pending = self.pending, []
+        self.flushing = asyncio.create_task(self.dispatcher._flush(self.flush_batch, self.summary))
+        self.slots.release(len(self.flush_batch))
+
+    async def _idle(self, stopping: bool) -> bool:
+        """Nothing running or unflushed: end the lane, or wait for work; False to end."""
+        if stopping or not self.need_claim:
+            if stopping or self.wake is None or not self.busy - {self.me}:
+                return False
+            # Another lane still runs ToDos, so the pass goes on: stay ready for new work (a
+            # NOTIFY, or a claim a second later) rather than leave it to a lane whose slots may
+            # all be taken by one tenant's long ToDos.
+            await _first_of(self.wake, self.stop, seconds=1.0)
+            self.need_claim = True
+        elif self.slots.free() <= 0:  # the other lanes hold every slot
+            await self.slots.wait_freed(max(0.0, self.deadline - time.monotonic()))
+        return True
+
+    async def _wait(self, stopping: bool, paused: bool) -> set[asyncio.Future[Any]] | None:
+        """Until a ToDo or the flush ends, a wake-up, the deadline or the pause's end.
+
+        None when there was nothing to wait on but a fault's pause."""
+        timeout = max(0.0, self.deadline - time.monotonic()) if not stopping else None
+        if paused:
+            wait_out = max(0.0, self.paused_until - time.monotonic())
+            timeout = wait_out if timeout is None else min(timeout, wait_out)
+        waiters: set[asyncio.Future[Any]] = set(self.running)
+        if self.flushing is not None:
+            waiters.add(self.flushing)
+        woken: asyncio.Task[bool] | None = None
+        if self.wake is not None and not stopping and not paused and self.slots.free() > 0:
+            woken = asyncio.create_task(self.wake.wait())
+            waiters.add(woken)
+        if not waiters:  # only unflushed outcomes, waiting out a fault
+            await asyncio.sleep(timeout or 0.0)
+            return None
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if woken is not None:
+            woken.cancel()
+            done.discard(woken)
+        return done
+
+    def _collect(self, done: set[asyncio.Future[Any]], stopping: bool) -> int:
+        """Settle an ended flush and move finished ToDos to pending; how many finished."""
+        if self.flushing is not None and self.flushing in done:
+            done.discard(self.flushing)
+            self._settle_flush(self.flushing, stopping)
+            self.flushing = None
+            self.need_claim = True
+        for task in done:
+            self.running.pop(task)  # type: ignore[call-overload]
+            self.pending.append(task.result())
+        return len(done)
+
+    def _settle_flush(self, flushing: asyncio.Task[None], stopping: bool) -> None:
+        try:
+            flushing.result()
+        except Exception as exc:
+            # Still leased to us: keep the outcomes and commit them after a pause. Stopping,
+            # give up; the leases expire and nothing is lost.
+            delay = self.dispatcher.health.fault("completion", exc)
+            self.paused_until = time.monotonic() + delay
+            if stopping:
+                log.error("dispatcher: %d outcome(s) not stored while stopping; their leases "
+                          "will expire and they run again", len(self.flush_batch))  # fmt: skip
+            else:
+                self.pending = self.flush_batch + self.pending
+                self.slots.held += len(self.flush_batch)
+
+    async def _give_back(self) -> None:
+        """Out of time with work still running: give the leases back, store what finished."""
+        d = self.dispatcher
+        if self.flushing is not None:
+            await self.flushing
+            self.flushing = None
+        await d._release(list(self.running.values()))
+        for task in self.running:
+            task.cancel()
+        self.slots.release(len(self.running) + len(self.pending))
+        self.running.clear()
+        if self.pending:
+            await d._flush(self.pending, self.summary)
+
+    async def _await_flush(self) -> None:
+        if self.flushing is not None:
+            try:
+                await self.flushing
+            except Exception as exc:
+                self.dispatcher.health.fault("completion", exc)
+
+
+def _storable(row: TodoRow, outcome: executor.Outcome) -> executor.Outcome:
+    """The outcome with a result the database can store, or a Fail that says why not."""
+    if isinstance(outcome, executor.Snooze | executor.Fail):
+        return outcome
+    if not isinstance(outcome, executor.Done | executor.Attach):  # an untyped executor
+        return executor.Fail(
+            f"The executor for {row.action!r} answered {type(outcome).__name__}, not an "
+            "outcome (Done, Snooze, Attach or Fail)."
+        )
+    result = _jsonable(outcome.result)
+    bad = bounds.problem(result, max_bytes=bounds.MAX_RESULT_BYTES)
+    if bad is not None:
+        return executor.Fail(f"The result of {row.action!r} cannot be stored: {bad}.")
+    return outcome if result is outcome.result else replace(outcome, result=result)
 
 
 def _jsonable(value: Any) -> Any:

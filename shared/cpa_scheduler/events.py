@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-TERMINAL = frozenset({"done", "failed", "cancelled"})
+from cpa_scheduler import graph
+
+TERMINAL: frozenset[graph.Status] = frozenset({"done", "failed", "cancelled"})
 TOPIC_EVENT = "job_events"  # the broadcast event name on topic 'tenant:<tenant_id>'
 
 

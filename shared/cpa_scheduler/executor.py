@@ -1,8 +1,11 @@
-"""Executors run cloud ToDos: an async interface, a registry keyed by action, and the built-ins.
+"""Executors run cloud ToDos: an async interface, typed outcomes, a registry, and the built-ins.
 
 An executor gets the ToDo's params (``$ref`` already resolved) and a :class:`Context`, and
-returns a JSON-ready result, or raises :class:`~cpa_scheduler.errors.RetryableError` (the dispatcher
-backs off and retries) or :class:`~cpa_scheduler.errors.PermanentError` (the ToDo fails now).
+answers an :data:`Outcome`: :class:`Done` with a JSON-ready result, :class:`Snooze` to run
+again later, :class:`Attach` to add ToDos to the job, or :class:`Fail`. Raising
+:class:`~cpa_scheduler.errors.RetryableError` (the dispatcher backs off and retries) or
+:class:`~cpa_scheduler.errors.PermanentError` (the ToDo fails now) is the same as answering
+:class:`Fail`; the dispatcher acts on the outcome and never on the action's name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -38,19 +42,65 @@ class Context:
     tenant_id: str
     attempt: int = 1
     emit: Emit = field(default=_no_emit)
+    # The end of the snooze this ToDo has already served; None on its first run.
+    timer_until: datetime | None = None
+
+
+# --- outcomes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The ToDo is done; ``result`` (JSON-ready) is stored and its dependents may start."""
+
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snooze:
+    """Hand the ToDo back until ``until`` without holding a worker; it then runs again."""
+
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """Add ``todos`` (rows as job creation takes them) to the job, then finish with ``result``.
+
+    Both happen in one transaction; ToDos that cannot be attached fail this ToDo instead.
+    """
+
+    todos: list[dict[str, Any]]
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The ToDo failed with ``error``; ``retryable`` ones are retried with backoff."""
+
+    error: str
+    retryable: bool = False
+
+
+Outcome = Done | Snooze | Attach | Fail
 
 
 class Executor(Protocol):
     """Runs one ToDo."""
 
-    async def __call__(self, params: dict[str, Any], ctx: Context) -> Any: ...
+    async def __call__(self, params: dict[str, Any], ctx: Context) -> Outcome: ...
 
 
 class Registry:
-    """Executors by action name; registering an action twice is an error."""
+    """Executors by action name; registering an action twice is an error.
+
+    An action may also be known but unavailable here (``plan`` without an LLM provider): its
+    lookup then fails with the reason given to :meth:`unavailable`.
+    """
 
     def __init__(self) -> None:
         self._executors: dict[str, Executor] = {}
+        self._reasons: dict[str, str] = {}
 
     def register(self, action: str, executor: Executor) -> None:
         if action in self._executors:
@@ -59,10 +109,16 @@ class Registry:
             )
         self._executors[action] = executor
 
+    def unavailable(self, action: str, reason: str) -> None:
+        """Say why ``action`` cannot run until an executor for it is registered."""
+        self._reasons[action] = reason
+
     def get(self, action: str) -> Executor:
         try:
             return self._executors[action]
         except KeyError:
+            if action in self._reasons:
+                raise errors.PermanentError(self._reasons[action]) from None
             raise errors.RegistryError(
                 f"No executor is registered for {action!r}; it cannot run in the cloud."
             ) from None
@@ -77,25 +133,34 @@ class Registry:
 # --- built-ins -----------------------------------------------------------------------------
 
 
-async def noop(params: dict[str, Any], ctx: Context) -> Any:
+NO_LLM = (
+    "No LLM provider is configured, so {action!r} cannot run; "
+    "set OPENAI_API_KEY or OPENAI_BASE_URL."
+)
+LLM_ACTIONS = ("llm.generate", "plan")  # registered by the planner when a provider is configured
+
+
+async def noop(params: dict[str, Any], ctx: Context) -> Outcome:
     """Returns its params; ``duration_ms`` makes it take that long (benchmarks, tests)."""
     duration = params.get("duration_ms")
     if isinstance(duration, int | float) and duration > 0:
         await asyncio.sleep(duration / 1000)
-    return params
+    return Done(params)
 
 
-async def wait(params: dict[str, Any], ctx: Context) -> Any:
-    """The timer itself lives in the dispatcher (``run_after``); this only checks the params."""
+async def wait(params: dict[str, Any], ctx: Context) -> Outcome:
+    """A timer: the first run snoozes for ``seconds`` (no worker waits), the second is done."""
     seconds = params.get("seconds")
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
         raise errors.PermanentError(
             f"The wait ToDo {ctx.key!r} needs a non-negative number of seconds, got {seconds!r}."
         )
-    return {"waited_seconds": seconds}
+    if ctx.timer_until is None:
+        return Snooze(datetime.now(UTC) + timedelta(seconds=float(seconds)))
+    return Done({"waited_seconds": seconds})
 
 
-async def notify(params: dict[str, Any], ctx: Context) -> Any:
+async def notify(params: dict[str, Any], ctx: Context) -> Outcome:
     """Emits a notification event that the desktop shows."""
     note = {
         "title": params.get("title") or "CPA",
@@ -103,7 +168,7 @@ async def notify(params: dict[str, Any], ctx: Context) -> Any:
         "level": params.get("level") or "info",
     }
     await ctx.emit("notification", {"todo_key": ctx.key, **note})
-    return {"delivered": True, **note}
+    return Done({"delivered": True, **note})
 
 
 async def _system_resolve(host: str, port: int) -> list[str]:
@@ -178,7 +243,7 @@ class HttpRequest:
             return "a private, loopback or link-local address"
         return None
 
-    async def __call__(self, params: dict[str, Any], ctx: Context) -> Any:
+    async def __call__(self, params: dict[str, Any], ctx: Context) -> Outcome:
         url = str(params["url"])
         pinned = await self.check_target(url)
         method = str(params.get("method", "GET"))
@@ -226,7 +291,7 @@ class HttpRequest:
                 result["json"] = response.json()
             except ValueError:
                 pass
-        return result
+        return Done(result)
 
 
 # IPv6 ranges whose addresses carry an IPv4 address a gateway may forward to (RFC 4291
@@ -292,8 +357,10 @@ def _is_network(value: str) -> bool:
 
 
 def builtin(*, http_allow: Iterable[str] = (), resolver: Resolver | None = None) -> Registry:
-    """A registry with the built-in cloud executors."""
+    """A registry with the built-in cloud executors (the LLM ones say they need a provider)."""
     registry = Registry()
+    for action in LLM_ACTIONS:
+        registry.unavailable(action, NO_LLM.format(action=action))
     registry.register("noop", noop)
     registry.register("wait", wait)
     registry.register("notify", notify)

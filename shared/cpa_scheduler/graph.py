@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,10 @@ MAX_TODOS = 500
 REF_KEY = "$ref"
 
 Target = Literal["cloud", "desktop"]
+# The states of a job and of a ToDo, as the database's check constraints allow them.
+JobStatus = Literal["pending", "running", "done", "failed", "cancelled"]
+TodoStatus = Literal["waiting", "confirming", "ready", "running", "done", "failed", "cancelled"]
+Status = Literal[JobStatus, TodoStatus]
 
 
 class ToDo(BaseModel):
@@ -38,7 +42,7 @@ class ToDo(BaseModel):
     agent_timeout: int | None = None
 
 
-def is_ref(value: object) -> bool:
+def is_ref(value: object) -> TypeGuard[dict[str, Any]]:
     """Whether a param value is a ``{"$ref": "..."}`` reference."""
     return isinstance(value, dict) and len(value) == 1 and REF_KEY in value
 
@@ -46,7 +50,6 @@ def is_ref(value: object) -> bool:
 def iter_refs(value: object) -> Iterator[str]:
     """Every reference string inside a params value, depth first."""
     if is_ref(value):
-        assert isinstance(value, dict)
         yield str(value[REF_KEY])
     elif isinstance(value, dict):
         for item in value.values():

@@ -126,11 +126,10 @@ def instruments() -> Instruments:
 LEASE_EXPIRED_PREFIX = "The lease expired during attempt"
 
 
-def observe_claim(rows: Iterable[Mapping[str, Any]], target: str = "cloud") -> None:
-    """Count the claimed rows that were requeued because a lease expired."""
-    for row in rows:
-        error = row.get("error")
-        if isinstance(error, str) and error.startswith(LEASE_EXPIRED_PREFIX):
+def observe_claim(last_errors: Iterable[str | None], target: str = "cloud") -> None:
+    """Count the claimed ToDos (by their last error) that were requeued as a lease expired."""
+    for error in last_errors:
+        if error is not None and error.startswith(LEASE_EXPIRED_PREFIX):
             instruments().lease_expiries.labels(target).inc()
 
 

@@ -207,12 +207,12 @@ class Planner:
 
 
 class PlanExecutor:
-    """The ``plan`` action: the planned sub-graph is attached by the dispatcher on completion."""
+    """The ``plan`` action: attaches the planned sub-graph to the job as it completes."""
 
     def __init__(self, planner: Planner) -> None:
         self.planner = planner
 
-    async def __call__(self, params: dict[str, Any], ctx: executor.Context) -> Any:
+    async def __call__(self, params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
         context = (
             protocol.UserContext.model_validate(params["context"])
             if params.get("context")
@@ -225,7 +225,11 @@ class PlanExecutor:
             )  # fmt: skip
         except errors.PlannerError as exc:
             raise errors.PermanentError(exc.message) from None
-        return {"attach": result["todos"], "usage": result["usage"], "cached": result["cached"]}
+        todos = result["todos"]
+        # The stored result keeps the plan too, so the job shows what was attached.
+        return executor.Attach(
+            todos, {"attach": todos, "usage": result["usage"], "cached": result["cached"]}
+        )
 
 
 class GenerateExecutor:
@@ -235,7 +239,7 @@ class GenerateExecutor:
         self.provider = provider
         self.temperature = temperature
 
-    async def __call__(self, params: dict[str, Any], ctx: executor.Context) -> Any:
+    async def __call__(self, params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
         prompt = str(params["prompt"])
         if params.get("inputs") is not None:
             inputs = params["inputs"]
@@ -245,7 +249,7 @@ class GenerateExecutor:
         messages = [{"role": "system", "content": params.get("system") or "You are CPA Desktop AI's writer."},
                     {"role": "user", "content": prompt}]  # fmt: skip
         text, usage = await self.provider.chat(messages, schema=None, temperature=self.temperature)
-        return {"text": text, "usage": usage.as_dict()}
+        return executor.Done({"text": text, "usage": usage.as_dict()})
 
 
 def register(

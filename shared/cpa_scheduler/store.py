@@ -19,10 +19,11 @@ import json
 import math
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from cpa_scheduler import errors, sql
+from cpa_scheduler import errors, graph, sql
 
 # psycopg is imported where it is first used (the pool, the error mapping): on Lambda the
 # handler's import then stays near a bare FastAPI import (scripts/import_time.py).
@@ -32,6 +33,24 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 Row = dict[str, Any]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class TodoRow:
+    """A cloud ToDo as the dispatcher claimed it: what it needs to run it and answer for it."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    key: str
+    action: str
+    params: dict[str, Any]
+    attempts: int  # this attempt's number (the claim counted it)
+    max_attempts: int
+    timer_until: datetime | None  # set once the ToDo has snoozed
+    lease_expires_at: datetime | None
+    error: str | None  # the last attempt's, e.g. that its lease expired
 
 
 @contextlib.contextmanager
@@ -96,15 +115,29 @@ class Session:
                 return []
             return list(await cur.fetchall())
 
+    async def _typed(self, name: str, params: Mapping[str, Any], cls: type[_T]) -> list[_T]:
+        """Rows as frozen ``cls`` instances; the query selects exactly its fields."""
+        from psycopg.rows import class_row
+
+        with translate():
+            cur = self.conn.cursor(row_factory=class_row(cls))
+            await cur.execute(sql.get(name), params)
+            return await cur.fetchall()
+
     async def _one(self, name: str, params: Mapping[str, Any] | None = None) -> Row | None:
         with translate():
             cur = await self.conn.execute(sql.get(name), params or {})
             return await cur.fetchone()
 
-    async def _scalar(self, name: str, params: Mapping[str, Any]) -> Any:
+    async def _first(self, name: str, params: Mapping[str, Any]) -> Row:
+        """The row of a query that always answers one (its SQL function raises otherwise)."""
         row = await self._one(name, params)
-        assert row is not None
-        return next(iter(row.values()))
+        if row is None:
+            raise errors.CpaError(f"The query {name!r} answered no row, but it always answers one.")
+        return row
+
+    async def _scalar(self, name: str, params: Mapping[str, Any]) -> Any:
+        return next(iter((await self._first(name, params)).values()))
 
     # jobs ---------------------------------------------------------------------------------
 
@@ -121,7 +154,7 @@ class Session:
         run_at: datetime | None = None,
         time_zone: str = "UTC",
     ) -> Row:
-        row = await self._one(
+        return await self._first(
             "job_create",
             {
                 "tenant_id": str(tenant_id),
@@ -135,8 +168,6 @@ class Session:
                 "time_zone": time_zone,
             },
         )
-        assert row is not None
-        return row
 
     async def idempotency_check(self, tenant_id: uuid.UUID | str, key: str, body_hash: str) -> bool:
         """Record a new key's body hash (True); False for a replay; ConflictError otherwise."""
@@ -188,6 +219,9 @@ class Session:
             said = (exc.diag.message_primary or "The tenant created too many jobs").rstrip(".")
             raise errors.RateLimitedError(f"{said}; retry in {wait} s.", retry_after=wait) from None
 
+    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
+        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
+
     async def job_get(self, job_id: uuid.UUID | str) -> Row:
         row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})
         if row is None:
@@ -198,7 +232,7 @@ class Session:
         self,
         *,
         tenant_id: uuid.UUID | str | None = None,
-        status: str | None = None,
+        status: graph.JobStatus | None = None,
         before: tuple[datetime, uuid.UUID] | None = None,
         limit: int = 50,
     ) -> list[Row]:
@@ -217,14 +251,14 @@ class Session:
         return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
 
     async def job_cancel(self, job_id: uuid.UUID | str) -> Row:
-        row = await self._one("job_cancel", {"job_id": _uuid(job_id, "job")})
-        assert row is not None
-        return row
+        return await self._first("job_cancel", {"job_id": _uuid(job_id, "job")})
 
     async def job_retry(self, job_id: uuid.UUID | str) -> Row:
-        row = await self._one("job_retry", {"job_id": _uuid(job_id, "job")})
-        assert row is not None
-        return row
+        return await self._first("job_retry", {"job_id": _uuid(job_id, "job")})
+
+    async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
+        params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
+        return int(await self._scalar("job_attach", params))
 
     async def job_trace_set(self, job_id: uuid.UUID | str, traceparent: str) -> bool:
         """Keep the W3C trace context of the request that created the job (first one wins)."""
@@ -235,14 +269,6 @@ class Session:
         """``{job_id: traceparent}`` of those jobs that were created with tracing on."""
         rows = await self._all("job_traces", {"ids": [str(j) for j in job_ids]})
         return {str(r["id"]): str(r["traceparent"]) for r in rows}
-
-    # metrics ------------------------------------------------------------------------------
-
-    async def metrics_snapshot(self) -> list[Row]:
-        return await self._all("metrics_snapshot")
-
-    async def metrics_top_tenants(self, limit: int) -> list[Row]:
-        return await self._all("metrics_top_tenants", {"limit": limit})
 
     # todos --------------------------------------------------------------------------------
 
@@ -262,8 +288,8 @@ class Session:
         tenant_id: uuid.UUID | str | None = None,
         actions: Sequence[str] | None = None,
         tenant_cap: int | None = None,
-    ) -> list[Row]:
-        return await self._all(
+    ) -> list[TodoRow]:
+        return await self._typed(
             "todo_claim",
             {
                 "target": target,
@@ -274,22 +300,8 @@ class Session:
                 "actions": list(actions) if actions is not None else None,
                 "tenant_cap": tenant_cap,
             },
+            TodoRow,
         )
-
-    async def todo_lease_owners(self, prefix: str) -> list[str]:
-        """Owners (``prefix``...) of the leases on running ToDos."""
-        return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
-
-    async def retention_prune(
-        self, *, job_days: int, audit_days: int, batch: int = 5000
-    ) -> dict[str, int]:
-        """One bounded batch of retention: old events, finished jobs, audit entries."""
-        params = {"job_days": job_days, "audit_days": audit_days, "batch": batch}
-        return dict(await self._scalar("retention_prune", params))
-
-    async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
-        """Expire now the leases of dispatcher owners proven dead."""
-        return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))
 
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
         return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))
@@ -316,35 +328,32 @@ class Session:
         params = {"ids": [str(i) for i in ids], "owner": owner, "lease_seconds": lease_seconds}
         return int(await self._scalar("todo_extend", params))
 
-    async def todo_confirm(self, todo_id: uuid.UUID | str, *, approved: bool = True) -> Row:
-        params = {"todo_id": _uuid(todo_id, "ToDo"), "approved": approved}
-        row = await self._one("todo_confirm", params)
-        assert row is not None
-        return row
+    async def todo_lease_owners(self, prefix: str) -> list[str]:
+        """Owners (``prefix``...) of the leases on running ToDos."""
+        return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]
 
-    async def todo_dependency_results(
-        self, ids: Sequence[uuid.UUID | str]
-    ) -> dict[str, dict[str, Any]]:
-        """``{todo_id: {dependency key: result}}`` for the given ToDos' direct dependencies."""
-        rows = await self._all("todo_dependency_results", {"ids": [str(i) for i in ids]})
-        out: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            out.setdefault(str(row["todo_id"]), {})[row["key"]] = row["result"]
-        return out
+    async def todo_reclaim_dead(self, owners: Sequence[str]) -> int:
+        """Expire now the leases of dispatcher owners proven dead."""
+        return int(await self._scalar("todo_reclaim_dead", {"owners": list(owners)}))
+
+    async def todo_next_due(self, target: str = "cloud") -> datetime | None:
+        """When the next ready ToDo (or schedule occurrence) comes due; None when none waits."""
+        due = await self._scalar("todo_next_due", {"target": target})
+        return due if isinstance(due, datetime) else None
 
     async def todo_job_results(self, job_id: uuid.UUID | str) -> dict[str, Any]:
         rows = await self._all("todo_job_results", {"job_id": str(job_id)})
         return {row["key"]: row["result"] for row in rows}
 
+    async def todo_confirm(self, todo_id: uuid.UUID | str, *, approved: bool = True) -> Row:
+        params = {"todo_id": _uuid(todo_id, "ToDo"), "approved": approved}
+        return await self._first("todo_confirm", params)
+
     async def todo_note(self, todo_id: uuid.UUID | str, kind: str, data: Mapping[str, Any]) -> int:
         params = {"todo_id": _uuid(todo_id, "ToDo"), "kind": kind, "data": _jsonb(dict(data))}
         return int(await self._scalar("todo_note", params))
 
-    # agents -------------------------------------------------------------------------------
-
-    async def job_route(self, job_id: uuid.UUID | str, agent_key: str) -> int:
-        """Pin the job's unstarted desktop ToDos to one agent."""
-        return int(await self._scalar("job_route", {"job_id": str(job_id), "agent_key": agent_key}))
+    # agents and desktop assignment --------------------------------------------------------
 
     async def agent_upsert(
         self, tenant_id: uuid.UUID | str, agent_key: str, name: str | None, actions: Sequence[str]
@@ -355,9 +364,7 @@ class Session:
             "name": name,
             "actions": list(actions),
         }
-        row = await self._one("agent_upsert", params)
-        assert row is not None
-        return row
+        return await self._first("agent_upsert", params)
 
     async def agent_claim(
         self,
@@ -375,6 +382,19 @@ class Session:
             "lease_seconds": lease_seconds,
         }
         return await self._all("agent_claim", params)
+
+    async def agent_offering(
+        self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
+    ) -> bool:
+        params = {"tenant_id": str(tenant_id), "action": action, "seen_seconds": seen_seconds}
+        return bool(await self._scalar("agent_offering", params))
+
+    async def job_route(self, job_id: uuid.UUID | str, agent_key: str) -> int:
+        """Pin the job's unstarted desktop ToDos to one agent."""
+        return int(await self._scalar("job_route", {"job_id": str(job_id), "agent_key": agent_key}))
+
+    async def desktop_sweep(self, seen_seconds: float = 120.0) -> int:
+        return int(await self._scalar("desktop_sweep", {"seen_seconds": seen_seconds}))
 
     # events -------------------------------------------------------------------------------
 
@@ -404,17 +424,14 @@ class Session:
         }
         return int(await self._scalar("event_append", params))
 
+    # rate limits and the plan cache -------------------------------------------------------
+
     async def rate_limit_hit(
         self, tenant_id: uuid.UUID | str, limit: int, window_seconds: int
     ) -> tuple[bool, float]:
         params = {"tenant_id": str(tenant_id), "limit": limit, "window_seconds": window_seconds}
-        row = await self._one("rate_limit_hit", params)
-        assert row is not None
+        row = await self._first("rate_limit_hit", params)
         return bool(row["allowed"]), float(row["retry_after"])
-
-    async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
-        params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
-        return int(await self._scalar("job_attach", params))
 
     async def plan_cache_get(self, tenant_id: uuid.UUID | str, key: str) -> Any:
         return await self._scalar("plan_cache_get", {"tenant_id": str(tenant_id), "key": key})
@@ -425,24 +442,7 @@ class Session:
         params = {"tenant_id": str(tenant_id), "key": key, "plan": _jsonb(plan), "ttl": ttl}
         await self._all("plan_cache_put", params)
 
-    # timed work and schedules -------------------------------------------------------------
-
-    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
-        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
-
-    async def todo_next_due(self, target: str = "cloud") -> datetime | None:
-        """When the next ready ToDo (or schedule occurrence) comes due; None when none waits."""
-        due = await self._scalar("todo_next_due", {"target": target})
-        return due if isinstance(due, datetime) else None
-
-    async def desktop_sweep(self, seen_seconds: float = 120.0) -> int:
-        return int(await self._scalar("desktop_sweep", {"seen_seconds": seen_seconds}))
-
-    async def agent_offering(
-        self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
-    ) -> bool:
-        params = {"tenant_id": str(tenant_id), "action": action, "seen_seconds": seen_seconds}
-        return bool(await self._scalar("agent_offering", params))
+    # schedules ----------------------------------------------------------------------------
 
     async def schedule_create(
         self, *, tenant_id: uuid.UUID | str, cron: str, time_zone: str, request: str | None,
@@ -453,9 +453,7 @@ class Session:
             "graph": None if graph is None else _jsonb(graph), "intent": intent,
             "todos": _jsonb(list(todos)), "next_run_at": next_run_at,
         }  # fmt: skip
-        row = await self._one("schedule_create", params)
-        assert row is not None
-        return row
+        return await self._first("schedule_create", params)
 
     async def schedule_get(self, schedule_id: uuid.UUID | str) -> Row:
         row = await self._one("schedule_get", {"schedule_id": _uuid(schedule_id, "schedule")})
@@ -476,9 +474,7 @@ class Session:
             "paused": paused,
             "next_run_at": next_run_at,
         }
-        row = await self._one("schedule_pause", params)
-        assert row is not None
-        return row
+        return await self._first("schedule_pause", params)
 
     async def schedule_delete(self, schedule_id: uuid.UUID | str) -> None:
         await self._all("schedule_delete", {"schedule_id": _uuid(schedule_id, "schedule")})
@@ -494,9 +490,22 @@ class Session:
             "occurrence": occurrence,
             "next_run_at": next_run_at,
         }
-        row = await self._one("schedule_fire", params)
-        assert row is not None
-        return row
+        return await self._first("schedule_fire", params)
+
+    # metrics and retention ----------------------------------------------------------------
+
+    async def metrics_snapshot(self) -> list[Row]:
+        return await self._all("metrics_snapshot")
+
+    async def metrics_top_tenants(self, limit: int) -> list[Row]:
+        return await self._all("metrics_top_tenants", {"limit": limit})
+
+    async def retention_prune(
+        self, *, job_days: int, audit_days: int, batch: int = 5000
+    ) -> dict[str, int]:
+        """One bounded batch of retention: old events, finished jobs, audit entries."""
+        params = {"job_days": job_days, "audit_days": audit_days, "batch": batch}
+        return dict(await self._scalar("retention_prune", params))
 
     # set-up (admin scope) -----------------------------------------------------------------
 

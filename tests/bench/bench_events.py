@@ -61,13 +61,13 @@ async def new_job(db: store.Store, tenant_id: uuid.UUID, n: int) -> dict[str, An
         return await s.job_create(tenant_id=tenant_id, todos=todos, request="bench", intent="b")
 
 
-async def step(db: store.Store, tenant_id: uuid.UUID, row: dict[str, Any] | None) -> Any:
+async def step(db: store.Store, tenant_id: uuid.UUID, row: store.TodoRow | None) -> Any:
     """One status change in its own transaction: claim one ToDo, or complete the claimed one."""
     async with db.service() as s:
         if row is None:
             rows = await s.todo_claim(target="cloud", owner="bench", limit=1, tenant_id=tenant_id)
             return rows[0]
-        item = {"id": str(row["id"]), "owner": "bench", "attempt": row["attempts"], "result": {}}
+        item = {"id": str(row.id), "owner": "bench", "attempt": row.attempts, "result": {}}
         await s.todo_complete([item])
         return None
 

@@ -132,12 +132,12 @@ async def test_retryable_errors_back_off(
 ) -> None:
     calls = 0
 
-    async def flaky(params: dict[str, Any], ctx: executor.Context) -> Any:
+    async def flaky(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
         nonlocal calls
         calls += 1
         if calls < 2:
             raise errors.RetryableError("upstream 503")
-        return {"ok": True}
+        return executor.Done({"ok": True})
 
     reg = executor.builtin()
     reg.register("flaky", flaky)
@@ -154,6 +154,39 @@ async def test_retryable_errors_back_off(
     assert second.done == 1
     rows = await todos_of(db, m, job["id"])
     assert rows["f"]["attempts"] == 2 and rows["f"]["result"] == {"ok": True}
+
+
+async def test_executors_answer_outcomes_and_the_dispatcher_acts_on_them(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    async def later(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
+        if ctx.timer_until is None:  # any executor may snooze, not only wait
+            return executor.Snooze(datetime.now(UTC) + timedelta(seconds=0.2))
+        return executor.Done({"snoozed_until": ctx.timer_until.isoformat()})
+
+    async def untyped(params: dict[str, Any], ctx: executor.Context) -> Any:
+        return {"plain": "dict"}
+
+    reg = executor.builtin()
+    reg.register("later", later)
+    reg.register("untyped", untyped)
+    m = await member_factory()
+    for action in ("later", "untyped"):
+        await register_action(db, action)
+    job = await job_factory(m, [{"key": "l", "action": "later"}, {"key": "u", "action": "untyped"}])
+    d = dispatch.Dispatcher(db, registry=reg)
+    first = await d.run_pass(5)
+    assert (first.timers, first.failed) == (1, 1), first.as_dict()
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    assert (await d.run_pass(5)).done == 1
+    rows = await todos_of(db, m, job["id"])
+    assert rows["l"]["status"] == "done" and "snoozed_until" in rows["l"]["result"]
+    assert rows["u"]["status"] == "failed"
+    assert "answered dict, not an outcome" in rows["u"]["error"]
 
 
 async def test_budget_stops_the_pass_and_releases_leases(

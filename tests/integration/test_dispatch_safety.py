@@ -89,12 +89,12 @@ async def test_three_concurrent_passes_never_run_a_todo_twice(
 ) -> None:
     runs: dict[str, int] = {}
 
-    async def counting(params: dict[str, Any], ctx: Any) -> Any:
+    from cpa_scheduler import executor
+
+    async def counting(params: dict[str, Any], ctx: Any) -> executor.Outcome:
         runs[ctx.key] = runs.get(ctx.key, 0) + 1
         await asyncio.sleep(0.001)
-        return {}
-
-    from cpa_scheduler import executor
+        return executor.Done({})
 
     m = await member_factory()
     await register_action(db, "count")

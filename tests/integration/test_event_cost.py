@@ -31,7 +31,7 @@ async def test_statements_that_change_no_status_write_no_event_and_send_nothing(
         assert (
             await s.todo_claim(target="cloud", owner="w1", limit=10) == []
         )  # empty claim + lease sweep
-        await s.todo_extend([todo["id"]], "w1", 120.0)  # touches the row, not its status
+        await s.todo_extend([todo.id], "w1", 120.0)  # touches the row, not its status
     assert _counts(db_url) == before
 
 

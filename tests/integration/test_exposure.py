@@ -199,10 +199,10 @@ async def test_a_user_cannot_complete_fail_or_release_the_dispatchers_todo(
     assert len(rows) == 2
     a = rows[0]
     forged: list[dict[str, Any]] = [
-        {"id": str(a["id"]), "result": {"forged": True}},  # no owner: never "any owner"
-        {"id": str(a["id"]), "owner": None, "result": {"forged": True}},
-        {"id": str(a["id"]), "owner": "dispatcher:abc", "result": {"forged": True}},
-        {"id": str(a["id"]), "owner": "agent:dispatcher:abc", "result": {"forged": True}},
+        {"id": str(a.id), "result": {"forged": True}},  # no owner: never "any owner"
+        {"id": str(a.id), "owner": None, "result": {"forged": True}},
+        {"id": str(a.id), "owner": "dispatcher:abc", "result": {"forged": True}},
+        {"id": str(a.id), "owner": "agent:dispatcher:abc", "result": {"forged": True}},
     ]
     for item in forged:
         done = await _as_user(db, m, "select cpa.todo_complete_v1(%(i)s::jsonb) as n",
@@ -216,8 +216,8 @@ async def test_a_user_cannot_complete_fail_or_release_the_dispatchers_todo(
         assert released["n"] == 0, item
     # The service role without an owner: nothing either.
     async with db.service() as s:
-        assert await s.todo_complete([{"id": str(a["id"]), "result": 1}]) == 0
-        assert await s.todo_release([{"id": str(a["id"])}]) == 0
+        assert await s.todo_complete([{"id": str(a.id), "result": 1}]) == 0
+        assert await s.todo_release([{"id": str(a.id)}]) == 0
     async with db.user(m.claims) as s:
         todos = {t["key"]: t for t in await s.job_todos(job["id"])}
     assert todos["a"]["status"] == "running" and todos["a"]["result"] is None

@@ -44,7 +44,7 @@ async def test_claim_respects_the_tenant_cap(
     await job_factory(b, [{"key": "b", "action": "noop"}])
     async with db.service() as s:
         rows = await s.todo_claim(target="cloud", owner="w", limit=50, tenant_cap=5)
-    assert [r["tenant_id"] for r in rows] == [b.tenant_id]
+    assert [r.tenant_id for r in rows] == [b.tenant_id]
 
 
 async def test_a_saturating_tenant_does_not_delay_another(

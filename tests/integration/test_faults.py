@@ -152,16 +152,16 @@ async def test_an_unstorable_result_fails_its_todo_alone(
 ) -> None:
     await register_action(db, "echo")
 
-    async def echo(params: dict[str, Any], ctx: executor.Context) -> Any:
+    async def echo(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
         await asyncio.sleep(0.01)
         if ctx.key == "t13":
-            return {"a": "\ud800"}
+            return executor.Done({"a": "\ud800"})
         if ctx.key == "t42":
             value: Any = 1
             for _ in range(300):
                 value = [value]
-            return value
-        return {"ok": ctx.key}
+            return executor.Done(value)
+        return executor.Done({"ok": ctx.key})
 
     reg = executor.builtin()
     reg.register("echo", echo)
@@ -190,13 +190,13 @@ async def test_a_batch_the_database_refuses_is_stored_todo_by_todo(
     assert len(rows) == 100
     # Past the Python checks (forged here): a lone surrogate reaches Postgres, which refuses
     # the whole statement; the fallback stores the other 99 and fails this one.
-    outcomes = [dispatch._Outcome(r, result={"n": i}) for i, r in enumerate(rows)]
-    outcomes[7].result = {"bad": "\ud800"}
+    finished = [dispatch._Finished(r, executor.Done({"n": i})) for i, r in enumerate(rows)]
+    finished[7] = dispatch._Finished(rows[7], executor.Done({"bad": "\ud800"}))
     summary = dispatch.Summary()
-    await d._flush(outcomes, summary)
+    await d._flush(finished, summary)
     assert summary.done == 99 and summary.failed == 1, summary.as_dict()
     async with db.service() as s:
-        bad = await s.todo_get(rows[7]["id"])
+        bad = await s.todo_get(rows[7].id)
     assert bad["status"] == "failed" and "cannot be stored" in bad["error"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,9 +18,10 @@ async def claim(
     db: store.Store, owner: str = "w", limit: int = 50, lease: float = 60.0, **kw: Any
 ) -> list[dict[str, Any]]:
     async with db.service() as s:
-        return await s.todo_claim(
+        rows = await s.todo_claim(
             target=kw.pop("target", "cloud"), owner=owner, limit=limit, lease_seconds=lease, **kw
         )
+    return [dataclasses.asdict(r) for r in rows]  # these tests read the columns by name
 
 
 async def complete(

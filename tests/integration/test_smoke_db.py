@@ -26,10 +26,10 @@ async def test_diamond_runs_in_order(
             claimed = await s.todo_claim(target="cloud", owner="w", limit=10)
             if not claimed:
                 break
-            seen.append(sorted(r["key"] for r in claimed))
+            seen.append(sorted(r.key for r in claimed))
             await s.todo_complete(
                 [
-                    {"id": str(r["id"]), "owner": "w", "attempt": r["attempts"], "result": {}}
+                    {"id": str(r.id), "owner": "w", "attempt": r.attempts, "result": {}}
                     for r in claimed
                 ]
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +15,8 @@ from tests.conftest import JobFactory, Member, MemberFactory
 
 async def claim(db: store.Store, target: str = "cloud") -> list[dict[str, Any]]:
     async with db.service() as s:
-        return await s.todo_claim(target=target, owner="test", limit=100)
+        rows = await s.todo_claim(target=target, owner="test", limit=100)
+    return [dataclasses.asdict(r) for r in rows]  # these tests read the columns by name
 
 
 async def test_run_at_is_not_claimed_early(
@@ -30,7 +32,8 @@ async def test_run_at_is_not_claimed_early(
     assert todo["run_at"] == at and todo["run_after"] >= at
     await asyncio.sleep((at - datetime.now(UTC)).total_seconds() + 0.05)
     (row,) = await claim(db)
-    assert row["started_at"] >= at
+    async with db.service() as s:
+        assert (await s.todo_get(row["id"]))["started_at"] >= at
 
 
 async def test_a_dependent_keeps_its_run_at_when_released(

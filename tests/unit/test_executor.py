@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -10,6 +12,12 @@ import respx
 from cpa_scheduler import errors, executor
 
 CTX = executor.Context(job_id="j", todo_id="t", key="k", tenant_id="tn")
+
+
+def done(outcome: executor.Outcome) -> Any:
+    """The result of a Done outcome."""
+    assert isinstance(outcome, executor.Done), outcome
+    return outcome.result
 
 
 async def fake_resolver(host: str, port: int) -> list[str]:
@@ -35,16 +43,30 @@ def test_unknown_action_has_no_executor() -> None:
         executor.builtin().get("desktop.open_app")
 
 
+def test_llm_actions_are_known_but_unavailable_without_a_provider() -> None:
+    registry = executor.builtin()
+    assert "plan" not in registry and "llm.generate" not in registry
+    with pytest.raises(errors.PermanentError, match="No LLM provider is configured, so 'plan'"):
+        registry.get("plan")
+    registry.register("plan", executor.noop)  # what the planner does with a provider
+    assert registry.get("plan") is executor.noop
+
+
 def test_builtin_actions() -> None:
     assert executor.builtin().actions() == ["http.request", "noop", "notify", "wait"]
 
 
 async def test_noop_returns_params() -> None:
-    assert await executor.noop({"a": 1}, CTX) == {"a": 1}
+    assert await executor.noop({"a": 1}, CTX) == executor.Done({"a": 1})
 
 
-async def test_wait_validates() -> None:
-    assert await executor.wait({"seconds": 3}, CTX) == {"waited_seconds": 3}
+async def test_wait_snoozes_first_and_is_done_after_its_timer() -> None:
+    before = datetime.now(UTC)
+    first = await executor.wait({"seconds": 3}, CTX)
+    assert isinstance(first, executor.Snooze)
+    assert before + timedelta(seconds=3) <= first.until <= datetime.now(UTC) + timedelta(seconds=3)
+    again = replace(CTX, timer_until=first.until)
+    assert await executor.wait({"seconds": 3}, again) == executor.Done({"waited_seconds": 3})
     with pytest.raises(errors.PermanentError, match="non-negative number of seconds"):
         await executor.wait({"seconds": -1}, CTX)
 
@@ -56,7 +78,7 @@ async def test_notify_emits_an_event() -> None:
         seen.append((kind, data))
 
     ctx = executor.Context(job_id="j", todo_id="t", key="ring", tenant_id="tn", emit=emit)
-    result = await executor.notify({"message": "Tee ist fertig"}, ctx)
+    result = done(await executor.notify({"message": "Tee ist fertig"}, ctx))
     assert result["delivered"] is True
     assert seen == [
         (
@@ -72,14 +94,16 @@ async def test_http_request_to_a_public_host() -> None:
         return_value=httpx.Response(200, json={"ok": True})
     )
     http = executor.HttpRequest(resolver=fake_resolver)
-    result = await http(
-        {
-            "url": "https://api.example.com/v1/x",
-            "method": "POST",
-            "json": {"a": 1},
-            "headers": {"X-T": "1"},
-        },
-        CTX,
+    result = done(
+        await http(
+            {
+                "url": "https://api.example.com/v1/x",
+                "method": "POST",
+                "json": {"a": 1},
+                "headers": {"X-T": "1"},
+            },
+            CTX,
+        )
     )
     assert result["status"] == 200 and result["json"] == {"ok": True}
     sent = route.calls.last.request
@@ -115,18 +139,18 @@ async def test_private_targets_are_refused(url: str) -> None:
 async def test_allow_list_permits_a_private_target() -> None:
     respx.get("http://127.0.0.1:9/health").mock(return_value=httpx.Response(200, text="up"))
     http = executor.HttpRequest(allow=["127.0.0.0/8"], resolver=fake_resolver)
-    result = await http({"url": "http://127.0.0.1:9/health"}, CTX)
+    result = done(await http({"url": "http://127.0.0.1:9/health"}, CTX))
     assert result["text"] == "up"
     by_host = executor.HttpRequest(allow=["intranet.example.com"], resolver=fake_resolver)
     respx.get("https://intranet.example.com/").mock(return_value=httpx.Response(204))
-    assert (await by_host({"url": "https://intranet.example.com/"}, CTX))["status"] == 204
+    assert done(await by_host({"url": "https://intranet.example.com/"}, CTX))["status"] == 204
 
 
 @respx.mock
 async def test_ipv6_public_is_allowed() -> None:
     respx.get("https://v6.example.com/").mock(return_value=httpx.Response(200))
     http = executor.HttpRequest(resolver=fake_resolver)
-    assert (await http({"url": "https://v6.example.com/"}, CTX))["status"] == 200
+    assert done(await http({"url": "https://v6.example.com/"}, CTX))["status"] == 200
 
 
 @pytest.mark.parametrize(
@@ -212,7 +236,7 @@ async def test_the_connection_goes_to_the_vetted_address_only() -> None:
 
     try:
         http = executor.HttpRequest(allow=["127.0.0.1/32"], resolver=resolver)
-        result = await http({"url": f"http://rebind.invalid:{port}/x"}, CTX)
+        result = done(await http({"url": f"http://rebind.invalid:{port}/x"}, CTX))
     finally:
         server.close()
         await server.wait_closed()

@@ -199,12 +199,24 @@ async def test_llm_generate_returns_text_and_usage() -> None:
     rec = Recorder(
         httpx2.Response(200, content=body.encode(), headers={"content-type": "application/json"})
     )
-    out = await planner.GenerateExecutor(rec.provider())(
+    outcome = await planner.GenerateExecutor(rec.provider())(
         {"prompt": "Sag hallo", "inputs": {"name": "Anna"}}, CTX
     )
+    assert isinstance(outcome, executor.Done)
+    out = outcome.result
     assert out["text"] == "Guten Morgen!" and out["usage"]["completion_tokens"] == 121
     assert "response_format" not in rec.requests[0]
     assert '"name": "Anna"' in rec.requests[0]["messages"][1]["content"]
+
+
+async def test_plan_executor_answers_attach_with_the_planned_todos() -> None:
+    rec = Recorder(chat(GOOD))
+    outcome = await planner.PlanExecutor(planner.Planner(rec.provider()))(
+        {"request": "Wie wird das Wetter?"}, CTX
+    )
+    assert isinstance(outcome, executor.Attach)
+    assert [t["key"] for t in outcome.todos] == ["news", "mail", "sum"]
+    assert outcome.result["attach"] == outcome.todos and outcome.result["cached"] is False
 
 
 async def test_plan_executor_reports_attach_and_refuses_reserved_keys() -> None:

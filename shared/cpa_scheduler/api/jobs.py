@@ -9,13 +9,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from cpa_scheduler import errors, intake, logs, protocol, ratelimit, tracing
+from cpa_scheduler import errors, graph, intake, logs, protocol, ratelimit, tracing
 from cpa_scheduler import events as events_mod
 from cpa_scheduler.api import problems
 from cpa_scheduler.api.deps import (
@@ -29,7 +29,6 @@ from cpa_scheduler.api.deps import (
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
-Status = Literal["pending", "running", "done", "failed", "cancelled"]
 
 
 class JobCreate(BaseModel):
@@ -63,6 +62,7 @@ class TodoOut(BaseModel):
     key: str
     action: str
     target: str
+    # str, not graph.TodoStatus: an enum here would change /openapi.json, which stays as it is.
     status: str
     depends_on: list[str]
     params: dict[str, Any]
@@ -78,7 +78,7 @@ class TodoOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     tenant_id: str | None = None
-    status: Status
+    status: graph.JobStatus
     request: str | None = None
     intent: str | None = None
     error: str | None = None
@@ -171,7 +171,7 @@ async def create_job(
 async def list_jobs(
     caller: CurrentCaller,
     session: UserSession,
-    status: Status | None = None,
+    status: graph.JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, Any]:

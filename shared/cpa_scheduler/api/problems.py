@@ -61,7 +61,8 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
 
 
 async def _domain(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.CpaError)
+    if not isinstance(exc, errors.CpaError):  # registered for this type alone
+        return await _unexpected(request, exc)
     extra = {"errors": exc.errors} if exc.errors else {}
     response = problem(exc.status, exc.code, exc.message, **extra)
     if isinstance(exc, errors.RateLimitedError):
@@ -72,7 +73,8 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):  # registered for this type alone
+        return await _unexpected(request, exc)
     errs = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()]  # fmt: skip
     first = errs[0] if errs else {"loc": [], "msg": "invalid"}
@@ -82,7 +84,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # registered for this type alone
+        return await _unexpected(request, exc)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return problem(exc.status_code, code, str(exc.detail))
 

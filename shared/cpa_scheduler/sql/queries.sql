@@ -54,8 +54,11 @@ select * from cpa.job_retry_v1(%(job_id)s);
 select * from public.todos where id = %(todo_id)s;
 
 -- name: todo_claim
-select * from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
-                                %(tenant_id)s, %(actions)s, %(tenant_cap)s);
+-- The columns of store.TodoRow, which the rows are built as.
+select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer_until,
+       lease_expires_at, error
+  from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
+                         %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
 -- name: todo_complete
 select cpa.todo_complete_v1(%(items)s::jsonb) as n;
@@ -74,12 +77,6 @@ select cpa.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
 
 -- name: todo_confirm
 select * from cpa.todo_confirm_v1(%(todo_id)s, %(approved)s);
-
--- name: todo_dependency_results
--- The results of the direct and transitive dependencies a ToDo's $refs may read.
-select e.todo_id, p.key, p.result
-  from public.todo_edges e join public.todos p on p.id = e.depends_on_id
- where e.todo_id = any(%(ids)s);
 
 -- name: todo_job_results
 select key, result from public.todos where job_id = %(job_id)s and status = 'done';
