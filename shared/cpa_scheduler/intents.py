@@ -210,19 +210,8 @@ def load_from_dict(
     return Router(intents, catalogue or catalogue_mod.default())
 
 
-def load_yaml(text: str, catalogue: catalogue_mod.Catalogue | None = None) -> Router:
-    import yaml  # deferred: the router is loaded on first use, not at cold import
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise errors.ConfigError(f"The intents file is not valid YAML: {exc}.") from None
-    if not isinstance(data, Mapping):
-        raise errors.ConfigError("The intents file must be a YAML mapping.")
-    return load_from_dict(data, catalogue)
-
-
 @functools.cache
 def default() -> Router:
     """The router for the built-in ``cpa_scheduler/intents.yaml``."""
-    return load_yaml(resources.files("cpa_scheduler").joinpath("intents.yaml").read_text("utf-8"))
+    text = resources.files("cpa_scheduler").joinpath("intents.yaml").read_text("utf-8")
+    return load_from_dict(catalogue_mod.load_yaml(text, "The intents file"))
