@@ -36,7 +36,8 @@ MAX_REFUSALS = 3
 
 
 def owner(agent_id: str) -> str:
-    """The lease owner string of a desktop agent."""
+    """The lease owner an agent reports under: the string ``agent_claim_v1`` leases its ToDos
+    to (the database defines it and lets end users act only as ``agent:%`` owners)."""
     return f"agent:{agent_id}"
 
 
@@ -64,7 +65,7 @@ async def claim(
             params = graph.resolve_refs(row["params"], results[job_id], row["key"])
         except errors.PermanentError as exc:
             await session.todo_fail(
-                [{"id": str(row["id"]), "owner": owner(agent_id), "error": exc.message}]
+                [{"id": str(row["id"]), "owner": row["lease_owner"], "error": exc.message}]
             )
             continue
         envelope: dict[str, Any] = {}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from cpa_scheduler import agent, errors, protocol, store
+from cpa_scheduler import agent, dispatch, errors, protocol, store
 
-from tests.conftest import Member, MemberFactory
+from tests.conftest import JobFactory, Member, MemberFactory
 
 
 class Counter:
@@ -70,3 +70,32 @@ async def test_a_confirm_naming_nothing_is_a_protocol_error(
     confirm = protocol.make("confirm", {"todo_id": ""}, sender="desk", receiver="scheduler")
     with pytest.raises(errors.ProtocolError, match="must name the ToDo"):
         await answer(db, m, confirm)
+
+
+async def test_agents_report_under_the_owner_the_database_leases_to(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    await job_factory(
+        m, [{"key": "o", "action": "desktop.open_app", "target": "desktop", "params": {"app": "X"}}]
+    )
+    async with db.user(m.claims) as s:
+        [assign] = await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop:1", actions=None)
+        row = await s.todo_get(assign.payload.todo_id)
+    assert row["lease_owner"] == agent.owner("laptop:1")
+
+
+async def test_a_reference_that_cannot_be_resolved_fails_the_claimed_todo(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    open_app = {"key": "o", "action": "desktop.open_app", "target": "desktop", "depends_on": ["n"],
+                "params": {"app": {"$ref": "n.result.app"}}}  # fmt: skip
+    job = await job_factory(
+        m, [{"key": "n", "action": "noop", "target": "cloud", "params": {"x": 1}}, open_app]
+    )
+    await dispatch.Dispatcher(db).run_pass(5)
+    async with db.user(m.claims) as s:
+        assert await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None) == []
+        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
+    assert todos["o"]["status"] == "failed" and "app" in todos["o"]["error"]
