@@ -1,25 +1,43 @@
-"""Desktop assignment: desktop agents claim their tenant's desktop ToDos and report back.
+"""The scheduler's side of the agent protocol: one answer for every message, and desktop
+assignment.
 
-The dispatcher never runs desktop ToDos. An agent claims them (``agent_claim_v1``: the
+:func:`answer` gives each message type its meaning (a request or proposal becomes a job, a
+route pins it to an agent, discover is answered with an offer, confirm approves, an agent's
+report changes its ToDo) and replies with a typed message. Hosts parse the message, check who
+sends it, and pass the caller's :class:`Context`; the HTTP route is such a host.
+
+Desktop ToDos are never run by the dispatcher. An agent claims them (``agent_claim_v1``: the
 tenant's ToDos for the actions the agent offers, under a lease owned by ``agent:<id>``) and
 receives ``assign`` messages. It answers ``agree``, ``refuse``, ``inform``, ``done`` or
-``failure``; :func:`apply` turns each into the matching state change and answers with a reply.
+``failure``; :func:`apply` turns each into the matching state change.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from cpa_scheduler import errors, graph, protocol, store, tracing
+from cpa_scheduler import (
+    catalogue,
+    errors,
+    graph,
+    intake,
+    intents,
+    protocol,
+    ratelimit,
+    store,
+    tracing,
+)
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
 
 
 def owner(agent_id: str) -> str:
-    """The lease owner string of a desktop agent."""
+    """The lease owner an agent reports under: the string ``agent_claim_v1`` leases its ToDos
+    to (the database defines it and lets end users act only as ``agent:%`` owners)."""
     return f"agent:{agent_id}"
 
 
@@ -47,7 +65,7 @@ async def claim(
             params = graph.resolve_refs(row["params"], results[job_id], row["key"])
         except errors.PermanentError as exc:
             await session.todo_fail(
-                [{"id": str(row["id"]), "owner": owner(agent_id), "error": exc.message}]
+                [{"id": str(row["id"]), "owner": row["lease_owner"], "error": exc.message}]
             )
             continue
         envelope: dict[str, Any] = {}
@@ -93,19 +111,194 @@ def _assign_span(job_trace: str | None, row: dict[str, Any], agent_id: str) -> s
     return tracing.traceparent(span)
 
 
-async def apply(session: store.Session, message: protocol.Message) -> protocol.Message:
-    """Apply an agent's reply to an assignment; answers ``agree``, ``inform`` or ``refuse``."""
+# --- every message's answer ----------------------------------------------------------------
+
+Reply = protocol.Agree | protocol.Refuse | protocol.Inform | protocol.Offer
+# What an agent reports about an assigned ToDo.
+Report = protocol.Done | protocol.Failure | protocol.Agree | protocol.Refuse | protocol.Inform
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who sends a message, as the host verified it: their session (row-level security in
+    force), their tenant, and what submitting a job needs."""
+
+    session: store.Session
+    tenant_id: uuid.UUID
+    planner_configured: bool
+    limiter: ratelimit.Limiter
+
+
+async def answer(message: protocol.Message, ctx: Context) -> Reply:
+    """The reply to any protocol message; errors the sender must fix raise a :class:`CpaError`."""
+    match message:
+        case protocol.Request(payload=p):
+            return await _submit(
+                message, ctx, text=p.text, spec=p.graph, key=p.idempotency_key, time_zone=_zone(p)
+            )
+        case protocol.Propose(payload=p):
+            # A client's plan: validated, then run as an explicit graph (the agree names the job).
+            return await _submit(message, ctx, text=p.request, spec=p.plan)
+        case protocol.Route(payload=p):
+            return await _route(message, ctx, p)
+        case protocol.Discover(payload=p):
+            offer = protocol.OfferPayload(
+                agent_id=SCHEDULER,
+                name="CPA Scheduler",
+                actions=catalogue.default().names(p.target),
+                intents=intents.default().names(),
+            )
+            return protocol.reply(message, protocol.Offer, offer)
+        case protocol.Offer(payload=p):
+            row = await ctx.session.agent_upsert(
+                ctx.tenant_id, p.agent_id or message.sender, p.name, p.actions
+            )
+            return _agree(message, f"agent {row['agent_key']} registered")
+        case protocol.Confirm(payload=p):
+            return await _confirm(message, ctx.session, p)
+        case protocol.Assign():
+            return _refuse(
+                message,
+                "not_allowed",
+                "Only the scheduler assigns ToDos; claim them with POST /v1/agents/claim.",
+            )
+        case protocol.Done() | protocol.Failure():
+            return await apply(ctx.session, message)
+        case protocol.Agree() | protocol.Refuse() | protocol.Inform():
+            if message.payload.todo_id:
+                return await apply(ctx.session, message)
+            return _agree(message, "noted")  # about no ToDo: nothing to change
+
+
+def _zone(request: protocol.RequestPayload) -> str:
+    """The zone times in the text are read in: the user's, from the request's context."""
+    return request.context.timezone if request.context else "UTC"
+
+
+async def _submit(
+    message: protocol.Message,
+    ctx: Context,
+    *,
+    text: str | None,
+    spec: protocol.GraphSpec | None,
+    key: str | None = None,
+    time_zone: str = "UTC",
+) -> protocol.Agree | protocol.Refuse:
+    """Create the job; agree naming it, or refuse with what the sender can change."""
+    try:
+        with tracing.span(
+            "cpa.job.create", attributes={"cpa.tenant_id": str(ctx.tenant_id)}
+        ) as span:
+            job = await intake.submit(
+                ctx.session,
+                tenant_id=ctx.tenant_id,
+                text=text,
+                spec=spec,
+                idempotency_key=key,
+                planner_configured=ctx.planner_configured,
+                time_zone=time_zone,
+            )
+            await intake.keep_trace(ctx.session, job, span)
+        await ctx.limiter.hit(str(ctx.tenant_id), ctx.session)
+    except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:
+        return _refuse(message, exc.code, exc.message)
+    job_id = str(job["id"])
+    return _agree(message, f"intent {job['intent']}", job_id=job_id, conversation_id=job_id)
+
+
+async def _route(
+    message: protocol.Route, ctx: Context, p: protocol.RoutePayload
+) -> protocol.Agree | protocol.Refuse:
+    """Submit the embedded request, then pin its desktop ToDos to the named agent's queue."""
+    if p.request is None:
+        return _refuse(message, "invalid", "A route must embed a request.")
+    request = p.request
+    reply = await _submit(
+        message,
+        ctx,
+        text=request.text,
+        spec=request.graph,
+        key=request.idempotency_key,
+        time_zone=_zone(request),
+    )
+    job_id = reply.payload.job_id if isinstance(reply, protocol.Agree) else None
+    if job_id is None:
+        return reply
+    # Only the named agent may claim them now.
+    pinned = await ctx.session.job_route(job_id, p.to_agent)
+    return _agree(
+        message, f"{pinned} ToDo(s) routed to {p.to_agent}", job_id=job_id, conversation_id=job_id
+    )
+
+
+async def _confirm(
+    message: protocol.Confirm, session: store.Session, p: protocol.ConfirmPayload
+) -> protocol.Inform:
+    """Approve or decline one ToDo, or every ToDo of the job still waiting for approval."""
+    if p.todo_id:
+        ids = [p.todo_id]
+    elif p.job_id is not None:
+        ids = [
+            str(t["id"])
+            for t in await session.job_todos(p.job_id)
+            if t["status"] in ("confirming", "waiting")
+            and t["requires_confirmation"]
+            and t["confirmed_at"] is None
+        ]
+    else:
+        raise errors.ProtocolError("A confirm must name the ToDo (todo_id) or the job (job_id).")
+    for todo_id in ids:
+        await session.todo_confirm(todo_id, approved=p.approved)
+    verb = "approved" if p.approved else "declined"
+    inform = protocol.InformPayload(
+        job_id=p.job_id, todo_id=p.todo_id, text=f"{len(ids)} ToDo(s) {verb}"
+    )
+    return protocol.reply(message, protocol.Inform, inform)
+
+
+def _agree(
+    message: protocol.Message,
+    text: str,
+    *,
+    job_id: str | None = None,
+    todo_id: str | None = None,
+    conversation_id: str | None = None,
+) -> protocol.Agree:
+    payload = protocol.AgreePayload(job_id=job_id, todo_id=todo_id, text=text)
+    return protocol.reply(message, protocol.Agree, payload, conversation_id=conversation_id)
+
+
+def _refuse(
+    message: protocol.Message, code: str, reason: str, *, todo_id: str | None = None
+) -> protocol.Refuse:
+    payload = protocol.RefusePayload(code=code, reason=reason, todo_id=todo_id)
+    return protocol.reply(message, protocol.Refuse, payload)
+
+
+def _inform(message: protocol.Message, text: str, *, todo_id: str) -> protocol.Inform:
+    return protocol.reply(
+        message, protocol.Inform, protocol.InformPayload(todo_id=todo_id, text=text)
+    )
+
+
+# --- an agent's report on its ToDo ------------------------------------------------------------
+
+
+async def apply(
+    session: store.Session, message: Report
+) -> protocol.Agree | protocol.Refuse | protocol.Inform:
+    """Apply an agent's report on an assigned ToDo; answers ``agree``, ``inform`` or ``refuse``."""
     lease = owner(message.sender)
     match message:
         case protocol.Done(payload=p):
             item = {"id": p.todo_id, "owner": lease, "result": p.result}
             if await session.todo_complete([item]):
-                return protocol.reply_to(message, "agree", {"todo_id": p.todo_id, "text": "done"})
+                return _agree(message, "done", todo_id=p.todo_id)
             return await _stale(session, message, p.todo_id)
         case protocol.Failure(payload=p):
             item = {"id": p.todo_id, "owner": lease, "error": p.error, "retryable": p.retryable}
             if await session.todo_fail([item]):
-                return protocol.reply_to(message, "agree", {"todo_id": p.todo_id, "text": "failed"})
+                return _agree(message, "failed", todo_id=p.todo_id)
             return await _stale(session, message, p.todo_id)
         case protocol.Refuse(payload=p) if p.todo_id:
             released = await session.todo_release(
@@ -116,36 +309,29 @@ async def apply(session: store.Session, message: protocol.Message) -> protocol.M
             await session.todo_note(
                 p.todo_id, "agent.refuse", {"agent": message.sender, "reason": p.reason}
             )
-            return protocol.reply_to(
-                message, "inform", {"todo_id": p.todo_id, "text": "released for another agent"}
-            )
+            return _inform(message, "released for another agent", todo_id=p.todo_id)
         case protocol.Agree(payload=p) if p.todo_id:
             await session.todo_note(p.todo_id, "agent.agree", {"agent": message.sender})
-            return protocol.reply_to(message, "inform", {"todo_id": p.todo_id, "text": "recorded"})
+            return _inform(message, "recorded", todo_id=p.todo_id)
         case protocol.Inform(payload=p) if p.todo_id:
             data = {"agent": message.sender, "text": p.text, **p.data}
             await session.todo_note(p.todo_id, "agent.inform", data)
-            return protocol.reply_to(message, "agree", {"todo_id": p.todo_id, "text": "recorded"})
+            return _agree(message, "recorded", todo_id=p.todo_id)
     raise errors.ProtocolError(
         f"A {message.type!r} message must name the ToDo it is about (payload.todo_id)."
     )
 
 
 async def _stale(
-    session: store.Session, message: protocol.Message, todo_id: str
-) -> protocol.Message:
+    session: store.Session, message: Report, todo_id: str
+) -> protocol.Agree | protocol.Refuse:
+    """The answer to a report on a ToDo the sender no longer holds: a repeated done is
+    harmless, anything else is refused."""
     todo = await session.todo_get(todo_id)
     if message.type == "done" and todo["status"] == "done":
-        return protocol.reply_to(message, "agree", {"todo_id": todo_id, "text": "already done"})
-    return protocol.reply_to(
-        message,
-        "refuse",
-        {
-            "todo_id": todo_id,
-            "code": "lease_not_held",
-            "reason": (
-                f"The ToDo {todo['key']!r} is {todo['status']} and not leased to "
-                f"{message.sender!r}; claim it again before reporting."
-            ),
-        },
+        return _agree(message, "already done", todo_id=todo_id)
+    reason = (
+        f"The ToDo {todo['key']!r} is {todo['status']} and not leased to {message.sender!r}; "
+        "claim it again before reporting."
     )
+    return _refuse(message, "lease_not_held", reason, todo_id=todo_id)

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cpa_scheduler import errors, graph, protocol
 
+# The most ToDos one submitted or planned graph may have (the database refuses over 1000).
+MAX_TODOS = 500
+
 
 class Action(BaseModel):
     """One catalogue entry."""
@@ -83,8 +86,9 @@ class Catalogue:
             errors=details,
         )
 
-    def build(self, spec: protocol.GraphSpec, *, max_todos: int = graph.MAX_TODOS) -> graph.Graph:
+    def build(self, spec: protocol.GraphSpec, *, max_todos: int = MAX_TODOS) -> graph.Graph:
         """Turn a submitted graph into a validated :class:`graph.Graph`."""
+        # The size first, so an oversized graph costs no per-ToDo validation.
         if len(spec.todos) > max_todos:
             raise errors.GraphTooLargeError(
                 f"The graph has {len(spec.todos)} ToDos but at most {max_todos} are allowed; "
@@ -121,7 +125,7 @@ class Catalogue:
                     **extra,
                 )
             )
-        return graph.Graph(todos, max_todos=max_todos)
+        return graph.Graph(todos)
 
 
 def _inside_ref(params: Mapping[str, Any], path: list[Any]) -> bool:
@@ -161,19 +165,22 @@ def load_from_dict(data: Mapping[str, Any]) -> Catalogue:
     return Catalogue(actions, version=version[:16])
 
 
-def load_yaml(text: str) -> Catalogue:
-    import yaml
+def load_yaml(text: str, what: str) -> Mapping[str, Any]:
+    """The top-level mapping of a YAML file of the package (actions, intents); ``what`` names the
+    file in the error, e.g. "The action catalogue"."""
+    import yaml  # deferred: the files are read on first use, not at cold import
 
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise errors.ConfigError(f"The action catalogue is not valid YAML: {exc}.") from None
+        raise errors.ConfigError(f"{what} is not valid YAML: {exc}.") from None
     if not isinstance(data, Mapping):
-        raise errors.ConfigError("The action catalogue must be a YAML mapping.")
-    return load_from_dict(data)
+        raise errors.ConfigError(f"{what} must be a YAML mapping.")
+    return data
 
 
 @functools.cache
 def default() -> Catalogue:
     """The built-in catalogue shipped as ``cpa_scheduler/actions.yaml``."""
-    return load_yaml(resources.files("cpa_scheduler").joinpath("actions.yaml").read_text("utf-8"))
+    text = resources.files("cpa_scheduler").joinpath("actions.yaml").read_text("utf-8")
+    return load_from_dict(load_yaml(text, "The action catalogue"))

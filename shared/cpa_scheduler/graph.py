@@ -2,8 +2,9 @@
 
 A :class:`Graph` is a DAG of :class:`ToDo` keyed by ``key``. Construction checks that keys are
 unique, dependencies exist, nobody depends on itself, there is no cycle (the error names the
-path, e.g. ``a -> b -> c -> a``, read "a depends on b ..."), the size limit holds, and every
-``{"$ref": "key.result..."}`` param points at an ancestor.
+path, e.g. ``a -> b -> c -> a``, read "a depends on b ..."), and every
+``{"$ref": "key.result..."}`` param points at an ancestor. The size limit is the catalogue's:
+:meth:`cpa_scheduler.catalogue.Catalogue.build` checks it before validating any ToDo.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cpa_scheduler import errors
 
-MAX_TODOS = 500
 REF_KEY = "$ref"
 
 Target = Literal["cloud", "desktop"]
@@ -67,15 +67,10 @@ def ref_source(ref: str) -> str:
 class Graph:
     """An immutable, validated DAG of ToDos."""
 
-    def __init__(self, todos: Iterable[ToDo], *, max_todos: int = MAX_TODOS) -> None:
+    def __init__(self, todos: Iterable[ToDo]) -> None:
         items = list(todos)
         if not items:
             raise errors.GraphError("The graph has no ToDos; add at least one.")
-        if len(items) > max_todos:
-            raise errors.GraphTooLargeError(
-                f"The graph has {len(items)} ToDos but at most {max_todos} are allowed; "
-                "split the request into smaller jobs."
-            )
         self._todos: dict[str, ToDo] = {}
         for todo in items:
             if todo.key in self._todos:

@@ -9,54 +9,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from cpa_scheduler import catalogue, errors, graph, intents, protocol, store, times, tracing
+from cpa_scheduler import errors, graph, intents, protocol, schedules, store, times, tracing
 
 # An agent seen this recently counts as online for optional desktop ToDos (agents poll every
 # few seconds while they run).
 ONLINE = 60.0
-NO_PLANNER = (
-    "No intent matches this request and no planner is configured; "
-    "set OPENAI_API_KEY or OPENAI_BASE_URL, or submit an explicit graph."
-)
 
 
 def resolver(tz: ZoneInfo, now: datetime) -> intents.TimeResolver:
     """Reads a request's time expressions in the caller's zone at one fixed "now"."""
     return lambda when: times.resolve(when, tz=tz, now=now).isoformat()
-
-
-def plan(
-    *,
-    text: str | None,
-    spec: protocol.GraphSpec | None,
-    planner_configured: bool,
-    force_planner: bool = False,
-    resolve_time: intents.TimeResolver | None = None,
-) -> tuple[str, graph.Graph, frozenset[str]]:
-    """The intent, validated graph, and the keys of ToDos kept only where an agent offers them,
-    for a request text or an explicit graph.
-
-    ``force_planner`` skips the intent router: the client asked for LLM planning."""
-    cat = catalogue.default()
-    if spec is not None:
-        return "explicit", cat.build(spec), frozenset()
-    if text is None or not text.strip():
-        raise errors.InvalidError("The request text is empty; say what should be done.")
-    routed = intents.default().route(text, resolve_time=resolve_time)
-    if routed.graph is not None and not force_planner:
-        return routed.intent, cat.build(routed.graph), routed.if_agent_offers
-    if not planner_configured:
-        raise errors.PlannerError(NO_PLANNER)
-    planning = protocol.GraphSpec(
-        todos=[protocol.TodoSpec(key="plan", action="plan", params={"request": routed.text})]
-    )
-    return ("planned" if force_planner else routed.intent), cat.build(planning), frozenset()
-
-
-def without(g: graph.Graph, drop: set[str]) -> graph.Graph:
-    """The graph minus optional ToDos nothing else depends on."""
-    keep = [t for t in g if t.key not in drop or any(t.key in o.depends_on for o in g)]
-    return graph.Graph(keep)
 
 
 async def _unoffered(
@@ -97,8 +59,6 @@ async def submit(
     Times in the text are read in ``time_zone``. A text that starts with a recurrence ("Jeden
     Montag um 8 Uhr ...", "every day at 7am ...") creates a schedule for the rest of it; the
     job answers with a notification that names the schedule."""
-    from cpa_scheduler import schedules  # imports intake: resolved at call time
-
     if idempotency_key is not None:
         # A key replays its first job only for the same body; another body is a conflict.
         body = {
@@ -133,13 +93,13 @@ async def submit(
             todos=[{"key": "schedule", "action": "notify", "target": "cloud", "params": note,
                     "depends_on": []}],
         )  # fmt: skip
-    intent, g, optional = plan(
+    intent, g, optional = intents.plan(
         text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner,
         resolve_time=resolver(tz, now),
     )  # fmt: skip
     rows = graph.todo_rows(g)
     if optional:
-        g = without(g, await _unoffered(session, tenant_id, g, optional))
+        g = intents.without(g, await _unoffered(session, tenant_id, g, optional))
         rows = [r | {"optional": True} if r["key"] in optional else r for r in graph.todo_rows(g)]
     return await session.job_create(
         tenant_id=tenant_id,
@@ -184,7 +144,7 @@ async def submit_one_call(
     if idempotency_key is not None:
         # The body-hash check needs the tenant first: keyed requests take submit's path.
         return None
-    intent, g, optional = plan(
+    intent, g, optional = intents.plan(
         text=text, spec=spec, planner_configured=planner_configured, force_planner=force_planner,
         resolve_time=resolver(tz, now),
     )  # fmt: skip

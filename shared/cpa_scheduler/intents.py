@@ -3,6 +3,7 @@
 Intents come from ``intents.yaml`` and are tried in file order; the first pattern that matches
 the normalised text (trimmed, inner whitespace collapsed) wins. Its named groups fill the plan
 template. Nothing matching gives the intent ``unknown`` and no plan: the planner takes over.
+:func:`plan` is the whole choice for a job or a schedule: explicit graph, intent, or planner.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from cpa_scheduler import catalogue as catalogue_mod
 from cpa_scheduler import errors, graph, protocol, times
 
 UNKNOWN = "unknown"
+NO_PLANNER = (
+    "No intent matches this request and no planner is configured; "
+    "set OPENAI_API_KEY or OPENAI_BASE_URL, or submit an explicit graph."
+)
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _UNIT_SECONDS = {
     **dict.fromkeys(["s", "sec", "secs", "second", "seconds", "sek", "sekunde", "sekunden"], 1),
@@ -210,19 +215,42 @@ def load_from_dict(
     return Router(intents, catalogue or catalogue_mod.default())
 
 
-def load_yaml(text: str, catalogue: catalogue_mod.Catalogue | None = None) -> Router:
-    import yaml  # deferred: the router is loaded on first use, not at cold import
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise errors.ConfigError(f"The intents file is not valid YAML: {exc}.") from None
-    if not isinstance(data, Mapping):
-        raise errors.ConfigError("The intents file must be a YAML mapping.")
-    return load_from_dict(data, catalogue)
-
-
 @functools.cache
 def default() -> Router:
     """The router for the built-in ``cpa_scheduler/intents.yaml``."""
-    return load_yaml(resources.files("cpa_scheduler").joinpath("intents.yaml").read_text("utf-8"))
+    text = resources.files("cpa_scheduler").joinpath("intents.yaml").read_text("utf-8")
+    return load_from_dict(catalogue_mod.load_yaml(text, "The intents file"))
+
+
+def plan(
+    *,
+    text: str | None,
+    spec: protocol.GraphSpec | None,
+    planner_configured: bool,
+    force_planner: bool = False,
+    resolve_time: TimeResolver | None = None,
+) -> tuple[str, graph.Graph, frozenset[str]]:
+    """The intent, validated graph, and the keys of ToDos kept only where an agent offers them,
+    for a request text or an explicit graph.
+
+    ``force_planner`` skips the intent router: the client asked for LLM planning."""
+    cat = catalogue_mod.default()
+    if spec is not None:
+        return "explicit", cat.build(spec), frozenset()
+    if text is None or not text.strip():
+        raise errors.InvalidError("The request text is empty; say what should be done.")
+    routed = default().route(text, resolve_time=resolve_time)
+    if routed.graph is not None and not force_planner:
+        return routed.intent, cat.build(routed.graph), routed.if_agent_offers
+    if not planner_configured:
+        raise errors.PlannerError(NO_PLANNER)
+    planning = protocol.GraphSpec(
+        todos=[protocol.TodoSpec(key="plan", action="plan", params={"request": routed.text})]
+    )
+    return ("planned" if force_planner else routed.intent), cat.build(planning), frozenset()
+
+
+def without(g: graph.Graph, drop: set[str]) -> graph.Graph:
+    """The graph minus optional ToDos nothing else depends on."""
+    keep = [t for t in g if t.key not in drop or any(t.key in o.depends_on for o in g)]
+    return graph.Graph(keep)

@@ -34,7 +34,8 @@ Flows (each is exercised by the tests):
 - Propose → Confirm                                                 (plan or action approval)
 - Route → the routed agent receives the embedded request            (Brokering IP, ``proxy``)
 
-Replies keep ``conversation_id`` (the job) and set ``in_reply_to``; use :func:`reply_to`.
+Replies keep ``conversation_id`` (the job) and set ``in_reply_to``; use :func:`reply` (typed)
+or :func:`reply_to` (by type name).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -385,6 +386,31 @@ def make(
     )
 
 
+def _answering(message: _Envelope) -> dict[str, Any]:
+    """The envelope of a reply: same conversation and trace, ``in_reply_to`` set, roles swapped."""
+    return {
+        "sender": message.receiver,
+        "receiver": message.sender,
+        "conversation_id": message.conversation_id,
+        "in_reply_to": message.id,
+        "trace_id": message.trace_id,
+    }
+
+
+M = TypeVar("M", bound=_Envelope)
+
+
+def reply(
+    message: _Envelope, kind: type[M], payload: BaseModel, *, conversation_id: str | None = None
+) -> M:
+    """A reply of message class ``kind`` to ``message``; ``conversation_id`` names a new
+    conversation (the job a request created) instead of the message's."""
+    fields = _answering(message) | {"payload": payload}
+    if conversation_id is not None:
+        fields["conversation_id"] = conversation_id
+    return kind.model_validate(fields)
+
+
 def reply_to(
     message: _Envelope,
     type_: MessageType,
@@ -393,17 +419,9 @@ def reply_to(
     sender: str | None = None,
     **envelope: Any,
 ) -> Message:
-    """A reply to ``message``: same conversation and trace, ``in_reply_to`` set, roles swapped."""
-    fields: dict[str, Any] = {
-        "conversation_id": message.conversation_id,
-        "in_reply_to": message.id,
-        "trace_id": message.trace_id,
-    }
+    """A reply to ``message`` by type name, validated like a received message."""
+    fields = _answering(message)
     fields.update(envelope)
-    return make(
-        type_,
-        payload,
-        sender=sender or message.receiver,
-        receiver=message.sender,
-        **fields,
-    )
+    if sender:
+        fields["sender"] = sender
+    return make(type_, payload, **fields)

@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from cpa_scheduler import errors, graph, intake, protocol, store, times
+from cpa_scheduler import errors, graph, intents, protocol, store, times
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,16 @@ def plan(
             errors=[{"loc": ["body", "graph", "todos", k, "run_at"], "msg": "run_at in a schedule"}
                     for k in timed],
         )  # fmt: skip
-    intent, g, optional = intake.plan(
+    intent, g, optional = intents.plan(
         text=request, spec=spec, planner_configured=planner_configured
     )
     # Optional desktop ToDos depend on which agents are online when a run happens: leave them out.
     if optional:
-        g = intake.without(g, set(optional))
+        g = intents.without(g, set(optional))
     return intent, graph.todo_rows(g)
 
 
 def _named_time(request: str) -> str:
-    from cpa_scheduler import intents
-
     routed = intents.default().route(request, resolve_time=lambda when: "")
     return routed.groups.get("when", "")
 

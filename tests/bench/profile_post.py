@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from cpa_scheduler import auth, graph, intake, ratelimit, settings, store
+from cpa_scheduler import auth, graph, intents, ratelimit, settings, store
 from cpa_scheduler.api import state as api_state
 
 from tests.bench.bench_api import GRAPH, ISSUER, SECRET
@@ -49,7 +49,7 @@ async def main() -> None:
         verifier = auth.Verifier(hs256_secret=SECRET, issuer=ISSUER)
         claims = verifier.verify(token).for_database()
         db = store.Store(url, max_size=4)
-        rows = graph.todo_rows(intake.plan(text=None, spec=_spec(), planner_configured=False)[1])
+        rows = graph.todo_rows(intents.plan(text=None, spec=_spec(), planner_configured=False)[1])
 
         async def rtt() -> None:
             async with db.user(claims) as s:

@@ -105,8 +105,14 @@ def test_graph_rules_apply_after_actions() -> None:
 
 def test_too_large_graph() -> None:
     todos = [{"key": f"k{i}", "action": "noop"} for i in range(5)]
-    with pytest.raises(errors.GraphTooLargeError, match="at most 4"):
+    with pytest.raises(errors.GraphTooLargeError, match="5 ToDos but at most 4"):
         catalogue.default().build(spec(*todos), max_todos=4)
+
+
+def test_size_is_checked_before_any_todo() -> None:
+    todos = [{"key": f"k{i}", "action": "fly"} for i in range(catalogue.MAX_TODOS + 1)]
+    with pytest.raises(errors.GraphTooLargeError, match=f"at most {catalogue.MAX_TODOS}"):
+        catalogue.default().build(spec(*todos))
 
 
 @pytest.mark.parametrize(
@@ -125,4 +131,4 @@ def test_too_large_graph() -> None:
 )
 def test_load_errors_name_the_problem(text: str, match: str) -> None:
     with pytest.raises(errors.ConfigError, match=match):
-        catalogue.load_yaml(text)
+        catalogue.load_from_dict(catalogue.load_yaml(text, "The action catalogue"))

@@ -53,11 +53,6 @@ def test_cycle_error_names_the_path() -> None:
     assert info.value.cycle == ["a", "b", "c", "a"]
 
 
-def test_size_limit_has_a_clear_message() -> None:
-    with pytest.raises(errors.GraphTooLargeError, match="3 ToDos but at most 2"):
-        graph.Graph([todo("a"), todo("b"), todo("c")], max_todos=2)
-
-
 def test_empty_graph_is_rejected() -> None:
     with pytest.raises(errors.GraphError, match="no ToDos"):
         graph.Graph([])
@@ -76,7 +71,7 @@ def test_refs_must_point_at_ancestors() -> None:
 def test_long_chain_does_not_recurse() -> None:
     keys = [f"k{i}" for i in range(3000)]
     chain = [todo(keys[0])] + [todo(k, p) for p, k in itertools.pairwise(keys)]
-    g = graph.Graph(chain, max_todos=5000)
+    g = graph.Graph(chain)
     assert g.topological_order() == keys
     assert len(g.batches()) == 3000
 

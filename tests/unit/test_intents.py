@@ -129,7 +129,7 @@ def test_load_errors_name_intent_and_pattern(body: dict[str, object], match: str
 
 
 def test_yaml_errors() -> None:
-    with pytest.raises(errors.ConfigError, match="not valid YAML"):
-        intents.load_yaml("intents: [")
+    with pytest.raises(errors.ConfigError, match="The intents file is not valid YAML"):
+        catalogue.load_yaml("intents: [", "The intents file")
     with pytest.raises(errors.ConfigError, match="non-empty 'intents'"):
-        intents.load_yaml("intents: []")
+        intents.load_from_dict(catalogue.load_yaml("intents: []", "The intents file"))
