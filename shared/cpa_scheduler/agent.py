@@ -186,24 +186,37 @@ async def _submit(
 ) -> protocol.Agree | protocol.Refuse:
     """Create the job; agree naming it, or refuse with what the sender can change."""
     try:
-        with tracing.span(
-            "cpa.job.create", attributes={"cpa.tenant_id": str(ctx.tenant_id)}
-        ) as span:
-            job = await intake.submit(
-                ctx.session,
-                tenant_id=ctx.tenant_id,
-                text=text,
-                spec=spec,
-                idempotency_key=key,
-                planner_configured=ctx.planner_configured,
-                time_zone=time_zone,
-            )
-            await intake.keep_trace(ctx.session, job, span)
-        await ctx.limiter.hit(str(ctx.tenant_id), ctx.session)
+        # A savepoint: a refused request (the rate limit is counted after the job is built, as
+        # POST /v1/jobs does in SQL) must leave no job behind, while the reply still commits.
+        async with ctx.session.conn.transaction():
+            job = await _create(ctx, text=text, spec=spec, key=key, time_zone=time_zone)
+            await ctx.limiter.hit(str(ctx.tenant_id), ctx.session)
     except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:
         return _refuse(message, exc.code, exc.message)
     job_id = str(job["id"])
     return _agree(message, f"intent {job['intent']}", job_id=job_id, conversation_id=job_id)
+
+
+async def _create(
+    ctx: Context,
+    *,
+    text: str | None,
+    spec: protocol.GraphSpec | None,
+    key: str | None,
+    time_zone: str,
+) -> dict[str, Any]:
+    with tracing.span("cpa.job.create", attributes={"cpa.tenant_id": str(ctx.tenant_id)}) as span:
+        job = await intake.submit(
+            ctx.session,
+            tenant_id=ctx.tenant_id,
+            text=text,
+            spec=spec,
+            idempotency_key=key,
+            planner_configured=ctx.planner_configured,
+            time_zone=time_zone,
+        )
+        await intake.keep_trace(ctx.session, job, span)
+    return job
 
 
 async def _route(

@@ -242,3 +242,6 @@ async def test_problems(client: httpx.AsyncClient, member: Member, wire: Any) ->
     assert first.json()["type"] == "agree"
     limited = (await post(message("request", {"text": "Stell einen Timer auf 5 Minuten"}))).json()
     assert limited["type"] == "refuse" and limited["payload"]["code"] == "rate_limited"
+    # The refused request leaves no job behind (its creation is rolled back to a savepoint).
+    jobs = (await client.get("/v1/jobs", headers=bearer(member))).json()["jobs"]
+    assert [j["id"] for j in jobs] == [first.json()["payload"]["job_id"]]
