@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpa_scheduler import logs, tracing
+from cpa_scheduler import logs, settings, tracing
 from cpa_scheduler.api import app
 from mangum import Mangum
 
-logs.setup()
+logs.setup(settings.from_env())
 _mangum = Mangum(app, lifespan="off")
 
 

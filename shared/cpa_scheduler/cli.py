@@ -89,7 +89,7 @@ async def _dispatch_run(
             uvicorn = extra.require("uvicorn", "The dispatcher's /metrics (--metrics-port)")
 
             web = uvicorn.Server(
-                uvicorn.Config(observe.worker_app(db), host=args.metrics_host,
+                uvicorn.Config(observe.worker_app(db, config), host=args.metrics_host,
                                port=args.metrics_port, log_config=None, lifespan="off",
                                access_log=False)
             )  # fmt: skip
@@ -132,9 +132,9 @@ async def _watchdog(health: dispatch.Health, stop: asyncio.Event) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    logs.setup()
-    tracing.setup("cpa-scheduler-dispatcher")
     config = settings.from_env()
+    logs.setup(config)
+    tracing.setup("cpa-scheduler-dispatcher")
     with database.prepared(config, migrate=config.local) as url:
         print(json.dumps(asyncio.run(_dispatch_run(args, config, url))))
     return 0
@@ -165,7 +165,7 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
     uvicorn = extra.require("uvicorn", "cpa-scheduler serve")
     from cpa_scheduler.api import state as api_state
 
-    logs.setup()
+    logs.setup(config)
     tracing.setup("cpa-scheduler")
     db = store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
     dispatcher = dispatch.Dispatcher(
@@ -243,19 +243,23 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _client() -> client_mod.Client:
-    token = os.environ.get("CPA_TOKEN", "").strip()
-    if not token:
+    # Client settings only: a client command needs none of the server's variables.
+    config = settings.client_from_env()
+    if not config.token:
         raise errors.AuthError(
             "No token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)."
         )
-    config = settings.from_env()
-    url, key = config.supabase_url, config.supabase_publishable_key
+    realtime = provider = None
     # Progress over Supabase Realtime when the project and its publishable key are known;
     # SSE from the API otherwise (local mode).
-    realtime = client_mod.RealtimeConfig(url, key) if url and key else None
-    refresh = os.environ.get("CPA_REFRESH_TOKEN", "").strip()
-    provider = client_mod.supabase_refresher(url, key, refresh) if url and key and refresh else None
-    return client_mod.Client(config.api_url, token, realtime=realtime, token_provider=provider)
+    if config.realtime is not None:
+        url, key = config.realtime
+        realtime = client_mod.RealtimeConfig(url, key)
+        if config.refresh_token:
+            provider = client_mod.supabase_refresher(url, key, config.refresh_token)
+    return client_mod.Client(
+        config.api_url, config.token, realtime=realtime, token_provider=provider
+    )
 
 
 async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
@@ -315,7 +319,7 @@ async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
 
 def _local_zone() -> str:
     """The machine's IANA zone: TZ, else the /etc/localtime link, else UTC."""
-    tz = os.environ.get("TZ", "").lstrip(":").strip()
+    tz = settings.client_from_env().time_zone
     if tz:
         return tz
     try:
