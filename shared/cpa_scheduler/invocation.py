@@ -2,7 +2,7 @@
 
 Accepts any event: an EventBridge Scheduler input, an EventBridge "Scheduled Event" envelope,
 an HTTP kick (Function URL or API Gateway v2, authenticated with ``CPA_DISPATCH_SECRET``), or
-``{}``. The settings, the store and the event loop live at module scope, so warm
+``{}``. The settings, the services and the event loop live at module scope, so warm
 invocations reuse them.
 """
 
@@ -17,17 +17,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from cpa_scheduler import (
-    database,
-    dispatch,
-    errors,
-    logs,
-    metrics,
-    planner,
-    settings,
-    store,
-    tracing,
-)
+from cpa_scheduler import dispatch, errors, logs, metrics, service, settings, tracing
 
 log = logging.getLogger("cpa.dispatch")
 SAFETY_MARGIN_S = 3.0
@@ -81,12 +71,7 @@ def _get_dispatcher(
         logs.setup(config)
         tracing.setup("cpa-scheduler-dispatcher")
         _loop = asyncio.new_event_loop()
-        db = store.Store(database.prepare(config, migrate=config.local), timeout=config.db_timeout)
-        _dispatcher = dispatch.Dispatcher(
-            db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
-            retention_days=config.retention_days,
-            audit_retention_days=config.audit_retention_days,
-        )  # fmt: skip
+        _dispatcher = service.build_services(config).dispatcher()
     return _loop, _dispatcher
 
 

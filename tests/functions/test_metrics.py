@@ -95,12 +95,14 @@ async def test_a_metrics_token_guards_the_endpoint(client: httpx.AsyncClient, wi
 async def test_the_worker_serves_the_database_gauges_too(
     db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
-    from cpa_scheduler import settings
+    from cpa_scheduler import service, settings
     from cpa_scheduler.api import observe
 
     member = await member_factory()
     await job_factory(member, [{"key": "a", "action": "noop", "target": "cloud"}])
-    transport = httpx.ASGITransport(app=observe.worker_app(db, settings.Settings()))
+    transport = httpx.ASGITransport(
+        app=observe.worker_app(service.Services(settings.Settings(), db))
+    )
     async with httpx.AsyncClient(transport=transport, base_url="http://worker") as worker:
         assert (await worker.get("/healthz")).json() == {"status": "ok"}
         text = await scrape(worker)

@@ -9,8 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cpa_scheduler import errors, metrics, settings
-from cpa_scheduler.api import deps
+from cpa_scheduler import errors, metrics, service
 from cpa_scheduler.api.deps import AppState
 
 router = APIRouter(tags=["health"])
@@ -73,16 +72,12 @@ async def metrics_endpoint(request: Request, state: AppState) -> Any:
     return Response(metrics.render(snapshot, tenants), media_type=metrics.CONTENT_TYPE)
 
 
-def worker_app(store: Any, config: settings.Settings) -> Any:
+def worker_app(services: service.Services) -> Any:
     """The long-running dispatcher's own small HTTP app: ``/metrics`` and ``/healthz``."""
     from fastapi import FastAPI
 
     app = FastAPI(title="CPA Scheduler dispatcher", openapi_url=None)
-
-    def worker_state() -> Any:
-        return _WorkerState(store, config)
-
-    app.dependency_overrides[deps.get_state] = worker_state
+    app.state.services = services  # what /metrics reads (see deps.get_state)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -91,11 +86,3 @@ def worker_app(store: Any, config: settings.Settings) -> Any:
     app.include_router(router)
     app.add_middleware(RequestMetrics)
     return app
-
-
-class _WorkerState:
-    """What ``/metrics`` needs of the API state: the store and the settings."""
-
-    def __init__(self, store: Any, config: settings.Settings) -> None:
-        self.store = store
-        self.config = config
