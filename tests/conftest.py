@@ -9,7 +9,6 @@ template database gets the local bootstrap and all migrations once; every test c
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -25,7 +24,6 @@ import pytest
 from cpa_scheduler import embedded, migration, store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-import functions.api  # noqa: F401  (see _MANGUM_LOOP)
 from tests.postmasters import postmasters
 
 
@@ -81,19 +79,6 @@ _BASETEMP = pytest.StashKey[Path]()
 @pytest.fixture(scope="session", autouse=True)
 def _basetemp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     request.config.stash[_BASETEMP] = tmp_path_factory.getbasetemp()
-
-
-# Mangum sets up an event loop when it is constructed, at import of functions.api; Lambda
-# reuses it, the tests do not. Import it first, keep that loop referenced (so it is not
-# collected unclosed mid-session) and close it at the end.
-_MANGUM_LOOP = asyncio.get_event_loop_policy().get_event_loop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _close_mangum_loop() -> Iterator[None]:
-    yield
-    if not _MANGUM_LOOP.is_running() and not _MANGUM_LOOP.is_closed():
-        _MANGUM_LOOP.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpa_scheduler import logs, tracing
+from cpa_scheduler import logs, settings, tracing
 from cpa_scheduler.api import app
 from mangum import Mangum
 
-logs.setup()
-_mangum = Mangum(app, lifespan="off")
+_mangum: Mangum | None = None
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    global _mangum
+    if _mangum is None:
+        # On the first event rather than at import: Mangum takes the thread's event loop when
+        # it is built (making one if there is none), which Lambda then keeps for every warm
+        # invocation; an importer (tests, tools) gets no loop it did not ask for.
+        logs.setup(settings.from_env())
+        _mangum = Mangum(app, lifespan="off")
     try:
         answer: dict[str, Any] = _mangum(event, context)
         return answer

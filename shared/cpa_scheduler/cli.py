@@ -3,7 +3,8 @@
 ``serve`` runs the API and the long-running dispatcher in one process (embedded PostgreSQL
 unless DATABASE_URL is set); ``token``, ``submit``, ``watch`` and ``agent`` are clients of it
 (CPA_API_URL, CPA_TOKEN), as are ``list``, ``cancel``, ``retry`` and ``schedule``;
-``dispatch``, ``migrate`` and ``route`` work on their own.
+``dispatch``, ``migrate`` and ``route`` work on their own. ``serve`` and ``dispatch`` are hosts:
+they compose :func:`cpa_scheduler.service.build_services`, the app and the dispatcher.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from cpa_scheduler import (
     errors,
     intents,
     logs,
-    planner,
+    service,
     settings,
     store,
     tracing,
@@ -61,19 +62,9 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _dispatch_run(
-    args: argparse.Namespace, config: settings.Settings, url: str
-) -> dict[str, object]:
-    db = store.Store(url, timeout=config.db_timeout)
-    dispatcher = dispatch.Dispatcher(
-        db,
-        registry=planner.registry_for(config, db),
-        concurrency=args.concurrency,
-        lease_seconds=args.lease,
-        tenant_cap=config.tenant_cap,
-        retention_days=config.retention_days,
-        audit_retention_days=config.audit_retention_days,
-    )
+async def _dispatch_run(args: argparse.Namespace, services: service.Services) -> dict[str, object]:
+    config, url = services.config, services.store.url
+    dispatcher = services.dispatcher(concurrency=args.concurrency, lease_seconds=args.lease)
     try:
         if args.once:
             return (await dispatcher.run_pass(args.budget)).as_dict()
@@ -89,7 +80,7 @@ async def _dispatch_run(
             uvicorn = extra.require("uvicorn", "The dispatcher's /metrics (--metrics-port)")
 
             web = uvicorn.Server(
-                uvicorn.Config(observe.worker_app(db), host=args.metrics_host,
+                uvicorn.Config(observe.worker_app(services), host=args.metrics_host,
                                port=args.metrics_port, log_config=None, lifespan="off",
                                access_log=False)
             )  # fmt: skip
@@ -112,7 +103,7 @@ async def _dispatch_run(
                 web.should_exit = True
                 await serving
     finally:
-        await db.close()
+        await services.close()
         tracing.shutdown()
 
 
@@ -132,11 +123,12 @@ async def _watchdog(health: dispatch.Health, stop: asyncio.Event) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    logs.setup()
-    tracing.setup("cpa-scheduler-dispatcher")
     config = settings.from_env()
+    logs.setup(config)
+    tracing.setup("cpa-scheduler-dispatcher")
     with database.prepared(config, migrate=config.local) as url:
-        print(json.dumps(asyncio.run(_dispatch_run(args, config, url))))
+        services = service.build_services(config, url=url)
+        print(json.dumps(asyncio.run(_dispatch_run(args, services))))
     return 0
 
 
@@ -160,29 +152,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> None:
-    from cpa_scheduler import auth, extra, ratelimit
+    from cpa_scheduler import extra
 
     uvicorn = extra.require("uvicorn", "cpa-scheduler serve")
-    from cpa_scheduler.api import state as api_state
 
-    logs.setup()
+    logs.setup(config)
     tracing.setup("cpa-scheduler")
-    db = store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
-    dispatcher = dispatch.Dispatcher(
-        db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
-        retention_days=config.retention_days, audit_retention_days=config.audit_retention_days,
-    )  # fmt: skip
-    api_state.set_state(
-        api_state.State(
-            config, db, auth.verifier(config), ratelimit.limiter(config, db), dispatcher.health
-        )
-    )
+    services = service.build_services(config, url=url)
+    dispatcher = services.dispatcher()
 
     async def main() -> None:
-        from cpa_scheduler import api
+        from cpa_scheduler import api  # FastAPI: only the commands that serve HTTP import it
 
+        app = api.create_app(services, dispatcher=dispatcher.health)
         server = uvicorn.Server(
-            uvicorn.Config(api.app, host=args.host, port=args.port, log_config=None, lifespan="off")
+            uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="off")
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -200,16 +184,13 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         stop.set()
         server.should_exit = True
         await asyncio.gather(web, worker, return_exceptions=True)
-        await db.close()
+        await services.close()
         tracing.shutdown()
         if failed:  # the supervised loop only ends on stop; anything else is a bug: say so
             worker.result()
             raise errors.UnavailableError("The dispatcher stopped unexpectedly.")
 
-    try:
-        asyncio.run(main())
-    finally:
-        api_state.set_state(None)
+    asyncio.run(main())
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -243,19 +224,23 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _client() -> client_mod.Client:
-    token = os.environ.get("CPA_TOKEN", "").strip()
-    if not token:
+    # Client settings only: a client command needs none of the server's variables.
+    config = settings.client_from_env()
+    if not config.token:
         raise errors.AuthError(
             "No token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)."
         )
-    config = settings.from_env()
-    url, key = config.supabase_url, config.supabase_publishable_key
+    realtime = provider = None
     # Progress over Supabase Realtime when the project and its publishable key are known;
     # SSE from the API otherwise (local mode).
-    realtime = client_mod.RealtimeConfig(url, key) if url and key else None
-    refresh = os.environ.get("CPA_REFRESH_TOKEN", "").strip()
-    provider = client_mod.supabase_refresher(url, key, refresh) if url and key and refresh else None
-    return client_mod.Client(config.api_url, token, realtime=realtime, token_provider=provider)
+    if config.realtime is not None:
+        url, key = config.realtime
+        realtime = client_mod.RealtimeConfig(url, key)
+        if config.refresh_token:
+            provider = client_mod.supabase_refresher(url, key, config.refresh_token)
+    return client_mod.Client(
+        config.api_url, config.token, realtime=realtime, token_provider=provider
+    )
 
 
 async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
@@ -315,7 +300,7 @@ async def _follow(c: client_mod.Client, job: dict[str, Any]) -> str:
 
 def _local_zone() -> str:
     """The machine's IANA zone: TZ, else the /etc/localtime link, else UTC."""
-    tz = os.environ.get("TZ", "").lstrip(":").strip()
+    tz = settings.client_from_env().time_zone
     if tz:
         return tz
     try:

@@ -16,13 +16,12 @@ def prepare(config: settings.Settings, *, migrate: bool = True) -> str:
     """
     if config.database_url:
         if migrate:
-            migration.apply(config.database_url)
+            migration.apply(config.database_url, migration.supabase_dir(config.supabase_dir))
         return config.database_url
     pg = embedded.EmbeddedPostgres(config.data_dir)
     url = pg.start()
     if migrate:
-        migration.bootstrap(pg.url(user=embedded.SUPERUSER))
-        migration.apply(url)
+        _bootstrap_and_migrate(config, pg, url)
     return url
 
 
@@ -36,12 +35,19 @@ def prepared(config: settings.Settings, *, migrate: bool = True) -> Iterator[str
     """
     if config.database_url:
         if migrate:
-            migration.apply(config.database_url)
+            migration.apply(config.database_url, migration.supabase_dir(config.supabase_dir))
         yield config.database_url
         return
     pg = embedded.EmbeddedPostgres(config.data_dir)
     with pg.session() as url:
         if migrate:
-            migration.bootstrap(pg.url(user=embedded.SUPERUSER))
-            migration.apply(url)
+            _bootstrap_and_migrate(config, pg, url)
         yield url
+
+
+def _bootstrap_and_migrate(
+    config: settings.Settings, pg: embedded.EmbeddedPostgres, url: str
+) -> None:
+    folder = migration.supabase_dir(config.supabase_dir)
+    migration.bootstrap(pg.url(user=embedded.SUPERUSER), folder)
+    migration.apply(url, folder)

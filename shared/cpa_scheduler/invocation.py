@@ -2,7 +2,8 @@
 
 Accepts any event: an EventBridge Scheduler input, an EventBridge "Scheduled Event" envelope,
 an HTTP kick (Function URL or API Gateway v2, authenticated with ``CPA_DISPATCH_SECRET``), or
-``{}``. The store and its event loop live at module scope, so warm invocations reuse them.
+``{}``. The settings, the services and the event loop live at module scope, so warm
+invocations reuse them.
 """
 
 from __future__ import annotations
@@ -11,27 +12,15 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import sys
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from cpa_scheduler import (
-    database,
-    dispatch,
-    errors,
-    logs,
-    metrics,
-    planner,
-    settings,
-    store,
-    tracing,
-)
+from cpa_scheduler import dispatch, errors, logs, metrics, service, settings, tracing
 
 log = logging.getLogger("cpa.dispatch")
 SAFETY_MARGIN_S = 3.0
-DEFAULT_BUDGET_S = 50.0
 
 
 class LambdaContext(Protocol):
@@ -54,57 +43,63 @@ class Invocation(BaseModel):
         return cls(source="scheduler")
 
 
-def budget(context: LambdaContext | None) -> float:
-    """Seconds this pass may run: the invocation's remaining time minus a margin."""
+def budget(context: LambdaContext | None, fallback: float) -> float:
+    """Seconds this pass may run: the invocation's remaining time minus a margin; without a
+    context, ``fallback`` (CPA_DISPATCH_BUDGET)."""
     if context is None:
-        return float(os.environ.get("CPA_DISPATCH_BUDGET", DEFAULT_BUDGET_S))
+        return fallback
     return max(0.0, context.get_remaining_time_in_millis() / 1000 - SAFETY_MARGIN_S)
 
 
+_config: settings.Settings | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 _dispatcher: dispatch.Dispatcher | None = None
 
 
-def _get_dispatcher() -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
+def _get_config() -> settings.Settings:
+    global _config
+    if _config is None:
+        _config = settings.from_env()
+    return _config
+
+
+def _get_dispatcher(
+    config: settings.Settings,
+) -> tuple[asyncio.AbstractEventLoop, dispatch.Dispatcher]:
     global _loop, _dispatcher
     if _loop is None or _dispatcher is None:
-        logs.setup()
+        logs.setup(config)
         tracing.setup("cpa-scheduler-dispatcher")
-        config = settings.from_env()
         _loop = asyncio.new_event_loop()
-        db = store.Store(database.prepare(config, migrate=config.local), timeout=config.db_timeout)
-        _dispatcher = dispatch.Dispatcher(
-            db, registry=planner.registry_for(config, db), tenant_cap=config.tenant_cap,
-            retention_days=config.retention_days,
-            audit_retention_days=config.audit_retention_days,
-        )  # fmt: skip
+        _dispatcher = service.build_services(config).dispatcher()
     return _loop, _dispatcher
 
 
-def _authorized(invocation: Invocation) -> bool:
-    secret = os.environ.get("CPA_DISPATCH_SECRET", "")
+def _authorized(invocation: Invocation, secret: str | None) -> bool:
     given = (invocation.authorization or "").removeprefix("Bearer ").strip()
-    return bool(secret) and hmac.compare_digest(given, secret)
+    return bool(secret) and hmac.compare_digest(given, secret or "")
 
 
 def handler(event: dict[str, Any], context: LambdaContext | None = None) -> dict[str, Any]:
+    config = _get_config()
     invocation = Invocation.parse(event if isinstance(event, dict) else {})
-    if invocation.source == "http" and not _authorized(invocation):
+    if invocation.source == "http" and not _authorized(invocation, config.dispatch_secret):
         body = {"type": "about:blank", "title": "Unauthorized", "status": 401,
                 "code": "unauthenticated",
                 "detail": "The dispatcher kick needs 'Authorization: Bearer <CPA_DISPATCH_SECRET>'."}  # fmt: skip
         return {"statusCode": 401, "headers": {"content-type": "application/problem+json"},
                 "body": json.dumps(body)}  # fmt: skip
-    loop, dispatcher = _get_dispatcher()
+    loop, dispatcher = _get_dispatcher(config)
     try:
-        summary = loop.run_until_complete(dispatcher.run_pass(budget(context))).as_dict()
+        pass_budget = budget(context, config.dispatch_budget)
+        summary = loop.run_until_complete(dispatcher.run_pass(pass_budget)).as_dict()
         loop.run_until_complete(dispatcher.maybe_prune())  # at most hourly per warm container
     except errors.CpaError as exc:
         log.error("The dispatch pass failed: %s", exc.message, extra={"code": exc.code})
         raise
     finally:
         tracing.flush()  # a frozen Lambda would otherwise hold the spans until the next event
-    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+    if config.on_lambda:
         _emf(summary)
     summary["source"] = invocation.source
     if invocation.source == "http":

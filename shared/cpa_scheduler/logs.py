@@ -4,7 +4,8 @@ Fields: ``time, level, logger, message``, then ``trace_id, span_id, tenant_id, j
 todo_id`` where known, then whatever the call passed in ``extra``. The ids come from
 :func:`bind` (a context variable, so concurrent ToDos do not mix) and from the current
 OpenTelemetry span when tracing is on. ``CPA_LOG_LEVEL`` sets the level (default ``INFO``).
-A terminal gets short human-readable lines instead (``CPA_LOG_FORMAT=json|text`` overrides).
+A terminal gets short human-readable lines instead (``CPA_LOG_FORMAT=json|text`` overrides);
+both are read by :mod:`cpa_scheduler.settings`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import contextlib
 import contextvars
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from cpa_scheduler import tracing
+from cpa_scheduler import settings, tracing
 
 CONTEXT_FIELDS = ("trace_id", "span_id", "tenant_id", "job_id", "todo_id")
 _bound: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("cpa_log_ctx", default={})  # noqa: B039
@@ -83,26 +83,15 @@ class TextFormatter(logging.Formatter):
         return f"{text}  {tail}" if tail else text
 
 
-def level() -> int:
-    """The level named by CPA_LOG_LEVEL (a name such as DEBUG or a number); INFO by default."""
-    raw = os.environ.get("CPA_LOG_LEVEL", "").strip().upper() or "INFO"
-    if raw.isdigit():
-        return int(raw)
-    value = logging.getLevelName(raw)
-    if not isinstance(value, int):
-        raise ValueError(
-            f"CPA_LOG_LEVEL={raw!r} is not a log level; use DEBUG, INFO, WARNING or ERROR."
-        )
-    return value
+def setup(
+    config: settings.Settings, stream: TextIO | None = None, *, json_lines: bool | None = None
+) -> None:
+    """Route every logger (ours, uvicorn's) through one handler on stderr, at the configured level.
 
-
-def setup(stream: TextIO | None = None, *, json_lines: bool | None = None) -> None:
-    """Route every logger (ours, uvicorn's) through one handler on stderr.
-
-    JSON unless the stream is a terminal; CPA_LOG_FORMAT forces either."""
+    JSON unless the stream is a terminal; the configured format (CPA_LOG_FORMAT) forces either."""
     out = stream or sys.stderr
     if json_lines is None:
-        forced = os.environ.get("CPA_LOG_FORMAT", "").strip().lower()
+        forced = config.log_format
         json_lines = forced == "json" or (forced != "text" and not out.isatty())
     handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
@@ -110,7 +99,7 @@ def setup(stream: TextIO | None = None, *, json_lines: bool | None = None) -> No
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level())
+    root.setLevel(config.log_level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True

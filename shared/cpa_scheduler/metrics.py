@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -206,12 +205,6 @@ class _Snapshot:
             for t in self.tenants:
                 top.add_metric([str(t["tenant_id"]), str(t["target"])], t["ready"])
             yield top
-
-
-def top_tenants() -> int:
-    """How many tenants get their own series (0: none), from CPA_METRICS_TOP_TENANTS."""
-    raw = os.environ.get("CPA_METRICS_TOP_TENANTS", "").strip()
-    return int(raw) if raw.isdigit() else 0
 
 
 def render(

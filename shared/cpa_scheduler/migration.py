@@ -7,7 +7,6 @@ Each file is applied in its own transaction together with its history row.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -29,16 +28,17 @@ create table if not exists supabase_migrations.schema_migrations (
 """
 
 
-def supabase_dir() -> Traversable:
-    """The ``supabase/`` folder: ``CPA_SUPABASE_DIR``, or the copy shipped in the package.
+def supabase_dir(configured: Path | None = None) -> Traversable:
+    """The ``supabase/`` folder: ``configured`` (``CPA_SUPABASE_DIR``, see
+    :attr:`Settings.supabase_dir <cpa_scheduler.settings.Settings.supabase_dir>`), or the copy
+    shipped in the package.
 
     In a checkout the package's ``supabase`` entry is a link to the top-level ``supabase/``
     (the one the Supabase CLI reads); a built wheel carries a copy of its migrations and the
     local bootstrap, so an installed package migrates from any directory.
     """
-    configured = os.environ.get("CPA_SUPABASE_DIR")
     path: Traversable = (
-        Path(configured) if configured else resources.files("cpa_scheduler").joinpath("supabase")
+        configured if configured else resources.files("cpa_scheduler").joinpath("supabase")
     )
     if not path.joinpath("migrations").is_dir():
         where = f"CPA_SUPABASE_DIR={configured}" if configured else "the installed package"

@@ -36,6 +36,8 @@ _tracer: Tracer | None = None  # one per process: get_tracer builds a new one on
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     """Whether the OTEL_* variables ask for tracing."""
+    # Read here, not through settings: the OpenTelemetry SDK owns the OTEL_* variables and
+    # reads them itself (endpoint, headers, sampler, resource), so they have one reader each.
     source = os.environ if env is None else env
     if source.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False

@@ -28,9 +28,9 @@ import uuid
 from typing import Any
 
 import uvicorn
-from cpa_scheduler import auth, ratelimit, settings, store
+from cpa_scheduler import api as api_mod
+from cpa_scheduler import auth, service, settings, store
 from cpa_scheduler import client as client_mod
-from cpa_scheduler.api import state as api_state
 
 from functions import api
 from tests.bench.bench_dispatch import pct, server
@@ -84,9 +84,9 @@ async def realtime_figure(db_url: str, n: int) -> list[float]:
     db = store.Store(db_url, max_size=8)
     await db.open()
     verifier = auth.Verifier(hs256_secret=SECRET, issuer=ISSUER)
-    api_state.set_state(api_state.State(config, db, verifier, ratelimit.limiter(config, db)))
+    app = api_mod.create_app(service.Services(config, db, verifier=verifier))
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port,
+    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                         log_level="warning", lifespan="off"))  # fmt: skip
     web_task = asyncio.create_task(web.serve())
     for _ in range(500):
@@ -126,7 +126,6 @@ async def realtime_figure(db_url: str, n: int) -> list[float]:
             await asyncio.wait_for(follower, 30)
     web.should_exit = True
     await web_task
-    api_state.set_state(None)
     await db.close()
     return latencies
 
@@ -145,9 +144,7 @@ class WarmLambda:
                                        supabase_url=ISSUER.removesuffix("/auth/v1"))  # fmt: skip
             db = store.Store(self.db_url, max_size=2)
             verifier = auth.Verifier(hs256_secret=SECRET, issuer=ISSUER)
-            api_state.set_state(
-                api_state.State(config, db, verifier, ratelimit.limiter(config, db))
-            )
+            api.app.state.services = service.Services(config, db, verifier=verifier)
 
         class Context:
             def get_remaining_time_in_millis(self) -> int:

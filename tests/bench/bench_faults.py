@@ -16,8 +16,7 @@ import uuid
 from typing import Any
 
 import httpx
-from cpa_scheduler import auth, dispatch, ratelimit, settings, store
-from cpa_scheduler.api import state as api_state
+from cpa_scheduler import auth, dispatch, service, settings, store
 
 from tests import proxy as proxy_mod
 from tests.bench.bench_dispatch import Server, server
@@ -136,11 +135,11 @@ async def time_to_503(srv: Server, tries: int) -> list[tuple[float, int, float, 
             database_url=purl, supabase_jwt_secret=SECRET, supabase_url="https://bench.supabase.co"
         )
         verifier = auth.Verifier(hs256_secret=SECRET, issuer=config.issuer)
-        api_state.set_state(api_state.State(config, db, verifier, ratelimit.limiter(config, db)))
         token = auth.mint(SECRET, u, issuer=config.issuer or "", tenant_id=t)
         from cpa_scheduler import api
 
-        transport = httpx.ASGITransport(app=api.app)
+        app = api.create_app(service.Services(config, db, verifier=verifier))
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             headers = {"Authorization": f"Bearer {token}"}
             assert (await client.get("/v1/jobs", headers=headers)).status_code == 200
@@ -155,7 +154,6 @@ async def time_to_503(srv: Server, tries: int) -> list[tuple[float, int, float, 
             proxy.up()
         return out
     finally:
-        api_state.set_state(None)
         await db.close()
         await proxy.stop()
         srv.drop_db(name)

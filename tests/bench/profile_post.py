@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from cpa_scheduler import auth, graph, intents, ratelimit, settings, store
-from cpa_scheduler.api import state as api_state
+from cpa_scheduler import api, auth, graph, intents, service, settings, store
 
 from tests.bench.bench_api import GRAPH, ISSUER, SECRET
 from tests.bench.bench_dispatch import server
@@ -82,9 +81,7 @@ async def main() -> None:
 
         cfg = settings.Settings(database_url=url, supabase_jwt_secret=SECRET,
                                 supabase_url=ISSUER.removesuffix("/auth/v1"), rate_limit=10**9)  # fmt: skip
-        api_state.set_state(api_state.State(cfg, db, verifier, ratelimit.limiter(cfg, db)))
-        from cpa_scheduler.api import app
-
+        app = api.create_app(service.Services(cfg, db, verifier=verifier))
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
         headers = {"Authorization": f"Bearer {token}"}
 

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from cpa_scheduler import auth, ratelimit, settings, store
-from cpa_scheduler.api import state as api_state
+from cpa_scheduler import api, auth, service, settings, store
+from fastapi import FastAPI
 
-from functions import api
 from tests.conftest import Member
 
 SECRET = "test-secret-with-enough-entropy-for-hs256-0123456789"
@@ -34,26 +33,37 @@ def config(tmp_path: Path) -> settings.Settings:
 
 
 @pytest.fixture
-def wire(db: store.Store, config: settings.Settings) -> Callable[..., api_state.State]:
-    def make(**overrides: Any) -> api_state.State:
+def app() -> FastAPI:
+    """The API app of the test; ``wire`` gives it its services."""
+    return api.create_app()
+
+
+@pytest.fixture
+def wire(
+    app: FastAPI, db: store.Store, config: settings.Settings
+) -> Callable[..., service.Services]:
+    """Give the app services over the test database, with settings overridden by keyword."""
+
+    def make(**overrides: Any) -> service.Services:
         cfg = config.model_copy(update=overrides)
         verifier = auth.Verifier(
             hs256_secret=SECRET,
             jwks_url=cfg.jwks_url if "supabase_jwks_url" in overrides else None,
             issuer=ISSUER,
         )
-        st = api_state.State(cfg, db, verifier, ratelimit.limiter(cfg, db))
-        api_state.set_state(st)
-        return st
+        services = service.Services(cfg, db, verifier=verifier)
+        app.state.services = services
+        return services
 
-    yield make  # type: ignore[misc]
-    api_state.set_state(None)
+    return make
 
 
 @pytest.fixture
-async def client(wire: Callable[..., api_state.State]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    app: FastAPI, wire: Callable[..., service.Services]
+) -> AsyncIterator[httpx.AsyncClient]:
     wire()
-    transport = httpx.ASGITransport(app=api.app)
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
 
@@ -73,12 +83,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def live_api(wire: Callable[..., api_state.State]) -> AsyncIterator[str]:
+async def live_api(app: FastAPI, wire: Callable[..., service.Services]) -> AsyncIterator[str]:
     """The app under uvicorn on 127.0.0.1, in this event loop."""
     wire()
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
     task = asyncio.create_task(server.serve())
     for _ in range(100):

@@ -346,15 +346,11 @@ async def test_every_message_type_has_an_answer(
 
 
 async def test_rate_limit_postgres(
-    wire: Any, member_factory: MemberFactory, db: store.Store
+    app: Any, wire: Any, member_factory: MemberFactory, db: store.Store
 ) -> None:
     wire(rate_limit=2, rate_window=60)
-    from functions import api
-
     m = await member_factory()
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=api.app), base_url="http://t"
-    ) as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for _ in range(2):
             assert (
                 await c.post("/v1/jobs", headers=bearer(m), json={"request": "Öffne Spotify"})
@@ -482,17 +478,13 @@ async def test_nul_bytes_are_a_4xx_not_a_500(
 
 
 async def test_planning_on_request_and_for_unknown_text(
-    wire: Any, member_factory: MemberFactory
+    app: Any, wire: Any, member_factory: MemberFactory
 ) -> None:
-    from functions import api
-
     wire(
         openai_base_url="http://127.0.0.1:9/v1"
     )  # configured; the planner runs later, in the dispatcher
     m = await member_factory()
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=api.app), base_url="http://t"
-    ) as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         forced = await c.post(
             "/v1/jobs", headers=bearer(m), json={"request": "Öffne Spotify", "plan": True}
         )

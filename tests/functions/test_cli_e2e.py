@@ -228,11 +228,17 @@ def test_list_into_head_has_no_traceback(served: dict[str, str]) -> None:
 
 
 def test_bad_environment_variable_is_named() -> None:
-    env = dict(os.environ, CPA_RATE_LIMIT="lots", CPA_TOKEN="x")
-    bad = cli("list", env=env)
+    env = dict(os.environ, CPA_RATE_LIMIT="lots")
+    bad = cli("migrate", env=env)
     assert bad.returncode == 1
     assert "CPA_RATE_LIMIT='lots'" in bad.stderr and "rate_limit" not in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_client_commands_read_no_server_variables(served: dict[str, str]) -> None:
+    env = dict(served, CPA_RATE_LIMIT="lots", CPA_DB_TIMEOUT="soon")  # the server's, not theirs
+    listed = cli("list", env=env)
+    assert listed.returncode == 0, listed.stderr
 
 
 def test_reference_agent_shows_a_reminder_natively(served: dict[str, str], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cpa_scheduler import dispatch, store
+from cpa_scheduler import dispatch, settings, store
 from cpa_scheduler import invocation as fn
 
 from tests.conftest import JobFactory, MemberFactory
@@ -32,7 +32,7 @@ def wired(db: store.Store, monkeypatch: pytest.MonkeyPatch) -> dispatch.Dispatch
     """Point the module-scope dispatcher at the test database, on the test's loop."""
     d = dispatch.Dispatcher(db)
     monkeypatch.setattr(fn, "_dispatcher", d)
-    monkeypatch.setenv("CPA_DISPATCH_SECRET", "kick-secret")
+    monkeypatch.setattr(fn, "_config", settings.Settings(dispatch_secret="kick-secret"))
     return d
 
 
@@ -45,8 +45,11 @@ def test_parses_every_event_shape() -> None:
 
 
 def test_budget_leaves_a_margin() -> None:
-    assert fn.budget(FakeContext(10_000)) == pytest.approx(10 - fn.SAFETY_MARGIN_S)
-    assert fn.budget(FakeContext(1_000)) == 0.0
+    assert fn.budget(FakeContext(10_000), 50.0) == pytest.approx(10 - fn.SAFETY_MARGIN_S)
+    assert fn.budget(FakeContext(1_000), 50.0) == 0.0
+    assert (
+        fn.budget(None, settings.from_env({"CPA_DISPATCH_BUDGET": "12.5"}).dispatch_budget) == 12.5
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,11 +60,11 @@ async def test_handler_runs_a_pass(
 ) -> None:
     m = await member_factory()
     await job_factory(m, [{"key": f"k{i}", "action": "noop"} for i in range(20)])
-    summary = await wired.run_pass(fn.budget(FakeContext(30_000)))  # what handler() runs
+    summary = await wired.run_pass(fn.budget(FakeContext(30_000), 50.0))  # what handler() runs
     assert summary.done == 20
     invocation = fn.Invocation.parse(load_event(name))
     if invocation.source == "http":
-        assert fn._authorized(invocation)
+        assert fn._authorized(invocation, "kick-secret")
 
 
 async def test_short_context_stops_in_time(
@@ -69,12 +72,13 @@ async def test_short_context_stops_in_time(
 ) -> None:
     m = await member_factory()
     await job_factory(m, [{"key": "slow", "action": "noop", "params": {"duration_ms": 5000}}])
-    summary = await wired.run_pass(fn.budget(FakeContext(3_500)))
+    summary = await wired.run_pass(fn.budget(FakeContext(3_500), 50.0))
     assert summary.elapsed < 2.0 and summary.done == 0
 
 
 def test_kick_with_a_wrong_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CPA_DISPATCH_SECRET", "other")
+    monkeypatch.setattr(fn, "_config", None)  # read from the environment, once per container
     answer = fn.handler(load_event("function_url_kick.json"), FakeContext(10_000))
     assert answer["statusCode"] == 401
     assert "CPA_DISPATCH_SECRET" in json.loads(answer["body"])["detail"]
@@ -99,6 +103,7 @@ async def test_real_handler_end_to_end(
     )
     monkeypatch.setenv("DATABASE_URL", db_url)
     monkeypatch.setenv("CPA_DISPATCH_SECRET", "kick-secret")
+    monkeypatch.setattr(fn, "_config", None)
     monkeypatch.setattr(fn, "_loop", None)
     monkeypatch.setattr(fn, "_dispatcher", None)
     try:

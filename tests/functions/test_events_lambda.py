@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cpa_scheduler import auth, dispatch, ratelimit, settings, store
-from cpa_scheduler.api import state as api_state
+from cpa_scheduler import auth, dispatch, service, settings, store
 
 from functions import api
 from tests import events_contract
@@ -54,7 +53,7 @@ def invoke(
     """Run the handler as Lambda does (own thread, own loop, own pool); returns (answer, s)."""
     db = store.Store(db_url)
     verifier = auth.Verifier(hs256_secret=SECRET, issuer=ISSUER)
-    api_state.set_state(api_state.State(config, db, verifier, ratelimit.limiter(config, db)))
+    api.app.state.services = service.Services(config, db, verifier=verifier)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     began = time.monotonic()
@@ -65,7 +64,7 @@ def invoke(
         loop.run_until_complete(db.close())
         loop.close()
         asyncio.set_event_loop(None)
-        api_state.set_state(None)
+        api.app.state.services = None
 
 
 CHAIN = [

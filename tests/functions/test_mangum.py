@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cpa_scheduler import auth, ratelimit, settings, store
-from cpa_scheduler.api import state as api_state
+from cpa_scheduler import auth, service, settings, store
 
 from functions import api
 from tests.conftest import MemberFactory
@@ -28,14 +27,8 @@ class Context:
 def invoke(event: dict[str, Any], db_url: str, config: settings.Settings) -> dict[str, Any]:
     """Call the handler in a thread of its own, as Lambda does: its own loop, its own pool."""
     db = store.Store(db_url)
-    api_state.set_state(
-        api_state.State(
-            config,
-            db,
-            auth.Verifier(hs256_secret=SECRET, issuer=ISSUER),
-            ratelimit.limiter(config, db),
-        )
-    )
+    verifier = auth.Verifier(hs256_secret=SECRET, issuer=ISSUER)
+    api.app.state.services = service.Services(config, db, verifier=verifier)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -44,7 +37,7 @@ def invoke(event: dict[str, Any], db_url: str, config: settings.Settings) -> dic
         loop.run_until_complete(db.close())
         loop.close()
         asyncio.set_event_loop(None)
-        api_state.set_state(None)
+        api.app.state.services = None
 
 
 async def test_function_url_healthz(db_url: str, config: settings.Settings) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
-import pytest
 from cpa_scheduler import dispatch, store
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,23 +71,21 @@ async def test_counters_rise_and_gauges_follow_the_queue(
 
 
 async def test_top_tenants_are_opt_in(
-    client: httpx.AsyncClient, member_factory: MemberFactory, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, wire: Any, member_factory: MemberFactory
 ) -> None:
     busy, quiet = await member_factory("busy"), await member_factory("quiet")
     await client.post("/v1/jobs", json={"graph": GRAPH}, headers=bearer(busy))
     await client.post(
         "/v1/jobs", json={"graph": {"todos": GRAPH["todos"][:1]}}, headers=bearer(quiet)
     )
-    monkeypatch.setenv("CPA_METRICS_TOP_TENANTS", "1")
+    wire(metrics_top_tenants=1)  # CPA_METRICS_TOP_TENANTS=1
     text = await scrape(client)
     assert value(text, "cpa_tenant_todos_ready", tenant_id=str(busy.tenant_id), target="cloud") == 3
     assert str(quiet.tenant_id) not in text
 
 
-async def test_a_metrics_token_guards_the_endpoint(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CPA_METRICS_TOKEN", "scrape-secret")
+async def test_a_metrics_token_guards_the_endpoint(client: httpx.AsyncClient, wire: Any) -> None:
+    wire(metrics_token="scrape-secret")  # CPA_METRICS_TOKEN
     r = await client.get("/metrics")
     assert r.status_code == 401
     assert "CPA_METRICS_TOKEN" in r.json()["detail"]
@@ -96,11 +95,14 @@ async def test_a_metrics_token_guards_the_endpoint(
 async def test_the_worker_serves_the_database_gauges_too(
     db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
+    from cpa_scheduler import service, settings
     from cpa_scheduler.api import observe
 
     member = await member_factory()
     await job_factory(member, [{"key": "a", "action": "noop", "target": "cloud"}])
-    transport = httpx.ASGITransport(app=observe.worker_app(db))
+    transport = httpx.ASGITransport(
+        app=observe.worker_app(service.Services(settings.Settings(), db))
+    )
     async with httpx.AsyncClient(transport=transport, base_url="http://worker") as worker:
         assert (await worker.get("/healthz")).json() == {"status": "ok"}
         text = await scrape(worker)

@@ -27,10 +27,8 @@ async def test_upstash_limiter_refuses_past_the_limit() -> None:
 
 
 async def test_upstash_is_chosen_from_settings_and_used_by_the_api(
-    wire: Any, member_factory: MemberFactory
+    app: Any, wire: Any, member_factory: MemberFactory
 ) -> None:
-    from functions import api
-
     with bridge("tok") as url:
         st = wire(
             upstash_redis_rest_url=url, upstash_redis_rest_token="tok", rate_limit=1, rate_window=60
@@ -38,7 +36,7 @@ async def test_upstash_is_chosen_from_settings_and_used_by_the_api(
         assert isinstance(st.limiter, ratelimit.UpstashLimiter)
         m = await member_factory()
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=api.app), base_url="http://t"
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
         ) as c:
             ok = await c.post("/v1/jobs", headers=bearer(m), json={"request": "Öffne Spotify"})
             limited = await c.post("/v1/jobs", headers=bearer(m), json={"request": "Öffne Spotify"})

@@ -9,10 +9,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
-from cpa_scheduler import dispatch, errors, executor, store
-from cpa_scheduler.api import readyz
-from cpa_scheduler.api import state as api_state
+from cpa_scheduler import api, dispatch, errors, executor, service, settings, store
 
 from tests import proxy as proxy_mod
 from tests.conftest import JobFactory, Member, MemberFactory, register_action
@@ -55,7 +54,8 @@ async def test_connections_terminated_twice_during_a_200_todo_job(
     todos = [{"key": f"t{i}", "action": "noop", "params": {"duration_ms": 50}} for i in range(200)]
     job = await job_factory(m, todos)
     d = dispatch.Dispatcher(pdb, concurrency=16, lease_seconds=30)
-    state = api_state.State(None, pdb, None, None, d.health)  # type: ignore[arg-type]
+    app = api.create_app(service.Services(settings.Settings(), pdb), dispatcher=d.health)
+    transport = httpx.ASGITransport(app=app)
     stop = asyncio.Event()
     worker = asyncio.create_task(d.run_forever(proxy.url(db_url), stop=stop, sweep_interval=0.2))
     try:
@@ -70,12 +70,13 @@ async def test_connections_terminated_twice_during_a_200_todo_job(
                     break
             recoveries.append(time.monotonic() - cut)
         assert await _wait_done(db, m, job["id"], 30) == "done"
-        for _ in range(100):
-            answer = await readyz(state)
-            if isinstance(answer, dict):
-                break
-            await asyncio.sleep(0.05)
-        assert isinstance(answer, dict) and answer["dispatcher"]["status"] == "ready", answer
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            for _ in range(100):
+                answer = await c.get("/readyz")
+                if answer.status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+        assert answer.json()["dispatcher"]["status"] == "ready", answer.text
         assert max(recoveries) < 5, recoveries
         print(f"\nrecovery after a connection cut: {[round(r, 3) for r in recoveries]} s")
     finally:

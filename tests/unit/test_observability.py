@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from cpa_scheduler import logs, metrics, tracing
+from cpa_scheduler import errors, logs, metrics, settings, tracing
 
 
 @pytest.fixture
@@ -22,12 +22,9 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-def test_json_lines_carry_the_bound_ids_and_extras(
-    restore_logging: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CPA_LOG_LEVEL", "debug")
+def test_json_lines_carry_the_bound_ids_and_extras(restore_logging: None) -> None:
     out = io.StringIO()
-    logs.setup(out, json_lines=True)
+    logs.setup(settings.from_env({"CPA_LOG_LEVEL": "debug"}), out, json_lines=True)
     log = logging.getLogger("cpa.test")
     with logs.bind(tenant_id="t1", job_id="j1"), logs.bind(todo_id="x1"):
         log.debug("ran %s", "noop", extra={"action": "noop"})
@@ -42,18 +39,22 @@ def test_json_lines_carry_the_bound_ids_and_extras(
 
 def test_a_terminal_gets_readable_lines(restore_logging: None) -> None:
     out = io.StringIO()
-    logs.setup(out, json_lines=False)
+    logs.setup(settings.Settings(), out, json_lines=False)
     with logs.bind(job_id="j1"):
         logging.getLogger("cpa.test").warning("slow")
     assert out.getvalue().strip() == "warning cpa.test: slow  job_id=j1"
 
 
-def test_the_level_comes_from_cpa_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CPA_LOG_LEVEL", "warning")
-    assert logs.level() == logging.WARNING
-    monkeypatch.setenv("CPA_LOG_LEVEL", "loud")
-    with pytest.raises(ValueError, match=r"CPA_LOG_LEVEL='LOUD' is not a log level; use DEBUG"):
-        logs.level()
+def test_the_level_and_format_come_from_the_settings(restore_logging: None) -> None:
+    assert settings.from_env({"CPA_LOG_LEVEL": "warning"}).log_level == logging.WARNING
+    assert settings.from_env({"CPA_LOG_LEVEL": "15"}).log_level == 15
+    assert settings.from_env({}).log_level == logging.INFO
+    with pytest.raises(errors.ConfigError, match=r"CPA_LOG_LEVEL='loud' .* use DEBUG"):
+        settings.from_env({"CPA_LOG_LEVEL": "loud"})
+    out = io.StringIO()  # not a terminal, yet CPA_LOG_FORMAT=text forces readable lines
+    logs.setup(settings.from_env({"CPA_LOG_FORMAT": "Text"}), out)
+    logging.getLogger("cpa.test").warning("slow")
+    assert out.getvalue().strip() == "warning cpa.test: slow"
 
 
 def test_tracing_is_on_only_with_an_otlp_endpoint() -> None:

@@ -14,17 +14,22 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from cpa_scheduler import auth, errors, logs, store
-from cpa_scheduler.api import state as state_mod
+from cpa_scheduler import auth, errors, logs, service, settings, store
 
 
 # Dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its threadpool, a
 # thread hop per dependency and request for work that takes microseconds.
-async def get_state() -> state_mod.State:
-    return state_mod.get()
+async def get_state(request: Request) -> service.Services:
+    """The app's services (see :func:`cpa_scheduler.api.create_app`); an app made without
+    them builds them from the environment on the first request that needs them, and keeps
+    them, so warm Lambda invocations reuse the pool."""
+    services: service.Services | None = request.app.state.services
+    if services is None:
+        services = request.app.state.services = service.build_services(settings.from_env())
+    return services
 
 
-AppState = Annotated[state_mod.State, Depends(get_state)]
+AppState = Annotated[service.Services, Depends(get_state)]
 
 
 async def get_claims(request: Request, app: AppState) -> auth.Claims:

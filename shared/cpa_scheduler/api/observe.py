@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hmac
-import os
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cpa_scheduler import errors, metrics
-from cpa_scheduler.api import deps
+from cpa_scheduler import errors, metrics, service
 from cpa_scheduler.api.deps import AppState
 
 router = APIRouter(tags=["health"])
@@ -54,7 +52,7 @@ async def metrics_endpoint(request: Request, state: AppState) -> Any:
     """Prometheus text format: this process's counters and the queue gauges from the database.
 
     With ``CPA_METRICS_TOKEN`` set, scrapers must send ``Authorization: Bearer <token>``."""
-    token = os.environ.get("CPA_METRICS_TOKEN", "")
+    token = state.config.metrics_token
     if token:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given, token):
@@ -65,7 +63,7 @@ async def metrics_endpoint(request: Request, state: AppState) -> Any:
     try:
         async with state.store.service() as session:
             snapshot = await session.metrics_snapshot()
-            top = metrics.top_tenants()
+            top = state.config.metrics_top_tenants
             if top:
                 tenants = await session.metrics_top_tenants(top)
         metrics.instruments().database_up.set(1)
@@ -74,16 +72,12 @@ async def metrics_endpoint(request: Request, state: AppState) -> Any:
     return Response(metrics.render(snapshot, tenants), media_type=metrics.CONTENT_TYPE)
 
 
-def worker_app(store: Any) -> Any:
+def worker_app(services: service.Services) -> Any:
     """The long-running dispatcher's own small HTTP app: ``/metrics`` and ``/healthz``."""
     from fastapi import FastAPI
 
     app = FastAPI(title="CPA Scheduler dispatcher", openapi_url=None)
-
-    def worker_state() -> Any:
-        return _WorkerState(store)
-
-    app.dependency_overrides[deps.get_state] = worker_state
+    app.state.services = services  # what /metrics reads (see deps.get_state)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -92,10 +86,3 @@ def worker_app(store: Any) -> Any:
     app.include_router(router)
     app.add_middleware(RequestMetrics)
     return app
-
-
-class _WorkerState:
-    """What ``/metrics`` needs of the API state: the store."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store

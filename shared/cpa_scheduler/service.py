@@ -1,0 +1,100 @@
+"""The composition root: the one place that builds the parts the hosts share.
+
+Every host gets its store (the connection pool), token verifier, rate limiter, executor
+registry and dispatcher from :func:`build_services`: the API (``cpa_scheduler.api``), the
+scheduled dispatcher (``cpa_scheduler.invocation``) and the CLI's ``serve`` and ``dispatch``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cpa_scheduler import database, settings, store
+
+if TYPE_CHECKING:  # built on first use: see Services
+    from cpa_scheduler import auth, dispatch, executor, ratelimit
+
+
+class Services:
+    """One process's shared parts over one store, each built once and on first use.
+
+    On first use, so that each Lambda function pays only for what it uses: the API function
+    never imports the planner or the dispatcher, the dispatcher function never the token
+    verifier (PyJWT, cryptography) or the Upstash client. The pool opens on its first query
+    and warm invocations reuse it. A host or a test may hand in its own verifier or limiter.
+    """
+
+    def __init__(
+        self,
+        config: settings.Settings,
+        db: store.Store,
+        *,
+        verifier: auth.Verifier | None = None,
+        limiter: ratelimit.Limiter | None = None,
+    ) -> None:
+        self.config = config
+        self.store = db
+        self._verifier = verifier
+        self._limiter = limiter
+        self._registry: executor.Registry | None = None
+
+    @property
+    def verifier(self) -> auth.Verifier:
+        """Checks the callers' access tokens."""
+        if self._verifier is None:
+            from cpa_scheduler import auth
+
+            self._verifier = auth.verifier(self.config)
+        return self._verifier
+
+    @property
+    def limiter(self) -> ratelimit.Limiter:
+        """Counts job creation per tenant."""
+        if self._limiter is None:
+            from cpa_scheduler import ratelimit
+
+            self._limiter = ratelimit.limiter(self.config, self.store)
+        return self._limiter
+
+    @property
+    def registry(self) -> executor.Registry:
+        """The cloud executors by action, with the planner's when an LLM is configured."""
+        if self._registry is None:
+            from cpa_scheduler import planner
+
+            self._registry = planner.registry_for(self.config, self.store)
+        return self._registry
+
+    def dispatcher(self, **tuning: Any) -> dispatch.Dispatcher:
+        """A new dispatcher over this store and registry, configured by the settings.
+
+        ``tuning`` sets other fields of :class:`~cpa_scheduler.dispatch.Dispatcher`
+        (``concurrency``, ``lease_seconds``), as the CLI's ``dispatch`` flags do."""
+        from cpa_scheduler import dispatch
+
+        return dispatch.Dispatcher(
+            self.store,
+            registry=self.registry,
+            tenant_cap=self.config.tenant_cap,
+            retention_days=self.config.retention_days,
+            audit_retention_days=self.config.audit_retention_days,
+            **tuning,
+        )
+
+    async def close(self) -> None:
+        """Close the pool (a host that ends; Lambda never does)."""
+        await self.store.close()
+
+
+def build_services(config: settings.Settings, *, url: str | None = None) -> Services:
+    """The services of one process.
+
+    ``url``: the database a host has prepared (the CLI, which migrates and stops the embedded
+    server itself); without it the database is prepared here, as the Lambda functions do (in
+    local mode: the embedded server is started and migrated).
+    """
+    if url is None:
+        url = database.prepare(config, migrate=config.local)
+    return Services(
+        config, store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
+    )
