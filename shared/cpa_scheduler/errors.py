@@ -10,7 +10,8 @@ Hierarchy::
     │   ├── ActionError              unknown action or params that do not fit its schema
     │   ├── BodyTooLargeError        the request body is over the size limit (HTTP 413)
     │   ├── ProtocolError            a message that is not a valid protocol message
-    │   └── ConfigError              configuration is malformed or incomplete (YAML, extras)
+    │   └── ConfigError              configuration is malformed or incomplete (env, YAML,
+    │                                extras); HTTP 500: the operator's to fix, not the caller's
     ├── AuthError                    missing, expired or forged token (HTTP 401)
     ├── NotFoundError                no such entity, or not visible to the caller (HTTP 404)
     ├── ConflictError                a state transition that is not allowed now (HTTP 409)
@@ -107,6 +108,7 @@ class ConfigError(InvalidError):
     """Configuration is malformed (actions, intents) or incomplete (a missing extra)."""
 
     code = "config_invalid"
+    status = 500
 
 
 class AuthError(CpaError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,31 @@ async def test_function_url_healthz(db_url: str, config: settings.Settings) -> N
     event = json.loads((EVENTS / "function_url_get_healthz.json").read_text())
     answer = await asyncio.to_thread(invoke, event, db_url, config)
     assert answer["statusCode"] == 200 and json.loads(answer["body"]) == {"status": "ok"}
+
+
+async def test_bad_environment_is_an_http_answer_naming_the_variable(
+    db_url: str, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("CPA_LOG_LEVEL", "loud")
+    monkeypatch.setattr(api, "_mangum", None)  # the first event of a new container
+    event = json.loads((EVENTS / "apigw_v2_post_jobs.json").read_text())
+
+    def first_event() -> dict[str, Any]:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return api.handler(event, Context())  # type: ignore[no-any-return]
+        finally:
+            loop.close()
+            asyncio.set_event_loop(None)
+            api.app.state.services = None
+
+    answer = await asyncio.to_thread(first_event)
+    assert answer["statusCode"] == 500  # the operator's to fix, not the caller's
+    body = base64.b64decode(answer["body"]) if answer["isBase64Encoded"] else answer["body"]
+    problem = json.loads(body)
+    assert problem["code"] == "config_invalid" and "CPA_LOG_LEVEL" in problem["detail"]
 
 
 async def test_api_gateway_v2_post_job(
