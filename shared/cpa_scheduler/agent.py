@@ -6,10 +6,11 @@ route pins it to an agent, discover is answered with an offer, confirm approves,
 report changes its ToDo) and replies with a typed message. Hosts parse the message, check who
 sends it, and pass the caller's :class:`Context`; the HTTP route is such a host.
 
-Desktop ToDos are never run by the dispatcher. An agent claims them (``agent_claim_v1``: the
-tenant's ToDos for the actions the agent offers, under a lease owned by ``agent:<id>``) and
-receives ``assign`` messages. It answers ``agree``, ``refuse``, ``inform``, ``done`` or
-``failure``; :func:`apply` turns each into the matching state change.
+Desktop ToDos are never run by the dispatcher. An agent claims them (``agent_claim``: the
+tenant's ToDos for the actions the agent offers, leased to the agent) and receives ``assign``
+messages. It answers ``agree``, ``refuse``, ``inform``, ``done`` or ``failure``; :func:`apply`
+turns each into the matching state change. The lease owner is the database's
+(``private.agent_owner_v1``): the agent's operations take its id, and only rows show the owner.
 """
 
 from __future__ import annotations
@@ -33,12 +34,6 @@ from cpa_scheduler import (
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
-
-
-def owner(agent_id: str) -> str:
-    """The lease owner an agent reports under: the string ``agent_claim_v1`` leases its ToDos
-    to (the database defines it and lets end users act only as ``agent:%`` owners)."""
-    return f"agent:{agent_id}"
 
 
 async def claim(
@@ -301,21 +296,20 @@ async def apply(
     session: store.Session, message: Report
 ) -> protocol.Agree | protocol.Refuse | protocol.Inform:
     """Apply an agent's report on an assigned ToDo; answers ``agree``, ``inform`` or ``refuse``."""
-    lease = owner(message.sender)
     match message:
         case protocol.Done(payload=p):
-            item = {"id": p.todo_id, "owner": lease, "result": p.result}
-            if await session.todo_complete([item]):
+            item = {"id": p.todo_id, "result": p.result}
+            if await session.agent_complete(message.sender, [item]):
                 return _agree(message, "done", todo_id=p.todo_id)
             return await _stale(session, message, p.todo_id)
         case protocol.Failure(payload=p):
-            item = {"id": p.todo_id, "owner": lease, "error": p.error, "retryable": p.retryable}
-            if await session.todo_fail([item]):
+            item = {"id": p.todo_id, "error": p.error, "retryable": p.retryable}
+            if await session.agent_fail(message.sender, [item]):
                 return _agree(message, "failed", todo_id=p.todo_id)
             return await _stale(session, message, p.todo_id)
         case protocol.Refuse(payload=p) if p.todo_id:
-            released = await session.todo_release(
-                [{"id": p.todo_id, "owner": lease}], refusal=True, max_refusals=MAX_REFUSALS
+            released = await session.agent_release(
+                message.sender, [{"id": p.todo_id}], refusal=True, max_refusals=MAX_REFUSALS
             )
             if not released:
                 return await _stale(session, message, p.todo_id)

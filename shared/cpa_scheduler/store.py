@@ -383,6 +383,39 @@ class Session:
         }
         return await self._all("agent_claim", params)
 
+    # An agent's reports on the ToDos it holds. The database derives the lease owner from the
+    # agent key, so the items name no owner.
+
+    async def agent_complete(self, agent_key: str, items: Sequence[Mapping[str, Any]]) -> int:
+        params = {"agent_key": agent_key, "items": _jsonb(list(items))}
+        return int(await self._scalar("agent_complete", params))
+
+    async def agent_fail(
+        self, agent_key: str, items: Sequence[Mapping[str, Any]], *, backoff_base: float = 1.0
+    ) -> int:
+        params = {
+            "agent_key": agent_key,
+            "items": _jsonb(list(items)),
+            "backoff_base": backoff_base,
+        }
+        return int(await self._scalar("agent_fail", params))
+
+    async def agent_release(
+        self,
+        agent_key: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        refusal: bool = False,
+        max_refusals: int = 3,
+    ) -> int:
+        params = {
+            "agent_key": agent_key,
+            "items": _jsonb(list(items)),
+            "refusal": refusal,
+            "max_refusals": max_refusals,
+        }
+        return int(await self._scalar("agent_release", params))
+
     async def agent_offering(
         self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
     ) -> bool:

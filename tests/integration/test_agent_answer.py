@@ -72,19 +72,6 @@ async def test_a_confirm_naming_nothing_is_a_protocol_error(
         await answer(db, m, confirm)
 
 
-async def test_agents_report_under_the_owner_the_database_leases_to(
-    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
-) -> None:
-    m = await member_factory()
-    await job_factory(
-        m, [{"key": "o", "action": "desktop.open_app", "target": "desktop", "params": {"app": "X"}}]
-    )
-    async with db.user(m.claims) as s:
-        [assign] = await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop:1", actions=None)
-        row = await s.todo_get(assign.payload.todo_id)
-    assert row["lease_owner"] == agent.owner("laptop:1")
-
-
 async def test_a_reference_that_cannot_be_resolved_fails_the_claimed_todo(
     db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:

@@ -233,7 +233,8 @@ async def test_a_user_still_completes_their_agents_desktop_todo(
     )
     async with db.user(m.claims) as s:
         [row] = await s.agent_claim(m.tenant_id, "laptop", ["desktop.open_app"], 5)
-        n = await s.todo_complete([{"id": str(row["id"]), "owner": "agent:laptop", "result": {}}])
+        owner = row["lease_owner"]  # the database's agent owner (private.agent_owner_v1)
+        n = await s.todo_complete([{"id": str(row["id"]), "owner": owner, "result": {}}])
     assert n == 1
 
 

@@ -397,7 +397,7 @@ async def test_refusals_release_then_fail(
         async with db.user(m.claims) as s:
             [row] = await s.agent_claim(m.tenant_id, f"agent{i}", ["desktop.open_app"], 5)
             assert row["attempts"] == 1
-            await s.todo_release([{"id": str(row["id"]), "owner": f"agent:agent{i}"}], refusal=True)
+            await s.agent_release(f"agent{i}", [{"id": str(row["id"])}], refusal=True)
     final = await job_status(db, m, job["id"])
     assert final["status"] == "failed" and "Refused by 3 agents" in final["error"]
 

@@ -85,8 +85,19 @@ select key, result from public.todos where job_id = %(job_id)s and status = 'don
 select * from cpa.agent_upsert_v1(%(tenant_id)s, %(agent_key)s, %(name)s, %(actions)s);
 
 -- name: agent_claim
-select * from cpa.agent_claim_v1(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
-                                    %(lease_seconds)s);
+select * from cpa.agent_claim_v2(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
+                                 %(lease_seconds)s);
+
+-- name: agent_complete
+-- An agent's reports on the ToDos it holds (complete, fail, release): the database derives the
+-- lease owner from the agent key (private.agent_owner_v1); the items carry no owner.
+select cpa.agent_complete_v1(%(agent_key)s, %(items)s::jsonb) as n;
+
+-- name: agent_fail
+select cpa.agent_fail_v1(%(agent_key)s, %(items)s::jsonb, %(backoff_base)s) as n;
+
+-- name: agent_release
+select cpa.agent_release_v1(%(agent_key)s, %(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
 
 -- name: event_list
 select * from public.job_events
