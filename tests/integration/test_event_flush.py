@@ -8,7 +8,6 @@ resumes by id (SSE ``Last-Event-ID``, ``?after=``) never skips an event.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
@@ -24,7 +23,7 @@ NOOPS = [{"key": k, "action": "noop"} for k in ("a", "b")]
 
 def _todos(conn: psycopg.Connection[Any], job_id: Any) -> dict[str, Any]:
     rows = conn.execute("select key, id from public.todos where job_id = %s", (job_id,)).fetchall()
-    return {key: todo_id for key, todo_id in rows}
+    return {str(key): todo_id for key, todo_id in rows}
 
 
 def _start(conn: psycopg.Connection[Any], todo_id: Any, owner: str) -> None:
@@ -269,8 +268,11 @@ async def test_direct_appends_get_their_ids_at_commit(
     assert rows == [("todo.output", {"text": "partial"}), ("notification", {"text": "note"})]
     assert _residue(db_url) == (0, 0)
     payloads = _messages(db_url, f"tenant:{m.tenant_id}")
-    assert [e["kind"] for p in payloads[-2:] for e in p["events"]] == ["todo.output", "notification"]
-    assert json.dumps(payloads[-1]).count('"notification"') == 1
+    # one transaction each, so one message each
+    assert [[e["kind"] for e in p["events"]] for p in payloads[-2:]] == [
+        ["todo.output"],
+        ["notification"],
+    ]
 
 
 async def test_a_job_deleted_in_the_same_transaction_leaves_no_events(
