@@ -21,8 +21,8 @@
 -- 3. The flush (private.job_events_flush_v1) takes a transaction advisory lock per job
 --    (pg_advisory_xact_lock(7263200, hashtext(job_id)), in ascending key order), then assigns
 --    the ids (nextval, in staging order) and inserts the job_events rows, then sends one
---    Realtime broadcast per tenant (messages of at most 50 events, as before) with all of the
---    transaction's events, and deletes its staged rows and its marker.
+--    Realtime broadcast per tenant with all of the transaction's events (cut into messages of
+--    about 100 kB when larger; no longer at 50 events), and deletes its staged rows and marker.
 --
 -- Why ids of one job now commit in id order: a transaction takes ids for job J only while
 -- holding J's advisory lock, and holds it until its commit is complete (transaction locks are
@@ -74,6 +74,9 @@ create unlogged table private.job_events_staged (
   events private.job_event_draft[] not null
 );
 comment on table private.job_events_staged is 'Events staged by the transaction txid, in order (seq, then array order); private.job_events_flush_v1 moves them to job_events at commit. Unlogged: empty after a crash.';
+-- A statement's events are usually larger than 2 kB: kept out of line but not compressed
+-- (they live until the commit; compressing them cost more than it saved).
+alter table private.job_events_staged alter column events set storage external;
 create index job_events_staged_txid_idx on private.job_events_staged (txid, seq);
 revoke all on private.job_events_staged from public, anon, authenticated, service_role;
 alter table private.job_events_staged enable row level security;
@@ -112,59 +115,64 @@ language plpgsql security definer set search_path = ''
 as $$
 declare
   v_tx constant xid8 := pg_current_xact_id();
-  v_events private.job_event_draft[];
+  v_jobs uuid[];
   v_gone uuid[];
   v_key integer;
   v_topics text[];
   v_payloads jsonb[];
 begin
   delete from private.job_events_flush f where f.txid = v_tx;
-  with gone as (
-    delete from private.job_events_staged s where s.txid = v_tx returning s.seq, s.events
-  )
-  select array_agg(row(u.tenant_id, u.job_id, u.todo_id, u.kind, u.status, u.data,
-                       u.created_at)::private.job_event_draft order by g.seq, u.ord)
-    into v_events
-    from gone g
-    cross join lateral unnest(g.events) with ordinality
-         as u(tenant_id, job_id, todo_id, kind, status, data, created_at, ord);
-  if v_events is null then
+  select array_agg(distinct u.job_id) into v_jobs
+    from private.job_events_staged s cross join lateral unnest(s.events) u
+   where s.txid = v_tx;
+  if v_jobs is null then
     return null;
   end if;
   -- A job deleted in this transaction takes its staged events with it, as the jobs_delete_events
   -- trigger takes the committed ones: one probe per job, without a lock.
-  select array_agg(j.job_id) into v_gone
-    from (select distinct e.job_id from unnest(v_events) e) j
-   where not exists (select 1 from public.jobs x where x.id = j.job_id);
+  select array_agg(j.id) into v_gone
+    from unnest(v_jobs) j(id)
+   where not exists (select 1 from public.jobs x where x.id = j.id);
 
   -- One lock per job, in ascending key order (see the header): ids of a job commit in order.
   for v_key in
-    select distinct hashtext(e.job_id::text) from unnest(v_events) e order by 1
+    select distinct hashtext(j.id::text) from unnest(v_jobs) j(id) order by 1
   loop
     perform pg_advisory_xact_lock(7263200, v_key);
   end loop;
 
   perform set_config('cpa.events_flushing', 'on', true);
-  with ins as (
+  with gone as (
+    delete from private.job_events_staged s where s.txid = v_tx returning s.seq, s.events
+  ), ins as (
     insert into public.job_events (tenant_id, job_id, todo_id, kind, status, data, created_at)
     select e.tenant_id, e.job_id, e.todo_id, e.kind, e.status, coalesce(e.data, '{}'::jsonb),
            coalesce(e.created_at, now())
-      from unnest(v_events) with ordinality as e(tenant_id, job_id, todo_id, kind, status, data,
-                                                  created_at, ord)
+      from gone g
+      cross join lateral unnest(g.events) with ordinality
+           as e(tenant_id, job_id, todo_id, kind, status, data, created_at, ord)
      where v_gone is null or e.job_id <> all(v_gone)
-     order by e.ord
+     order by g.seq, e.ord
     returning *
+  ), item as (
+    select i.tenant_id, i.id,
+           jsonb_build_object('id', i.id, 'job_id', i.job_id, 'todo_id', i.todo_id,
+                              'kind', i.kind, 'status', i.status, 'data', i.data,
+                              'created_at', i.created_at) as event
+      from ins i
   ), msg as (
+    -- The Free plan caps a broadcast at 256 KB. Messages are cut by size, not by count (the
+    -- 50 events of 20261127000300_events_contract made a 128-ToDo claim three messages): an
+    -- event starts a new message once the events before it in the transaction reach
+    -- another 100 kB, so a message holds at most 100 kB plus one event (one huge result can
+    -- still make a message large, as before).
     select c.tenant_id, c.chunk, jsonb_agg(c.event order by c.id) as events
     from (
-      select i.tenant_id, i.id,
-             jsonb_build_object('id', i.id, 'job_id', i.job_id, 'todo_id', i.todo_id,
-                                'kind', i.kind, 'status', i.status, 'data', i.data,
-                                'created_at', i.created_at) as event,
-             -- At most 50 events per message, as 20261127000300_events_contract: the Free
-             -- plan caps a broadcast at 256 KB.
-             (row_number() over (partition by i.tenant_id order by i.id) - 1) / 50 as chunk
-      from ins i
+      select t.tenant_id, t.id, t.event,
+             coalesce(sum(pg_column_size(t.event)) over (
+               partition by t.tenant_id order by t.id
+               rows between unbounded preceding and 1 preceding), 0) / 100000 as chunk
+      from item t
     ) c
     group by c.tenant_id, c.chunk
   )

@@ -8,6 +8,7 @@ resumes by id (SSE ``Last-Event-ID``, ``?after=``) never skips an event.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -193,6 +194,30 @@ async def test_one_transaction_sends_one_broadcast_per_tenant(
         ).fetchall()
     assert [r[0] for r in rows] == [e["id"] for e in events]  # the broadcast holds the rows
     assert _residue(db_url) == (0, 0)
+
+
+async def test_a_large_transaction_is_cut_into_messages_by_size(
+    db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """The Free plan caps a broadcast at 256 KB: messages hold about 100 kB (plus one event)."""
+    m = await member_factory()
+    job = await job_factory(m, [{"key": f"t{i}", "action": "noop"} for i in range(8)])
+    topic = f"tenant:{m.tenant_id}"
+    before = len(_messages(db_url, topic))
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "update public.todos set status = 'done', result = jsonb_build_object('blob',"
+            " repeat(md5(key), 1000)) where job_id = %s",  # 32 kB each
+            (job["id"],),
+        )
+    sent = _messages(db_url, topic)[before:]
+    assert 2 <= len(sent) <= 4
+    sizes = [[len(json.dumps(e)) for e in p["events"]] for p in sent]
+    assert all(sum(s[:-1]) <= 110_000 for s in sizes)
+    events = [e for p in sent for e in p["events"]]
+    assert len(events) == 8
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    assert _after(db_url, job["id"], events[0]["id"] - 1) == [e["id"] for e in events]
 
 
 async def test_rollback_and_commit_leave_no_staged_residue(
