@@ -39,9 +39,12 @@
 -- that waits in its flush waits for another flushing transaction, which waits (if at all)
 -- only for a strictly larger key; a chain of such waits cannot close into a cycle, and a
 -- transaction that is not yet flushing is never waited for by a flush. Rows locked earlier in
--- the transaction may block others, as before, but nothing those others hold blocks the flush.
--- (An explicit SET CONSTRAINTS ... IMMEDIATE would flush early and void this argument;
--- nothing here uses it.)
+-- the transaction may block others, as before, but nothing those others hold blocks the flush
+-- (it only reads public.jobs, without a lock, to drop events of a job deleted in the
+-- transaction). The NOTIFY queue lock is taken at commit after the deferred triggers, so its
+-- holder is past its flush and waits for no advisory lock. (An explicit SET CONSTRAINTS ...
+-- IMMEDIATE would flush early and void this argument, and so would a deferrable foreign key
+-- or another deferred trigger that locks rows; nothing here uses them.)
 --
 -- Cost: the ids of one job are serialized from flush to commit; transactions on different
 -- jobs do not wait for each other (except on a 32-bit hash collision, which only serializes).
