@@ -1,7 +1,7 @@
 """Where the database time of a 1 x 10,000 no-op drain goes: pg_stat_statements, nested
 statements included (track = all), on a private durable embedded PostgreSQL.
 
-    python -m tests.bench.profile_drain [--n 10000]
+    python -m tests.bench.profile_drain [--n 10000] [--chains 100] [--upto VERSION]
 
 Top-level statements (the dispatcher's calls) and the statements they run inside functions and
 triggers are listed separately; a nested statement's time is part of its caller's.
@@ -45,6 +45,12 @@ async def main() -> None:
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--upto", default=None, help="apply migrations up to this version only")
     ap.add_argument(
+        "--chains",
+        type=int,
+        default=0,
+        help="drain N jobs of n/N-ToDo chains (as bench_dispatch's chains) instead",
+    )
+    ap.add_argument(
         "--creates",
         type=int,
         default=0,
@@ -68,9 +74,16 @@ async def main() -> None:
         migration.apply(url, folder)
         db = store.Store(url, max_size=4)
         t = await tenant(db)
-        await create_jobs(
-            db, t, [[{"key": f"k{i}", "action": "noop", "target": "cloud"} for i in range(args.n)]]
-        )
+        # A job holds at most 1000 ToDos (enforced in SQL since issue 10): n in jobs of 1000,
+        # as bench_dispatch creates them.
+        if args.chains:
+            length = args.n // args.chains
+            chain = [{"key": f"c{i}", "action": "noop", "depends_on": [f"c{i - 1}"] if i else []}
+                     for i in range(length)]  # fmt: skip
+            await create_jobs(db, t, [chain] * args.chains)
+        else:
+            todos = [{"key": f"k{i}", "action": "noop", "target": "cloud"} for i in range(args.n)]
+            await create_jobs(db, t, [todos[i : i + 1000] for i in range(0, args.n, 1000)])
         await _vacuum(url)
         with psycopg.connect(admin, autocommit=True) as c:
             c.execute("select pg_stat_statements_reset()")
