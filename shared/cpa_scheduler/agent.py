@@ -188,8 +188,8 @@ async def _submit(
             await ctx.limiter.hit(str(ctx.tenant_id), ctx.session)
     except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:
         return _refuse(message, exc.code, exc.message)
-    job_id = str(job["id"])
-    return _agree(message, f"intent {job['intent']}", job_id=job_id, conversation_id=job_id)
+    job_id = str(job.id)
+    return _agree(message, f"intent {job.intent}", job_id=job_id, conversation_id=job_id)
 
 
 async def _create(
@@ -199,7 +199,7 @@ async def _create(
     spec: protocol.GraphSpec | None,
     key: str | None,
     time_zone: str,
-) -> dict[str, Any]:
+) -> store.JobRow:
     with tracing.span("cpa.job.create", attributes={"cpa.tenant_id": str(ctx.tenant_id)}) as span:
         job = await intake.submit(
             ctx.session,
