@@ -34,6 +34,8 @@ from cpa_scheduler import (
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
+# The states a ToDo waits for its approval in (a confirm approves those not yet confirmed).
+UNCONFIRMED: frozenset[graph.TodoStatus] = frozenset({"confirming", "waiting"})
 
 
 async def claim(
@@ -249,7 +251,7 @@ async def _confirm(
         ids = [
             str(t["id"])
             for t in await session.job_todos(p.job_id)
-            if t["status"] in ("confirming", "waiting")
+            if t["status"] in UNCONFIRMED
             and t["requires_confirmation"]
             and t["confirmed_at"] is None
         ]

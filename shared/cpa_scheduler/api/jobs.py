@@ -62,8 +62,7 @@ class TodoOut(BaseModel):
     key: str
     action: str
     target: str
-    # str, not graph.TodoStatus: an enum here would change /openapi.json, which stays as it is.
-    status: str
+    status: graph.TodoStatus
     depends_on: list[str]
     params: dict[str, Any]
     result: Any = None
