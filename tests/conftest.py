@@ -190,7 +190,7 @@ async def register_action(db: store.Store, name: str, target: str = "cloud") -> 
         )
 
 
-JobFactory = Callable[..., Awaitable[dict[str, Any]]]
+JobFactory = Callable[..., Awaitable[store.JobRow]]
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def job_factory(db: store.Store) -> JobFactory:
 
     async def make(
         member: Member, todos: list[dict[str, Any]] | None = None, **kw: Any
-    ) -> dict[str, Any]:
+    ) -> store.JobRow:
         async with db.service() as session:
             return await session.job_create(
                 tenant_id=member.tenant_id,

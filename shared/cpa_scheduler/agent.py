@@ -34,6 +34,8 @@ from cpa_scheduler import (
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
+# The states a ToDo waits for its approval in (a confirm approves those not yet confirmed).
+UNCONFIRMED: frozenset[graph.TodoStatus] = frozenset({"confirming", "waiting"})
 
 
 async def claim(
@@ -188,8 +190,8 @@ async def _submit(
             await ctx.limiter.hit(str(ctx.tenant_id), ctx.session)
     except (errors.InvalidError, errors.PlannerError, errors.RateLimitedError) as exc:
         return _refuse(message, exc.code, exc.message)
-    job_id = str(job["id"])
-    return _agree(message, f"intent {job['intent']}", job_id=job_id, conversation_id=job_id)
+    job_id = str(job.id)
+    return _agree(message, f"intent {job.intent}", job_id=job_id, conversation_id=job_id)
 
 
 async def _create(
@@ -199,7 +201,7 @@ async def _create(
     spec: protocol.GraphSpec | None,
     key: str | None,
     time_zone: str,
-) -> dict[str, Any]:
+) -> store.JobRow:
     with tracing.span("cpa.job.create", attributes={"cpa.tenant_id": str(ctx.tenant_id)}) as span:
         job = await intake.submit(
             ctx.session,
@@ -249,7 +251,7 @@ async def _confirm(
         ids = [
             str(t["id"])
             for t in await session.job_todos(p.job_id)
-            if t["status"] in ("confirming", "waiting")
+            if t["status"] in UNCONFIRMED
             and t["requires_confirmation"]
             and t["confirmed_at"] is None
         ]

@@ -20,13 +20,14 @@ import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from cpa_scheduler import (
     catalogue,
     database,
     dispatch,
     errors,
+    graph,
     intents,
     logs,
     service,
@@ -445,7 +446,7 @@ def parser() -> argparse.ArgumentParser:
     wt.add_argument("job", help="the job id")
     wt.set_defaults(run=_watch)
     ls = cmd("list", "List the tenant's jobs, newest first.")
-    ls.add_argument("--status", choices=["pending", "running", "done", "failed", "cancelled"],
+    ls.add_argument("--status", choices=get_args(graph.JobStatus),
                     help="only jobs with this status")  # fmt: skip
     ls.add_argument("--limit", type=int, default=50, help="at most this many jobs (1-200)")
     ls.add_argument("--json", action="store_true", help="print the jobs as JSON")

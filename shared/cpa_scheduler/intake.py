@@ -53,7 +53,7 @@ async def submit(
     time_zone: str = "UTC",
     run_at: datetime | None = None,
     now: datetime | None = None,
-) -> dict[str, Any]:
+) -> store.JobRow:
     """Validate and create the job in one transaction; a repeated key returns the same job.
 
     Times in the text are read in ``time_zone``. A text that starts with a recurrence ("Jeden
@@ -157,17 +157,15 @@ async def submit_one_call(
     )  # fmt: skip
 
 
-async def keep_trace(
-    session: store.Session, job: dict[str, Any], span: tracing.Span | None
-) -> None:
+async def keep_trace(session: store.Session, job: store.JobRow, span: tracing.Span | None) -> None:
     """Store the creating span's context with the job, in the creating transaction, so the
     dispatcher and agents continue this trace. Nothing to do when tracing is off."""
     if span is None:
         return
-    span.set_attribute("cpa.job_id", str(job["id"]))
+    span.set_attribute("cpa.job_id", str(job.id))
     value = tracing.traceparent(span)
     if value is not None:
-        await session.job_trace_set(job["id"], value)
+        await session.job_trace_set(job.id, value)
 
 
 def body_hash(body: Any) -> str:
@@ -194,13 +192,13 @@ TODO_FIELDS = (
 )  # fmt: skip
 
 
-def job_view(job: dict[str, Any], todos: list[dict[str, Any]] | None) -> dict[str, Any]:
+def job_view(job: store.JobRow, todos: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The public JSON shape of a job (``GET /v1/jobs/{id}``)."""
-    out = {k: job.get(k) for k in JOB_FIELDS}
-    out["id"] = str(job["id"])
+    out = {k: getattr(job, k) for k in JOB_FIELDS}
+    out["id"] = str(job.id)
     # The desktop subscribes to the Realtime topic 'tenant:<tenant_id>' of the job it follows.
-    out["tenant_id"] = str(job["tenant_id"]) if job.get("tenant_id") else None
-    out["schedule_id"] = str(job["schedule_id"]) if job.get("schedule_id") else None
+    out["tenant_id"] = str(job.tenant_id)
+    out["schedule_id"] = str(job.schedule_id) if job.schedule_id else None
     if todos is not None:
         out["todos"] = [{k: t.get(k) for k in TODO_FIELDS} | {"id": str(t["id"])} for t in todos]
     return out

@@ -37,6 +37,33 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as the store reads it: the columns of ``public.jobs``, which the job queries select."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    created_by: uuid.UUID | None
+    request: str | None
+    intent: str | None
+    status: graph.JobStatus
+    priority: int
+    idempotency_key: str | None
+    todo_count: int
+    todos_done: int
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None
+    retry_count: int
+    max_retries: int
+    run_at: datetime | None  # the earliest start of every ToDo
+    time_zone: str  # the IANA zone the request's times were read in
+    schedule_id: uuid.UUID | None  # the schedule whose occurrence made the job
+    scheduled_for: datetime | None  # that occurrence
+    traceparent: str | None  # the creating span's W3C trace context
+
+
+@dataclass(frozen=True, slots=True)
 class TodoRow:
     """A cloud ToDo as the dispatcher claimed it: what it needs to run it and answer for it."""
 
@@ -124,6 +151,22 @@ class Session:
             await cur.execute(sql.get(name), params)
             return await cur.fetchall()
 
+    async def _typed_one(self, name: str, params: Mapping[str, Any], cls: type[_T]) -> _T | None:
+        """The first row as a frozen ``cls`` instance, or None; the query selects its fields."""
+        from psycopg.rows import class_row
+
+        with translate():
+            cur = self.conn.cursor(row_factory=class_row(cls))
+            await cur.execute(sql.get(name), params)
+            return await cur.fetchone()
+
+    async def _job(self, name: str, params: Mapping[str, Any]) -> JobRow:
+        """The job a query always answers (its SQL function raises otherwise)."""
+        job = await self._typed_one(name, params, JobRow)
+        if job is None:
+            raise errors.CpaError(f"The query {name!r} answered no job, but it always answers one.")
+        return job
+
     async def _one(self, name: str, params: Mapping[str, Any] | None = None) -> Row | None:
         with translate():
             cur = await self.conn.execute(sql.get(name), params or {})
@@ -153,8 +196,8 @@ class Session:
         max_retries: int = 3,
         run_at: datetime | None = None,
         time_zone: str = "UTC",
-    ) -> Row:
-        return await self._first(
+    ) -> JobRow:
+        return await self._job(
             "job_create",
             {
                 "tenant_id": str(tenant_id),
@@ -219,14 +262,15 @@ class Session:
             said = (exc.diag.message_primary or "The tenant created too many jobs").rstrip(".")
             raise errors.RateLimitedError(f"{said}; retry in {wait} s.", retry_after=wait) from None
 
-    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> Row | None:
-        return await self._one("job_by_idempotency_key", {"tenant_id": str(tenant_id), "key": key})
+    async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> JobRow | None:
+        params = {"tenant_id": str(tenant_id), "key": key}
+        return await self._typed_one("job_by_idempotency_key", params, JobRow)
 
-    async def job_get(self, job_id: uuid.UUID | str) -> Row:
-        row = await self._one("job_get", {"job_id": _uuid(job_id, "job")})
-        if row is None:
+    async def job_get(self, job_id: uuid.UUID | str) -> JobRow:
+        job = await self._typed_one("job_get", {"job_id": _uuid(job_id, "job")}, JobRow)
+        if job is None:
             raise errors.NotFoundError(f"The job {job_id} does not exist or is not yours.")
-        return row
+        return job
 
     async def job_list(
         self,
@@ -235,8 +279,8 @@ class Session:
         status: graph.JobStatus | None = None,
         before: tuple[datetime, uuid.UUID] | None = None,
         limit: int = 50,
-    ) -> list[Row]:
-        return await self._all(
+    ) -> list[JobRow]:
+        return await self._typed(
             "job_list",
             {
                 "tenant_id": str(tenant_id) if tenant_id else None,
@@ -245,16 +289,17 @@ class Session:
                 "before_id": before[1] if before else None,
                 "limit": limit,
             },
+            JobRow,
         )
 
     async def job_todos(self, job_id: uuid.UUID | str) -> list[Row]:
         return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
 
-    async def job_cancel(self, job_id: uuid.UUID | str) -> Row:
-        return await self._first("job_cancel", {"job_id": _uuid(job_id, "job")})
+    async def job_cancel(self, job_id: uuid.UUID | str) -> JobRow:
+        return await self._job("job_cancel", {"job_id": _uuid(job_id, "job")})
 
-    async def job_retry(self, job_id: uuid.UUID | str) -> Row:
-        return await self._first("job_retry", {"job_id": _uuid(job_id, "job")})
+    async def job_retry(self, job_id: uuid.UUID | str) -> JobRow:
+        return await self._job("job_retry", {"job_id": _uuid(job_id, "job")})
 
     async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
         params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
@@ -517,13 +562,13 @@ class Session:
 
     async def schedule_fire(
         self, schedule_id: uuid.UUID | str, occurrence: datetime, next_run_at: datetime
-    ) -> Row:
+    ) -> JobRow:
         params = {
             "schedule_id": str(schedule_id),
             "occurrence": occurrence,
             "next_run_at": next_run_at,
         }
-        return await self._first("schedule_fire", params)
+        return await self._job("schedule_fire", params)
 
     # metrics and retention ----------------------------------------------------------------
 

@@ -88,7 +88,7 @@ async def create_jobs(
     ids = []
     for todos in graphs:
         async with db.service() as s:
-            ids.append((await s.job_create(tenant_id=tenant_id, todos=todos))["id"])
+            ids.append((await s.job_create(tenant_id=tenant_id, todos=todos)).id)
     return ids
 
 
@@ -161,8 +161,8 @@ async def fairness(srv: Server, big: int = 5000, small: int = 50) -> float:
         async with db.service() as s:
             job_a, job_b = await s.job_get(ja), await s.job_get(jb)
         await db.close()
-        span_a = (job_a["completed_at"] - job_a["started_at"]).total_seconds()
-        return float((job_b["completed_at"] - job_a["started_at"]).total_seconds() / span_a)
+        span_a = (job_a.completed_at - job_a.started_at).total_seconds()
+        return float((job_b.completed_at - job_a.started_at).total_seconds() / span_a)
     finally:
         srv.drop_db(name)
 
@@ -281,9 +281,9 @@ async def makespan(srv: Server, seed: int) -> tuple[float, float]:
         await d.run_pass(600)
         async with db.service() as s:
             job = await s.job_get(job_id)
-        assert job["status"] == "done"
+        assert job.status == "done"
         # The job's own span: its first ToDo starting to its last one finishing.
-        ours = (job["completed_at"] - job["started_at"]).total_seconds()
+        ours = (job.completed_at - job.started_at).total_seconds()
         await db.close()
     finally:
         srv.drop_db(name)

@@ -55,7 +55,7 @@ async def member(db: store.Store) -> tuple[uuid.UUID, uuid.UUID]:
     return t, u
 
 
-async def new_job(db: store.Store, tenant_id: uuid.UUID, n: int) -> dict[str, Any]:
+async def new_job(db: store.Store, tenant_id: uuid.UUID, n: int) -> store.JobRow:
     todos = [{"key": f"k{i}", "action": "noop", "target": "cloud"} for i in range(n)]
     async with db.service() as s:
         return await s.job_create(tenant_id=tenant_id, todos=todos, request="bench", intent="b")
@@ -103,7 +103,7 @@ async def realtime_figure(db_url: str, n: int) -> list[float]:
             arrived: asyncio.Queue[tuple[dict[str, Any], float]] = asyncio.Queue()
 
             async def follow() -> None:
-                async for event in c.events(str(job["id"]), tenant_id=str(tenant_id)):
+                async for event in c.events(str(job.id), tenant_id=str(tenant_id)):
                     arrived.put_nowait((event, time.perf_counter()))
 
             follower = asyncio.create_task(follow())
@@ -170,7 +170,7 @@ async def lambda_figure(db_url: str, n: int) -> tuple[list[float], int]:
     job = await new_job(db, tenant_id, n // 2 + 1)
     token = auth.mint(SECRET, user_id, issuer=ISSUER)
     async with db.service() as s:
-        last = max(e["id"] for e in await s.event_list(job["id"], 0, 10_000))
+        last = max(e["id"] for e in await s.event_list(job.id, 0, 10_000))
     committed: dict[str, float] = {}  # "<todo_id>:<status>" -> commit time
     latencies: list[float] = []
     calls = 0
@@ -181,7 +181,7 @@ async def lambda_figure(db_url: str, n: int) -> tuple[list[float], int]:
     def client_loop() -> None:
         nonlocal last, calls
         while not stop.is_set():
-            answer = warm.call(lambda_event(str(job["id"]), token, last))
+            answer = warm.call(lambda_event(str(job.id), token, last))
             at = time.perf_counter()
             calls += 1
             events, _ = parse_sse(answer.get("body") or "")

@@ -68,7 +68,7 @@ async def fairness(srv: Server, cap: int | None, seconds: float) -> tuple[float,
         started = None
         for _ in range(int((seconds + 10) / 0.02)):
             async with db.service() as s:
-                [row] = await s.job_todos(job["id"])
+                [row] = await s.job_todos(job.id)
             if row["started_at"] is not None:
                 started = row["started_at"]
                 break
@@ -76,7 +76,7 @@ async def fairness(srv: Server, cap: int | None, seconds: float) -> tuple[float,
         stop.set()
         await worker
         assert started is not None
-        return (started - job["created_at"]).total_seconds(), held
+        return (started - job.created_at).total_seconds(), held
     finally:
         await db.close()
         srv.drop_db(name)

@@ -65,7 +65,7 @@ async def main() -> None:
                 [tid] = await s.my_tenants()
                 job = await s.job_create(tenant_id=tid, todos=rows, request=None,
                                          intent="explicit")  # fmt: skip
-                await s.job_todos(job["id"])
+                await s.job_todos(job.id)
                 await s.rate_limit_hit(tid, 10**9, 60)
 
         async def rolled_back() -> None:  # the same call, no commit (no WAL flush)

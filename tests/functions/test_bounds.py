@@ -114,7 +114,7 @@ async def test_another_tenants_todo_reads_like_an_unknown_one(
         b, [{"key": "o", "action": "desktop.open_app", "target": "desktop", "params": {"app": "X"}}]
     )
     async with db.service() as s:
-        [todo] = await s.job_todos(job["id"])
+        [todo] = await s.job_todos(job.id)
 
     async def answers(todo_id: str) -> list[tuple[int, str]]:
         out = []

@@ -119,7 +119,7 @@ async def test_real_handler_end_to_end(
     summary = json.loads(answer["body"]) if "body" in answer else answer
     assert summary["done"] == 2 and summary["claimed"] == 2
     async with db.user(m.claims) as s:
-        assert (await s.job_get(job["id"]))["status"] == "done"
+        assert (await s.job_get(job.id)).status == "done"
 
 
 def test_a_lambda_pass_leaves_an_emf_line(capsys: pytest.CaptureFixture[str]) -> None:

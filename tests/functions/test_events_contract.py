@@ -75,7 +75,7 @@ async def test_bad_resume_points_are_a_clear_4xx(
 ) -> None:
     m = await member_factory()
     job = await job_factory(m)
-    url = f"/v1/jobs/{job['id']}/events"
+    url = f"/v1/jobs/{job.id}/events"
     for bad in ("abc", "-1", str(2**63)):
         r = await client.get(url, headers={**bearer(m), "Last-Event-ID": bad})
         assert r.status_code == 422, r.text

@@ -83,7 +83,7 @@ async def test_events_answer_within_the_bound_and_resume_exactly(
 ) -> None:
     m = await member_factory()
     job = await job_factory(m, CHAIN)
-    job_id, token = str(job["id"]), token_for(m)
+    job_id, token = str(job.id), token_for(m)
     # 4.5 s left in the invocation: the route keeps 3 s for itself, so it answers in ~1.5 s.
     remaining = 4500
 
@@ -114,7 +114,7 @@ async def test_events_answer_within_the_bound_and_resume_exactly(
         if events_contract_terminal(seen):
             break
     async with db.user(m.claims) as s:
-        stored = [e["id"] for e in await s.event_list(job["id"])]
+        stored = [e["id"] for e in await s.event_list(job.id)]
     assert [e["id"] for e in seen] == stored  # nothing lost, nothing repeated
     assert (seen[-1]["kind"], seen[-1]["status"]) == ("job.status", "done")
 
@@ -134,7 +134,7 @@ async def test_json_long_poll_through_mangum(
 ) -> None:
     m = await member_factory()
     job = await job_factory(m, CHAIN)
-    job_id, token = str(job["id"]), token_for(m)
+    job_id, token = str(job.id), token_for(m)
 
     answer, _ = await asyncio.to_thread(
         invoke, request(job_id, token, query="after=0"), db_url, config, 4500
@@ -166,7 +166,7 @@ async def test_json_long_poll_through_mangum(
     )  # fmt: skip
     assert rest["done"] is True
     async with db.user(m.claims) as s:
-        stored = [e["id"] for e in await s.event_list(job["id"])]
+        stored = [e["id"] for e in await s.event_list(job.id)]
     got = [e["id"] for e in page["events"] + nxt["events"] + rest["events"]]
     assert got == stored
 

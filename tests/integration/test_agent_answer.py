@@ -41,7 +41,7 @@ async def test_a_request_becomes_a_job_and_the_limit_refuses(
     assert isinstance(agreed, protocol.Agree) and agreed.payload.text == "intent timer"
     assert agreed.conversation_id == agreed.payload.job_id
     async with db.user(m.claims) as s:
-        assert (await s.job_get(agreed.payload.job_id))["intent"] == "timer"
+        assert (await s.job_get(agreed.payload.job_id)).intent == "timer"
     refused = await answer(db, m, request("Stell einen Timer auf 5 Minuten"), limiter)
     assert isinstance(refused, protocol.Refuse) and refused.payload.code == "rate_limited"
 
@@ -84,5 +84,5 @@ async def test_a_reference_that_cannot_be_resolved_fails_the_claimed_todo(
     await dispatch.Dispatcher(db).run_pass(5)
     async with db.user(m.claims) as s:
         assert await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None) == []
-        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
+        todos = {t["key"]: t for t in await s.job_todos(job.id)}
     assert todos["o"]["status"] == "failed" and "app" in todos["o"]["error"]

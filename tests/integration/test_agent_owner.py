@@ -116,7 +116,7 @@ async def test_a_routed_todo_goes_to_the_named_agent_only(
     m = await member_factory()
     job = await job_factory(m, [OPEN_APP])
     async with db.user(m.claims) as s:
-        assert await s.job_route(job["id"], "laptop:1") == 1
+        assert await s.job_route(job.id, "laptop:1") == 1
         assert await s.agent_claim(m.tenant_id, "other", None, 5) == []
         [row] = await s.agent_claim(m.tenant_id, "laptop:1", None, 5)
     assert row["lease_owner"] == await agent_owner(db, "laptop:1")

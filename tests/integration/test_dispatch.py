@@ -29,12 +29,12 @@ async def test_random_dag_start_times_respect_dependencies(
     job = await job_factory(m, todos)
     summary = await dispatch.Dispatcher(db, concurrency=16).run_pass(60)
     assert summary.done == 100 and summary.failed == 0
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     for t in todos:
         for dep in t["depends_on"]:
             assert rows[t["key"]]["started_at"] >= rows[dep]["finished_at"]
     async with db.user(m.claims) as s:
-        assert (await s.job_get(job["id"]))["status"] == "done"
+        assert (await s.job_get(job.id)).status == "done"
 
 
 async def test_refs_are_resolved_from_dependency_results(
@@ -55,7 +55,7 @@ async def test_refs_are_resolved_from_dependency_results(
         ],
     )
     await dispatch.Dispatcher(db).run_pass(30)
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     assert rows["c"]["result"] == {"t": "hallo", "second": 2}
 
 
@@ -78,8 +78,8 @@ async def test_missing_ref_fails_with_its_name(
     summary = await dispatch.Dispatcher(db).run_pass(30)
     assert summary.failed == 1
     async with db.user(m.claims) as s:
-        final = await s.job_get(job["id"])
-    assert final["status"] == "failed" and "'a.result.nope'" in final["error"]
+        final = await s.job_get(job.id)
+    assert final.status == "failed" and "'a.result.nope'" in final.error
 
 
 async def test_wait_is_a_timer_that_holds_no_worker(
@@ -97,7 +97,7 @@ async def test_wait_is_a_timer_that_holds_no_worker(
     first = await d.run_pass(5)
     assert first.timers == 1 and first.done == 0  # parked, the pass ended at once
     assert first.elapsed < 0.5
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     assert rows["w"]["status"] == "ready" and rows["w"]["timer_until"] is not None
     import asyncio
 
@@ -105,7 +105,7 @@ async def test_wait_is_a_timer_that_holds_no_worker(
     second = await d.run_pass(5)
     assert second.done == 2
     async with db.user(m.claims) as s:
-        events = await s.event_list(job["id"])
+        events = await s.event_list(job.id)
     assert any(e["kind"] == "notification" and e["data"]["message"] == "Tee!" for e in events)
 
 
@@ -123,8 +123,8 @@ async def test_llm_actions_fail_clearly_without_a_provider(
     summary = await dispatch.Dispatcher(db).run_pass(10)
     assert summary.failed == 1
     async with db.user(m.claims) as s:
-        final = await s.job_get(job["id"])
-    assert "No LLM provider is configured" in final["error"]
+        final = await s.job_get(job.id)
+    assert "No LLM provider is configured" in final.error
 
 
 async def test_retryable_errors_back_off(
@@ -152,7 +152,7 @@ async def test_retryable_errors_back_off(
     await asyncio.sleep(0.3)
     second = await d.run_pass(5)
     assert second.done == 1
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     assert rows["f"]["attempts"] == 2 and rows["f"]["result"] == {"ok": True}
 
 
@@ -183,7 +183,7 @@ async def test_executors_answer_outcomes_and_the_dispatcher_acts_on_them(
 
     await asyncio.sleep(0.3)
     assert (await d.run_pass(5)).done == 1
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     assert rows["l"]["status"] == "done" and "snoozed_until" in rows["l"]["result"]
     assert rows["u"]["status"] == "failed"
     assert "answered dict, not an outcome" in rows["u"]["error"]
@@ -196,5 +196,5 @@ async def test_budget_stops_the_pass_and_releases_leases(
     job = await job_factory(m, [{"key": "slow", "action": "noop", "params": {"duration_ms": 3000}}])
     summary = await dispatch.Dispatcher(db).run_pass(0.3)
     assert summary.elapsed < 1.5 and summary.done == 0
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     assert rows["slow"]["status"] == "ready" and rows["slow"]["attempts"] == 0

@@ -30,7 +30,7 @@ async def test_a_pass_logs_its_summary_and_each_failure(
     assert "'bad' (http.request) failed on attempt 1 of 1" in failure.getMessage()
     assert "private, loopback or link-local" in failure.getMessage()  # the cause
     line = json.loads(logs.JsonFormatter().format(failure))
-    assert line["job_id"] == str(job["id"]) and line["tenant_id"] == str(member.tenant_id)
+    assert line["job_id"] == str(job.id) and line["tenant_id"] == str(member.tenant_id)
     assert line["todo_id"] and line["action"] == "http.request" and line["retry"] is False
 
     (summary,) = [r for r in caplog.records if r.getMessage().startswith("dispatch pass")]

@@ -19,7 +19,7 @@ from tests.conftest import JobFactory, Member, MemberFactory, register_action
 async def job_state(db: store.Store, m: Member, job_id: Any) -> tuple[str, dict[str, str]]:
     async with db.user(m.claims) as s:
         job = await s.job_get(job_id)
-        return job["status"], {t["key"]: t["status"] for t in await s.job_todos(job_id)}
+        return job.status, {t["key"]: t["status"] for t in await s.job_todos(job_id)}
 
 
 async def done_events_per_todo(db_url: str, job_id: Any) -> dict[str, int]:
@@ -67,20 +67,20 @@ async def test_sigkill_mid_job_loses_nothing(
     )
     # Kill it once some ToDos are done and others are held.
     for _ in range(200):
-        _, st = await job_state(db, m, job["id"])
+        _, st = await job_state(db, m, job.id)
         if list(st.values()).count("done") >= 40 and "running" in st.values():
             break
         await asyncio.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    status, st = await job_state(db, m, job["id"])
+    status, st = await job_state(db, m, job.id)
     assert status == "running" and "running" in st.values()
     await asyncio.sleep(2.2)  # the dead worker's leases expire
     summary = await dispatch.Dispatcher(db, lease_seconds=10).run_pass(60)
     assert summary.failed == 0
-    status, st = await job_state(db, m, job["id"])
+    status, st = await job_state(db, m, job.id)
     assert status == "done" and set(st.values()) == {"done"}
-    per_todo = await done_events_per_todo(db_url, job["id"])
+    per_todo = await done_events_per_todo(db_url, job.id)
     assert len(per_todo) == 300 and set(per_todo.values()) == {1}
 
 
@@ -108,7 +108,7 @@ async def test_three_concurrent_passes_never_run_a_todo_twice(
     assert sum(s.done for s in summaries) == 600
     assert all(s.claimed > 0 for s in summaries)
     assert len(runs) == 600 and set(runs.values()) == {1}
-    assert (await job_state(db, m, job["id"]))[0] == "done"
+    assert (await job_state(db, m, job.id))[0] == "done"
 
 
 async def test_cancel_during_a_pass(
@@ -127,10 +127,10 @@ async def test_cancel_during_a_pass(
     task = asyncio.create_task(d.run_pass(10))
     await asyncio.sleep(0.3)
     async with db.user(m.claims) as s:
-        await s.job_cancel(job["id"])
+        await s.job_cancel(job.id)
     summary = await task
     assert summary.done == 1  # the running ToDo finished; nothing new started
-    status, st = await job_state(db, m, job["id"])
+    status, st = await job_state(db, m, job.id)
     assert status == "cancelled" and st == {
         "slow": "done",
         "next": "cancelled",
@@ -156,7 +156,7 @@ async def test_confirmation_gates_dispatch(
     summary = await dispatch.Dispatcher(db).run_pass(2)
     assert summary.claimed == 0
     async with db.user(m.claims) as s:
-        [todo] = await s.job_todos(job["id"])
+        [todo] = await s.job_todos(job.id)
         assert todo["status"] == "confirming"
 
 
@@ -173,17 +173,17 @@ async def test_long_running_mode_wakes_on_notify_and_stops_on_signal(
         m, [{"key": "a", "action": "noop"}, {"key": "b", "action": "noop", "depends_on": ["a"]}]
     )
     for _ in range(100):
-        if (await job_state(db, m, job["id"]))[0] == "done":
+        if (await job_state(db, m, job.id))[0] == "done":
             break
         await asyncio.sleep(0.02)
-    assert (await job_state(db, m, job["id"]))[0] == "done"
+    assert (await job_state(db, m, job.id))[0] == "done"
     assert time.monotonic() - t0 < 2.0  # woken by NOTIFY, not by the 30 s sweep
     slow = await job_factory(m, [{"key": "s", "action": "noop", "params": {"duration_ms": 500}}])
     await asyncio.sleep(0.2)
     stop.set()  # what SIGTERM does: stop claiming, finish what it holds
     total = await asyncio.wait_for(runner, 5)
     assert total.done == 3
-    assert (await job_state(db, m, slow["id"]))[0] == "done"
+    assert (await job_state(db, m, slow.id))[0] == "done"
 
 
 async def test_desktop_flow_assign_agree_done(
@@ -222,7 +222,7 @@ async def test_desktop_flow_assign_agree_done(
     async with db.user(m.claims) as s:
         again = await agent.apply(s, done)  # a repeated done is harmless
     assert again.type == "agree" and again.payload.text == "already done"  # type: ignore[union-attr]
-    assert (await job_state(db, m, job["id"]))[0] == "done"
+    assert (await job_state(db, m, job.id))[0] == "done"
 
 
 async def test_desktop_refuse_releases_for_another_agent(

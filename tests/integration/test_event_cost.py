@@ -45,7 +45,7 @@ async def test_deleting_a_job_deletes_its_events(
     with psycopg.connect(db_url) as conn:
         count = "select count(*) from public.job_events where job_id = %s"
         # job: pending, running, done; each ToDo: ready, running, done
-        assert conn.execute(count, (gone["id"],)).fetchone() == (9,)
-        conn.execute("delete from public.jobs where id = %s", (gone["id"],))
-        assert conn.execute(count, (gone["id"],)).fetchone() == (0,)
-        assert conn.execute(count, (keep["id"],)).fetchone() == (6,)
+        assert conn.execute(count, (gone.id,)).fetchone() == (9,)
+        conn.execute("delete from public.jobs where id = %s", (gone.id,))
+        assert conn.execute(count, (gone.id,)).fetchone() == (0,)
+        assert conn.execute(count, (keep.id,)).fetchone() == (6,)

@@ -80,18 +80,18 @@ async def test_a_reader_resuming_by_id_never_skips_an_earlier_transaction(
     """
     m = await member_factory()
     job = await job_factory(m, NOOPS)
-    start = _last(db_url, job["id"])
+    start = _last(db_url, job.id)
     with psycopg.connect(db_url) as t1, psycopg.connect(db_url) as t2:
-        todo = _todos(t1, job["id"])
+        todo = _todos(t1, job.id)
         t1.commit()
         _start(t1, todo["a"], "t1")  # T1 writes its event and stays open
         _start(t2, todo["b"], "t2")
         t2.commit()  # T2 commits first
-        seen = _after(db_url, job["id"], start)  # a reader polls between the two commits
+        seen = _after(db_url, job.id, start)  # a reader polls between the two commits
         assert seen, "T2's event is visible"
         t1.commit()
-    seen += _after(db_url, job["id"], seen[-1])  # ... and resumes after the last id it saw
-    assert seen == _after(db_url, job["id"], start), "the resumed reader skipped an event"
+    seen += _after(db_url, job.id, seen[-1])  # ... and resumes after the last id it saw
+    assert seen == _after(db_url, job.id, start), "the resumed reader skipped an event"
     assert len(seen) == 2  # a running (T1) and b running (T2)
 
 
@@ -102,9 +102,9 @@ async def test_a_later_commit_of_the_same_job_waits_for_the_flushed_one(
     for T1's commit before it takes ids of J, so ids of J commit in id order."""
     m = await member_factory()
     job = await job_factory(m, NOOPS)
-    start = _last(db_url, job["id"])
+    start = _last(db_url, job.id)
     with psycopg.connect(db_url) as t1, psycopg.connect(db_url) as t2:
-        todo = _todos(t1, job["id"])
+        todo = _todos(t1, job.id)
         t1.commit()
         _start(t1, todo["a"], "t1")
         t1.execute("set constraints all immediate")  # flush now: ids taken, lock held
@@ -136,7 +136,7 @@ async def test_a_later_commit_of_the_same_job_waits_for_the_flushed_one(
                 time.sleep(0.02)
         assert waiting, "T2's commit does not wait for T1's job lock"
         assert not done.is_set()
-        assert _after(db_url, job["id"], start) == []  # nothing of either is visible yet
+        assert _after(db_url, job.id, start) == []  # nothing of either is visible yet
         t1.commit()
         thread.join(10)
         assert done.is_set() and not errors, errors
@@ -144,7 +144,7 @@ async def test_a_later_commit_of_the_same_job_waits_for_the_flushed_one(
             rows = conn.execute(
                 "select id, todo_id from public.job_events where job_id = %s and id > %s"
                 " and todo_id is not null order by id",
-                (job["id"], start),
+                (job.id, start),
             ).fetchall()
     assert [r[1] for r in rows] == [todo["a"], todo["b"]]  # T1's id is the lower one
 
@@ -161,7 +161,7 @@ async def test_one_transaction_sends_one_broadcast_per_tenant(
     topic_a, topic_b = f"tenant:{a.tenant_id}", f"tenant:{b.tenant_id}"
     before_a, before_b = len(_messages(db_url, topic_a)), len(_messages(db_url, topic_b))
     with psycopg.connect(db_url) as conn:
-        ids = [j["id"] for j in jobs]
+        ids = [j.id for j in jobs]
         conn.execute(
             "update public.todos set status = 'running', lease_owner = 'w',"
             " lease_expires_at = now() + interval '1 minute', attempts = 1 where job_id = any(%s)",
@@ -208,7 +208,7 @@ async def test_a_large_transaction_is_cut_into_messages_by_size(
         conn.execute(
             "update public.todos set status = 'done', result = jsonb_build_object('blob',"
             " repeat(md5(key), 1000)) where job_id = %s",  # 32 kB each
-            (job["id"],),
+            (job.id,),
         )
     sent = _messages(db_url, topic)[before:]
     assert 2 <= len(sent) <= 4
@@ -217,7 +217,7 @@ async def test_a_large_transaction_is_cut_into_messages_by_size(
     events = [e for p in sent for e in p["events"]]
     assert len(events) == 8
     assert [e["id"] for e in events] == sorted(e["id"] for e in events)
-    assert _after(db_url, job["id"], events[0]["id"] - 1) == [e["id"] for e in events]
+    assert _after(db_url, job.id, events[0]["id"] - 1) == [e["id"] for e in events]
 
 
 async def test_rollback_and_commit_leave_no_staged_residue(
@@ -225,23 +225,23 @@ async def test_rollback_and_commit_leave_no_staged_residue(
 ) -> None:
     m = await member_factory()
     job = await job_factory(m, NOOPS)
-    start = _last(db_url, job["id"])
+    start = _last(db_url, job.id)
     topic = f"tenant:{m.tenant_id}"
     sent = len(_messages(db_url, topic))
     with psycopg.connect(db_url) as conn:
-        todo = _todos(conn, job["id"])
+        todo = _todos(conn, job.id)
         conn.commit()
         _start(conn, todo["a"], "w")
         conn.execute(
             "insert into public.job_events (tenant_id, job_id, todo_id, kind, data)"
             " values (%s, %s, %s, 'todo.output', '{}')",
-            (m.tenant_id, job["id"], todo["a"]),
+            (m.tenant_id, job.id, todo["a"]),
         )
         row = conn.execute(
             "select (select count(*) from private.job_events_staged where txid = pg_current_xact_id()),"
             " (select count(*) from private.job_events_flush where txid = pg_current_xact_id()),"
             " (select count(*) from public.job_events where job_id = %s and id > %s)",
-            (job["id"], start),
+            (job.id, start),
         ).fetchone()
         assert row == (2, 1, 0)  # staged (status change and insert), armed, no row yet
         conn.rollback()
@@ -252,7 +252,7 @@ async def test_rollback_and_commit_leave_no_staged_residue(
                 _start(conn, todo["b"], "w")
             _start(conn, todo["a"], "w")
     assert _residue(db_url) == (0, 0)
-    ids = _after(db_url, job["id"], start)
+    ids = _after(db_url, job.id, start)
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
             "select todo_id, status from public.job_events where id = any(%s) and todo_id is not null",
@@ -275,12 +275,12 @@ async def test_direct_appends_get_their_ids_at_commit(
     """An executor's emit (service role, plain insert) and an agent's note are staged too."""
     m = await member_factory()
     job = await job_factory(m, NOOPS)
-    start = _last(db_url, job["id"])
+    start = _last(db_url, job.id)
     with psycopg.connect(db_url) as conn:
-        todo_id = _todos(conn, job["id"])["a"]
+        todo_id = _todos(conn, job.id)["a"]
     async with db.service() as s:
         await s.event_append(
-            tenant_id=m.tenant_id, job_id=job["id"], todo_id=todo_id, kind="todo.output",
+            tenant_id=m.tenant_id, job_id=job.id, todo_id=todo_id, kind="todo.output",
             data={"text": "partial"},
         )  # fmt: skip
     async with db.user(m.claims) as s:
@@ -288,7 +288,7 @@ async def test_direct_appends_get_their_ids_at_commit(
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
             "select kind, data from public.job_events where job_id = %s and id > %s order by id",
-            (job["id"], start),
+            (job.id, start),
         ).fetchall()
     assert rows == [("todo.output", {"text": "partial"}), ("notification", {"text": "note"})]
     assert _residue(db_url) == (0, 0)
@@ -306,8 +306,8 @@ async def test_a_job_deleted_in_the_same_transaction_leaves_no_events(
     m = await member_factory()
     job = await job_factory(m, NOOPS)
     with psycopg.connect(db_url) as conn:
-        todo = _todos(conn, job["id"])
+        todo = _todos(conn, job.id)
         _start(conn, todo["a"], "w")
-        conn.execute("delete from public.jobs where id = %s", (job["id"],))
-    assert _after(db_url, job["id"], 0) == []
+        conn.execute("delete from public.jobs where id = %s", (job.id,))
+    assert _after(db_url, job.id, 0) == []
     assert _residue(db_url) == (0, 0)

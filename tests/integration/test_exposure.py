@@ -219,7 +219,7 @@ async def test_a_user_cannot_complete_fail_or_release_the_dispatchers_todo(
         assert await s.todo_complete([{"id": str(a.id), "result": 1}]) == 0
         assert await s.todo_release([{"id": str(a.id)}]) == 0
     async with db.user(m.claims) as s:
-        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
+        todos = {t["key"]: t for t in await s.job_todos(job.id)}
     assert todos["a"]["status"] == "running" and todos["a"]["result"] is None
     assert todos["a"]["lease_owner"] == "dispatcher:abc"
 
@@ -258,7 +258,7 @@ async def test_not_yours_and_not_found_read_the_same(
         ],
     )
     async with db.service() as s:
-        [todo] = await s.job_todos(job["id"])
+        [todo] = await s.job_todos(job.id)
     answers = []
     for todo_id in (str(todo["id"]), str(uuid.uuid4())):
         for call in ("confirm", "note"):
@@ -271,7 +271,7 @@ async def test_not_yours_and_not_found_read_the_same(
             answers.append((call, info.value.message))
     assert answers[:2] == answers[2:]
     async with db.service() as s:
-        [todo] = await s.job_todos(job["id"])
+        [todo] = await s.job_todos(job.id)
     assert todo["status"] == "confirming"
 
 

@@ -66,13 +66,13 @@ async def test_a_saturating_tenant_does_not_delay_another(
         assert await _running(db, a.tenant_id) == 8
         job = await job_factory(b, [{"key": "b", "action": "noop"}])
         for _ in range(40):
-            status, _ = await job_state(db, b, job["id"])
+            status, _ = await job_state(db, b, job.id)
             if status == "done":
                 break
             await asyncio.sleep(0.05)
         async with db.user(b.claims) as s:
-            [todo] = await s.job_todos(job["id"])
-        delay = (todo["started_at"] - job["created_at"]).total_seconds()
+            [todo] = await s.job_todos(job.id)
+        delay = (todo["started_at"] - job.created_at).total_seconds()
         assert todo["status"] == "done" and delay < 1.0, delay
         assert await _running(db, a.tenant_id) <= 8
     finally:
@@ -106,9 +106,7 @@ async def test_leases_of_a_dead_dispatcher_on_this_host_are_reclaimed_at_once(
     took = time.monotonic() - started
     assert summary.done == 2, summary.as_dict()
     async with db.user(m.claims) as s:
-        owners = {
-            t["lease_owner"] for t in await s.job_todos(job["id"]) if t["status"] == "running"
-        }
+        owners = {t["lease_owner"] for t in await s.job_todos(job.id) if t["status"] == "running"}
     assert owners == {alive, elsewhere}
     assert took < 5.0  # generous for a loaded CI machine; measured 0.02-0.04 s
     print(f"\nrecovery of a dead dispatcher's leases (600 s lease): {took:.3f} s")
@@ -160,14 +158,14 @@ async def test_twenty_kill_nines_during_a_400_todo_job_lose_nothing(
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         kills += 1
-    status, st = await job_state(db, m, job["id"])
+    status, st = await job_state(db, m, job.id)
     killed_at = time.monotonic()
     # A last worker (started after the 20th kill) finishes: it reclaims the dead leases at
     # once, so nothing waits out the 30 s lease.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
-            status, st = await job_state(db, m, job["id"])
+            status, st = await job_state(db, m, job.id)
             if status in ("done", "failed"):
                 break
             await asyncio.sleep(0.1)
@@ -175,7 +173,7 @@ async def test_twenty_kill_nines_during_a_400_todo_job_lose_nothing(
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert status == "done" and set(st.values()) == {"done"}, (status, st)
-    per_todo = await done_events_per_todo(db_url, job["id"])
+    per_todo = await done_events_per_todo(db_url, job.id)
     assert len(per_todo) == 400 and set(per_todo.values()) == {1}
     print(f"\n20 kill -9s: job done {time.monotonic() - killed_at:.1f} s after the last kill "
           f"({time.monotonic() - started:.1f} s in all)")  # fmt: skip

@@ -69,7 +69,7 @@ async def test_connections_terminated_twice_during_a_200_todo_job(
                 if d.health.last_ok is not None and d.health.last_ok > cut:
                     break
             recoveries.append(time.monotonic() - cut)
-        assert await _wait_done(db, m, job["id"], 30) == "done"
+        assert await _wait_done(db, m, job.id, 30) == "done"
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             for _ in range(100):
                 answer = await c.get("/readyz")
@@ -83,7 +83,7 @@ async def test_connections_terminated_twice_during_a_200_todo_job(
         stop.set()
         await asyncio.wait_for(worker, 30)
     assert not worker.exception()
-    per_todo = await done_events_per_todo(db_url, job["id"])
+    per_todo = await done_events_per_todo(db_url, job.id)
     assert len(per_todo) == 200 and set(per_todo.values()) == {1}
 
 
@@ -128,7 +128,7 @@ async def test_the_dispatcher_backs_off_while_down_and_runs_after(
         assert "unavailable" in (snap["last_error"] or "")
         job = await job_factory(m, [{"key": "a", "action": "noop"}])
         proxy.up()
-        assert await _wait_done(db, m, job["id"], 15) == "done"
+        assert await _wait_done(db, m, job.id, 15) == "done"
     finally:
         stop.set()
         await asyncio.wait_for(worker, 15)
@@ -172,11 +172,11 @@ async def test_an_unstorable_result_fails_its_todo_alone(
     summary = await d.run_pass(30)
     assert summary.done == 98 and summary.failed == 2, summary.as_dict()
     async with db.user(m.claims) as s:
-        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
-        got = await s.job_get(job["id"])
+        todos = {t["key"]: t for t in await s.job_todos(job.id)}
+        got = await s.job_get(job.id)
     assert "unpaired surrogate" in todos["t13"]["error"]
     assert "deeper than 64" in todos["t42"]["error"]
-    assert got["status"] == "failed"
+    assert got.status == "failed"
     assert sum(t["status"] == "done" for t in todos.values()) == 98
 
 

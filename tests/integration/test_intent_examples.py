@@ -43,8 +43,8 @@ async def test_every_positive_intent_example_completes(
                 s, tenant_id=m.tenant_id, text=text, time_zone="Europe/Berlin",
                 planner_configured=True,
             )  # fmt: skip
-        assert job["intent"] == name, (text, job["intent"])
-        jobs[str(job["id"])] = (name, text)
+        assert job.intent == name, (text, job.intent)
+        jobs[str(job.id)] = (name, text)
 
     def answer(request: httpx2.Request) -> httpx2.Response:
         return chat("Kurz zusammengefasst: alles erledigt.")
@@ -82,11 +82,11 @@ async def test_every_positive_intent_example_completes(
             async with db.user(m.claims) as s:
                 await s.todo_confirm(todo_id)
         async with db.user(m.claims) as s:
-            status = {str(j["id"]): j["status"] for j in await s.job_list(limit=500)}
+            status = {str(j.id): j.status for j in await s.job_list(limit=500)}
         if all(status[j] == "done" for j in jobs):
             break
     unfinished = {jobs[j]: status[j] for j in jobs if status[j] != "done"}
     if unfinished:
         async with db.user(m.claims) as s:
-            errors = {jobs[j]: (await s.job_get(j))["error"] for j in jobs if status[j] != "done"}
+            errors = {jobs[j]: (await s.job_get(j)).error for j in jobs if status[j] != "done"}
         raise AssertionError(errors)

@@ -41,7 +41,7 @@ async def statuses(db: store.Store, member: Member, job_id: Any) -> dict[str, st
         return {t["key"]: t["status"] for t in await s.job_todos(job_id)}
 
 
-async def job_status(db: store.Store, member: Member, job_id: Any) -> dict[str, Any]:
+async def job_status(db: store.Store, member: Member, job_id: Any) -> store.JobRow:
     async with db.user(member.claims) as s:
         return await s.job_get(job_id)
 
@@ -87,14 +87,14 @@ async def test_diamond_releases_join_only_after_both(
     b = next(r for r in bc if r["key"] == "b")
     c = next(r for r in bc if r["key"] == "c")
     await complete(db, [b])
-    assert (await statuses(db, m, job["id"]))["d"] == "waiting"
+    assert (await statuses(db, m, job.id))["d"] == "waiting"
     assert await claim(db) == []
     await complete(db, [c])
-    assert (await statuses(db, m, job["id"]))["d"] == "ready"
+    assert (await statuses(db, m, job.id))["d"] == "ready"
     [d] = await claim(db)
     await complete(db, [d])
-    final = await job_status(db, m, job["id"])
-    assert final["status"] == "done" and final["completed_at"] is not None
+    final = await job_status(db, m, job.id)
+    assert final.status == "done" and final.completed_at is not None
 
 
 async def test_completing_twice_is_harmless(
@@ -108,7 +108,7 @@ async def test_completing_twice_is_harmless(
     assert await complete(db, [a]) == 1
     assert await complete(db, [a]) == 0
     async with db.service() as s:
-        b = (await s.job_todos(job["id"]))[1]
+        b = (await s.job_todos(job.id))[1]
     assert b["deps_remaining"] == 0 and b["status"] == "ready"
 
 
@@ -124,9 +124,9 @@ async def test_expired_lease_is_reclaimed_and_late_completion_is_harmless(
     [again] = await claim(db, owner="new")
     assert again["id"] == first["id"] and again["attempts"] == 2
     assert await complete(db, [first], owner="old") == 0  # the zombie's late completion
-    assert (await statuses(db, m, job["id"]))["a"] == "running"
+    assert (await statuses(db, m, job.id))["a"] == "running"
     assert await complete(db, [again], owner="new") == 1
-    assert (await job_status(db, m, job["id"]))["status"] == "done"
+    assert (await job_status(db, m, job.id)).status == "done"
 
 
 async def test_expiry_past_max_attempts_fails_the_job(
@@ -143,9 +143,9 @@ async def test_expiry_past_max_attempts_fails_the_job(
     await claim(db, owner="lost", lease=0.1)
     await asyncio.sleep(0.3)
     assert await claim(db) == []
-    assert await statuses(db, m, job["id"]) == {"a": "failed", "b": "cancelled"}
-    final = await job_status(db, m, job["id"])
-    assert final["status"] == "failed" and "lease expired" in final["error"]
+    assert await statuses(db, m, job.id) == {"a": "failed", "b": "cancelled"}
+    final = await job_status(db, m, job.id)
+    assert final.status == "failed" and "lease expired" in final.error
 
 
 async def test_retryable_failure_backs_off_then_fails_job_past_max_attempts(
@@ -197,15 +197,15 @@ async def test_retryable_failure_backs_off_then_fails_job_past_max_attempts(
                 }
             ]
         )
-    st = await statuses(db, m, job["id"])
+    st = await statuses(db, m, job.id)
     assert st["b"] == "failed" and st["d"] == "cancelled" and st["c"] == "running"
-    final = await job_status(db, m, job["id"])
-    assert final["status"] == "failed"
-    assert "'b' failed: 503 upstream (gave up after 2 attempts)" in final["error"]
+    final = await job_status(db, m, job.id)
+    assert final.status == "failed"
+    assert "'b' failed: 503 upstream (gave up after 2 attempts)" in final.error
     # The running sibling may still finish; the job stays failed and d stays cancelled.
     await complete(db, [c])
-    assert (await statuses(db, m, job["id"]))["d"] == "cancelled"
-    assert (await job_status(db, m, job["id"]))["status"] == "failed"
+    assert (await statuses(db, m, job.id))["d"] == "cancelled"
+    assert (await job_status(db, m, job.id)).status == "failed"
 
 
 async def test_permanent_failure_fails_at_once(
@@ -218,7 +218,7 @@ async def test_permanent_failure_fails_at_once(
         await s.todo_fail(
             [{"id": str(a["id"]), "owner": "w", "error": "bad params", "retryable": False}]
         )
-    assert (await job_status(db, m, job["id"]))["status"] == "failed"
+    assert (await job_status(db, m, job.id)).status == "failed"
 
 
 async def test_cancel_stops_everything_not_finished(
@@ -235,17 +235,17 @@ async def test_cancel_stops_everything_not_finished(
     )
     rows = await claim(db, limit=1)
     async with db.user(m.claims) as s:
-        cancelled = await s.job_cancel(job["id"])
-    assert cancelled["status"] == "cancelled"
-    st = await statuses(db, m, job["id"])
+        cancelled = await s.job_cancel(job.id)
+    assert cancelled.status == "cancelled"
+    st = await statuses(db, m, job.id)
     assert st[rows[0]["key"]] == "running"
     assert sorted(v for k, v in st.items() if k != rows[0]["key"]) == ["cancelled", "cancelled"]
     assert await claim(db) == []
     await complete(db, rows)  # the running one finishes; nothing new starts
-    st = await statuses(db, m, job["id"])
+    st = await statuses(db, m, job.id)
     assert list(st.values()).count("cancelled") == 2
     async with db.user(m.claims) as s:
-        assert (await s.job_cancel(job["id"]))["status"] == "cancelled"  # idempotent
+        assert (await s.job_cancel(job.id)).status == "cancelled"  # idempotent
 
 
 async def test_retry_resumes_a_failed_job(
@@ -268,17 +268,17 @@ async def test_retry_resumes_a_failed_job(
         await s.todo_fail([{"id": str(a["id"]), "owner": "w", "error": "boom", "retryable": False}])
     async with db.user(m.claims) as s:
         with pytest.raises(errors.ConflictError):
-            await s.job_cancel(job["id"])
+            await s.job_cancel(job.id)
     async with db.user(m.claims) as s:
-        retried = await s.job_retry(job["id"])
-    assert retried["status"] == "running" and retried["retry_count"] == 1
-    assert await statuses(db, m, job["id"]) == {"a": "ready", "b": "waiting", "x": "done"}
+        retried = await s.job_retry(job.id)
+    assert retried.status == "running" and retried.retry_count == 1
+    assert await statuses(db, m, job.id) == {"a": "ready", "b": "waiting", "x": "done"}
     for _ in range(2):
         await complete(db, await claim(db))
-    assert (await job_status(db, m, job["id"]))["status"] == "done"
+    assert (await job_status(db, m, job.id)).status == "done"
     async with db.user(m.claims) as s:
         with pytest.raises(errors.ConflictError, match="only failed or cancelled"):
-            await s.job_retry(job["id"])
+            await s.job_retry(job.id)
 
 
 async def test_fairness_small_tenant_is_not_starved(
@@ -311,10 +311,10 @@ async def test_confirmation_gates_a_todo(
             }
         ],
     )
-    assert (await statuses(db, m, job["id"])) == {"send": "confirming"}
+    assert (await statuses(db, m, job.id)) == {"send": "confirming"}
     assert await claim(db, target="desktop") == []
     async with db.user(m.claims) as s:
-        [todo] = await s.job_todos(job["id"])
+        [todo] = await s.job_todos(job.id)
         await s.todo_confirm(todo["id"], approved=True)
     [claimed] = await claim(db, target="desktop")
     assert claimed["key"] == "send"
@@ -337,10 +337,10 @@ async def test_declining_fails_the_job(
         ],
     )
     async with db.user(m.claims) as s:
-        [todo] = await s.job_todos(job["id"])
+        [todo] = await s.job_todos(job.id)
         await s.todo_confirm(todo["id"], approved=False)
-        final = await s.job_get(job["id"])
-    assert final["status"] == "failed" and "declined" in final["error"]
+        final = await s.job_get(job.id)
+    assert final.status == "failed" and "declined" in final.error
 
 
 async def test_idempotency_key_returns_the_same_job(
@@ -350,7 +350,7 @@ async def test_idempotency_key_returns_the_same_job(
     first, second = await asyncio.gather(
         job_factory(m, idempotency_key="abc"), job_factory(m, idempotency_key="abc")
     )
-    assert first["id"] == second["id"]
+    assert first.id == second.id
     async with db.user(m.claims) as s:
         assert len(await s.job_list()) == 1
 
@@ -398,8 +398,8 @@ async def test_refusals_release_then_fail(
             [row] = await s.agent_claim(m.tenant_id, f"agent{i}", ["desktop.open_app"], 5)
             assert row["attempts"] == 1
             await s.agent_release(f"agent{i}", [{"id": str(row["id"])}], refusal=True)
-    final = await job_status(db, m, job["id"])
-    assert final["status"] == "failed" and "Refused by 3 agents" in final["error"]
+    final = await job_status(db, m, job.id)
+    assert final.status == "failed" and "Refused by 3 agents" in final.error
 
 
 async def test_todo_events_and_notify(
@@ -414,7 +414,7 @@ async def test_todo_events_and_notify(
     [a] = await claim(db)
     await complete(db, [a])
     async with db.user(m.claims) as s:
-        events = await s.event_list(job["id"])
+        events = await s.event_list(job.id)
     kinds = [(e["kind"], e["status"]) for e in events]
     assert kinds == [
         ("job.status", "pending"),

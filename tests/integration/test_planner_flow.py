@@ -53,16 +53,16 @@ async def test_german_request_is_planned_and_runs_to_done(
     m = await member_factory()
     async with db.user(m.claims) as s:
         job = await intake.submit(s, tenant_id=m.tenant_id, text=GERMAN, planner_configured=True)
-    assert job["intent"] == "unknown" and job["todo_count"] == 1  # answered at once: one plan ToDo
+    assert job.intent == "unknown" and job.todo_count == 1  # answered at once: one plan ToDo
     rec = Recorder(chat(BRANCHES))
     registry = executor.builtin()
     planner.register(registry, rec.provider(), plan_cache.PostgresPlanCache(db))
     summary = await dispatch.Dispatcher(db, registry=registry).run_pass(30)
     assert summary.done == 4 and summary.failed == 0
     async with db.user(m.claims) as s:
-        final = await s.job_get(job["id"])
-        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
-    assert final["status"] == "done"
+        final = await s.job_get(job.id)
+        todos = {t["key"]: t for t in await s.job_todos(job.id)}
+    assert final.status == "done"
     assert list(todos) == ["plan", "kisten", "termin", "fertig"]
     assert todos["fertig"]["depends_on"] == ["kisten", "termin"]
     assert todos["kisten"]["started_at"] < todos["fertig"]["started_at"]
@@ -86,9 +86,9 @@ async def test_invalid_plan_fails_the_job_with_the_errors(
     planner.register(registry, rec.provider(), plan_cache.PostgresPlanCache(db))
     await dispatch.Dispatcher(db, registry=registry).run_pass(30)
     async with db.user(m.claims) as s:
-        final = await s.job_get(job["id"])
-    assert final["status"] == "failed"
-    assert "could not produce a valid plan" in final["error"] and "'ghost'" in final["error"]
+        final = await s.job_get(job.id)
+    assert final.status == "failed"
+    assert "could not produce a valid plan" in final.error and "'ghost'" in final.error
 
 
 async def test_cache_hit_makes_no_call(db: store.Store, member_factory: MemberFactory) -> None:

@@ -79,7 +79,7 @@ async def test_every_event_is_broadcast_once_on_its_tenant_topic(
 
 async def _job_ids(db: store.Store, m: Member) -> list[uuid.UUID]:
     async with db.user(m.claims) as s:
-        return [j["id"] for j in await s.job_list(tenant_id=m.tenant_id, limit=100)]
+        return [j.id for j in await s.job_list(tenant_id=m.tenant_id, limit=100)]
 
 
 async def test_a_tenant_receives_only_its_own_topic_and_anon_nothing(

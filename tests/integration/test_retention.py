@@ -21,12 +21,12 @@ async def test_prune_old_events_jobs_and_audit(
         await s.conn.execute(
             "update public.jobs set completed_at = now() - interval '40 days',"
             " created_at = now() - interval '41 days' where id = any(%s)",
-            ([old["id"], running["id"]],),
+            ([old.id, running.id],),
         )
         await s.conn.execute(
             "update public.job_events set created_at = now() - interval '40 days'"
             " where job_id = %s",
-            (recent["id"],),
+            (recent.id,),
         )
         await s.conn.execute(
             "insert into public.audit_log (action, entity, created_at)"
@@ -38,13 +38,13 @@ async def test_prune_old_events_jobs_and_audit(
     assert pruned["jobs"] == 1 and pruned["audit_log"] == 1 and pruned["job_events"] >= 1
     assert await d.maybe_prune() is None  # at most once per retention_every
     async with db.service() as s:
-        ids = {str(j["id"]) for j in await s.job_list(tenant_id=m.tenant_id)}
+        ids = {str(j.id) for j in await s.job_list(tenant_id=m.tenant_id)}
         cur = await s.conn.execute(
             "select entity, before from public.audit_log where entity in ('ancient', 'audit_log')"
         )
         audit = await cur.fetchall()
     # The unfinished job stays whatever its age; the recent one keeps its row.
-    assert ids == {str(recent["id"]), str(running["id"])}
+    assert ids == {str(recent.id), str(running.id)}
     assert [a["entity"] for a in audit] == ["audit_log"]
     assert audit[0]["before"]["pruned"] == 1
 

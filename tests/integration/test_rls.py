@@ -216,10 +216,10 @@ async def test_member_sees_only_own_tenant(
     a, b = await _seed(db, member_factory, job_factory)
     async with db.user(a.claims) as s:
         jobs = await s.job_list()
-    assert {j["tenant_id"] for j in jobs} == {a.tenant_id}
+    assert {j.tenant_id for j in jobs} == {a.tenant_id}
     async with db.user(b.claims) as s:
         with pytest.raises(Exception, match="not found|Not found|does not exist"):
-            await s.job_get(jobs[0]["id"])
+            await s.job_get(jobs[0].id)
 
 
 async def test_user_cannot_create_a_job_in_another_tenant(

@@ -35,4 +35,4 @@ async def test_diamond_runs_in_order(
             )
     assert seen == [["a"], ["b", "c"], ["d"]]
     async with db.user(m.claims) as s:
-        assert (await s.job_get(job["id"]))["status"] == "done"
+        assert (await s.job_get(job.id)).status == "done"

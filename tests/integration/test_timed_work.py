@@ -25,10 +25,10 @@ async def test_run_at_is_not_claimed_early(
     m = await member_factory()
     at = datetime.now(UTC) + timedelta(seconds=1.5)
     job = await job_factory(m, [{"key": "a", "action": "noop"}], run_at=at)
-    assert job["run_at"] == at
+    assert job.run_at == at
     assert await claim(db) == []
     async with db.user(m.claims) as s:
-        (todo,) = await s.job_todos(job["id"])
+        (todo,) = await s.job_todos(job.id)
     assert todo["run_at"] == at and todo["run_after"] >= at
     await asyncio.sleep((at - datetime.now(UTC)).total_seconds() + 0.05)
     (row,) = await claim(db)
@@ -48,7 +48,7 @@ async def test_a_dependent_keeps_its_run_at_when_released(
     summary = await dispatch.Dispatcher(db).run_pass(10)
     assert summary.done == 1  # a ran; b is ready but held until its run_at
     async with db.user(m.claims) as s:
-        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
+        todos = {t["key"]: t for t in await s.job_todos(job.id)}
     assert todos["b"]["status"] == "ready"
     assert todos["b"]["run_after"] == datetime.fromisoformat(later)
 
@@ -74,7 +74,7 @@ async def test_reminder_is_a_cloud_notification_that_needs_no_agent(
             s, tenant_id=m.tenant_id, text="Erinnere mich in 10 Minuten an den Tee",
             time_zone="Europe/Berlin",
         )  # fmt: skip
-        todos = await s.job_todos(job["id"])
+        todos = await s.job_todos(job.id)
     assert [t["action"] for t in todos] == ["notify"]  # no agent offers reminder.create
     delta = todos[0]["run_at"] - datetime.now(UTC)
     assert timedelta(minutes=9) < delta <= timedelta(minutes=10)
@@ -82,13 +82,13 @@ async def test_reminder_is_a_cloud_notification_that_needs_no_agent(
     async with db.admin() as s:
         await s.conn.execute(
             "update public.todos set run_at = now(), run_after = now() where job_id = %s",
-            (job["id"],),
+            (job.id,),
         )
     summary = await dispatch.Dispatcher(db).run_pass(10)
     assert summary.done == 1
     async with db.user(m.claims) as s:
-        assert (await s.job_get(job["id"]))["status"] == "done"
-        kinds = [e["kind"] for e in await s.event_list(job["id"])]
+        assert (await s.job_get(job.id)).status == "done"
+        kinds = [e["kind"] for e in await s.event_list(job.id)]
     assert "notification" in kinds
 
 
@@ -103,7 +103,7 @@ async def test_reminder_also_goes_to_an_agent_that_offers_it(
             s, tenant_id=m.tenant_id, text="Remind me tomorrow at 9am to call Anna",
             time_zone="America/New_York",
         )  # fmt: skip
-        todos = {t["key"]: t for t in await s.job_todos(job["id"])}
+        todos = {t["key"]: t for t in await s.job_todos(job.id)}
     assert todos["remind"]["action"] == "notify"
     assert todos["native"]["action"] == "reminder.create"
     assert todos["native"]["run_at"] is None  # delivered now, fired by the desktop itself
@@ -122,8 +122,8 @@ async def test_reminder_also_goes_to_an_agent_that_offers_it(
     async with db.service() as s:
         await s.desktop_sweep()
     async with db.user(m.claims) as s:
-        after = {t["key"]: t for t in await s.job_todos(job["id"])}
-        assert (await s.job_get(job["id"]))["status"] in ("pending", "running")
+        after = {t["key"]: t for t in await s.job_todos(job.id)}
+        assert (await s.job_get(job.id)).status in ("pending", "running")
     assert after["native"]["status"] == "done" and after["native"]["result"]["skipped"] is True
     assert after["remind"]["status"] == "ready"  # still waiting for tomorrow 9am
 
@@ -240,7 +240,7 @@ async def test_a_recurring_request_creates_a_schedule(
             time_zone="Europe/Berlin",
         )  # fmt: skip
         (row,) = await s.schedule_list(m.tenant_id)
-    assert job["intent"] == "schedule"
+    assert job.intent == "schedule"
     assert row["cron"] == "0 8 * * 1" and row["request"] == "erinnere mich an den Müll"
     first = row["next_run_at"].astimezone(times.zone("Europe/Berlin"))
     assert (first.weekday(), first.hour, first.minute) == (0, 8, 0)
@@ -258,20 +258,20 @@ async def test_desktop_todo_without_agent_is_announced_and_times_out(
         assert await s.desktop_sweep() == 1
         assert await s.desktop_sweep() == 0  # announced once
     async with db.user(m.claims) as s:
-        events = [e for e in await s.event_list(job["id"]) if e["kind"] == "todo.waiting_for_agent"]
+        events = [e for e in await s.event_list(job.id) if e["kind"] == "todo.waiting_for_agent"]
     assert events[0]["data"]["message"] == "waiting for an agent offering desktop.open_app"
     # Move the clock past the agent timeout.
     async with db.admin() as s:
         await s.conn.execute(
             "update public.todos set run_after = now() - interval '61 seconds' where job_id = %s",
-            (job["id"],),
+            (job.id,),
         )
     async with db.service() as s:
         assert await s.desktop_sweep() == 1
     async with db.user(m.claims) as s:
-        failed = await s.job_get(job["id"])
-    assert failed["status"] == "failed"
-    assert "No agent offering desktop.open_app" in failed["error"]
+        failed = await s.job_get(job.id)
+    assert failed.status == "failed"
+    assert "No agent offering desktop.open_app" in failed.error
 
 
 async def test_long_running_mode_wakes_when_a_timer_comes_due(
@@ -293,7 +293,7 @@ async def test_long_running_mode_wakes_when_a_timer_comes_due(
         for _ in range(60):
             await asyncio.sleep(0.1)
             async with db.user(m.claims) as s:
-                rows = [(await s.job_todos(j["id"]))[0] for j in jobs]
+                rows = [(await s.job_todos(j.id))[0] for j in jobs]
             if all(r["status"] == "done" for r in rows):
                 break
     finally:
@@ -313,8 +313,8 @@ async def test_a_retried_desktop_todo_is_announced_again(
     async with db.service() as s:
         assert await s.desktop_sweep() == 1
     async with db.user(m.claims) as s:
-        await s.job_cancel(job["id"])
+        await s.job_cancel(job.id)
     async with db.user(m.claims) as s:
-        await s.job_retry(job["id"])
+        await s.job_retry(job.id)
     async with db.service() as s:
         assert await s.desktop_sweep() == 1

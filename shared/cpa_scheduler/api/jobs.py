@@ -15,7 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from cpa_scheduler import errors, graph, intake, logs, protocol, ratelimit, tracing
+from cpa_scheduler import errors, graph, intake, logs, protocol, ratelimit, store, tracing
 from cpa_scheduler import events as events_mod
 from cpa_scheduler.api import problems
 from cpa_scheduler.api.deps import (
@@ -62,8 +62,7 @@ class TodoOut(BaseModel):
     key: str
     action: str
     target: str
-    # str, not graph.TodoStatus: an enum here would change /openapi.json, which stays as it is.
-    status: str
+    status: graph.TodoStatus
     depends_on: list[str]
     params: dict[str, Any]
     result: Any = None
@@ -146,7 +145,7 @@ async def create_job(
             # Counted last: the tenant's counter row stays locked only until this transaction
             # commits, and a refusal rolls the job back with it.
             await app.limiter.hit(str(caller.tenant_id), session)
-            view: Any = intake.job_view(job, await session.job_todos(job["id"]))
+            view: Any = intake.job_view(job, await session.job_todos(job.id))
             tenant_id, job_id = str(caller.tenant_id), view["id"]
         else:
             view = None
@@ -287,9 +286,7 @@ async def job_events(
         """Events after ``last``, and whether the job had ended with none left."""
         async with app.store.user(claims) as session:
             rows = await session.event_list(job_id, last, 500)
-            ended = (
-                False if rows else (await session.job_get(job_id))["status"] in events_mod.TERMINAL
-            )
+            ended = False if rows else (await session.job_get(job_id)).status in events_mod.TERMINAL
         return [events_mod.view(r) for r in rows], ended
 
     first, ended = await poll(after if after is not None else start)  # 404 unless visible
@@ -340,8 +337,8 @@ async def _long_poll(
     return JSONResponse(page.model_dump(), headers={"Cache-Control": "no-cache"})
 
 
-def _encode_cursor(row: dict[str, Any]) -> str:
-    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+def _encode_cursor(job: store.JobRow) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 

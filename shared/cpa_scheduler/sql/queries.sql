@@ -11,9 +11,13 @@ select set_config('role', 'authenticated', true),
 select set_config('role', 'service_role', true);
 
 -- name: job_create
-select * from cpa.job_create_v2(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
-                                %(idempotency_key)s, %(priority)s, %(max_retries)s,
-                                %(run_at)s::timestamptz, %(time_zone)s);
+-- The job queries select the columns of store.JobRow, which their rows are built as.
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from cpa.job_create_v2(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
+                         %(idempotency_key)s, %(priority)s, %(max_retries)s,
+                         %(run_at)s::timestamptz, %(time_zone)s);
 
 -- name: job_submit
 -- POST /v1/jobs in one call; the answer is the job as JSON text, passed to the client as is.
@@ -23,11 +27,17 @@ select cpa.job_submit_v1(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::json
                          %(rate_limit)s, %(rate_window)s)::text as job;
 
 -- name: job_get
-select * from public.jobs where id = %(job_id)s;
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from public.jobs where id = %(job_id)s;
 
 -- name: job_list
 -- Keyset pagination, newest first; the cursor is the (created_at, id) of the last row seen.
-select * from public.jobs
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from public.jobs
  where (%(tenant_id)s::uuid is null or tenant_id = %(tenant_id)s::uuid)
    and (%(status)s::text is null or status = %(status)s::text)
    and (%(before_created)s::timestamptz is null
@@ -45,10 +55,16 @@ select t.*,
  order by t.position;
 
 -- name: job_cancel
-select * from cpa.job_cancel_v1(%(job_id)s);
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from cpa.job_cancel_v1(%(job_id)s);
 
 -- name: job_retry
-select * from cpa.job_retry_v1(%(job_id)s);
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from cpa.job_retry_v1(%(job_id)s);
 
 -- name: todo_get
 select * from public.todos where id = %(todo_id)s;
@@ -244,10 +260,16 @@ select * from public.schedules
  for no key update skip locked;
 
 -- name: schedule_fire
-select * from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_at)s);
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_at)s);
 
 -- name: job_by_idempotency_key
-select * from public.jobs where tenant_id = %(tenant_id)s and idempotency_key = %(key)s;
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from public.jobs where tenant_id = %(tenant_id)s and idempotency_key = %(key)s;
 
 
 -- name: catalogue_sync
