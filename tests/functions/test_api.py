@@ -495,3 +495,42 @@ async def test_planning_on_request_and_for_unknown_text(
     assert [t["action"] for t in forced.json()["todos"]] == ["plan"]
     assert unknown.json()["intent"] == "unknown"
     assert unknown.json()["todos"][0]["params"] == {"request": "Bestelle eine Pizza"}
+
+
+async def test_the_answer_is_sent_after_the_commit(
+    app: Any, wire: Any, db_url: str, member_factory: MemberFactory
+) -> None:
+    """A client that reads its job right after the 201 must find it: the request's transaction
+    commits before the response leaves (a yield dependency of request scope would commit after
+    it, and a commit failure, such as the events flush, would follow an answered 201)."""
+    import psycopg
+
+    wire()
+    m = await member_factory()
+    body = json.dumps({"request": "Stell einen Timer auf 5 Minuten"}).encode()
+    headers = [(k.lower().encode(), v.encode()) for k, v in bearer(m).items()]
+    headers.append((b"content-type", b"application/json"))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/jobs", "raw_path": b"/v1/jobs", "query_string": b"",
+             "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("test", 80)}  # fmt: skip
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    seen: list[bool] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            job_id = json.loads(message["body"])["id"]
+            async with await psycopg.AsyncConnection.connect(db_url) as other:
+                cur = await other.execute("select 1 from public.jobs where id = %s", (job_id,))
+                seen.append(await cur.fetchone() is not None)
+
+    await app(scope, receive, send)
+    assert seen == [True]

@@ -52,7 +52,10 @@ async def get_session(app: AppState, claims: VerifiedClaims) -> AsyncIterator[st
         yield session
 
 
-UserSession = Annotated[store.Session, Depends(get_session)]
+# Function scope: the transaction commits before the response is sent, so a client reading its
+# job right after the answer finds it, and a failing commit (the events flush runs at commit)
+# becomes the answer instead of following a 201 (request scope would close it after sending).
+UserSession = Annotated[store.Session, Depends(get_session, scope="function")]
 
 
 @dataclass(frozen=True)
