@@ -29,6 +29,13 @@ from tests.bench.bench_dispatch import server
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--top", type=int, default=40, help="inclusive entries to print")
+    ap.add_argument(
+        "--steady",
+        type=int,
+        default=0,
+        help="first create N jobs, then ANALYZE (a database past its first minutes)",
+    )
     args = ap.parse_args()
     srv, stop = server()
     name = srv.create_db(supabase=True)
@@ -51,8 +58,11 @@ def main() -> None:
         target = f"http://127.0.0.1:{port}/v1/jobs"
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(timeout=30) as c:
-            for _ in range(50):
+            for _ in range(50 + args.steady):
                 c.post(target, json={"graph": GRAPH}, headers=headers)
+            if args.steady:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("analyze")
             spy = subprocess.Popen(
                 [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p",
                  str(proc.pid), "-d", str(int(args.seconds)), "-r", "500", "-f", "raw", "-o", out],
@@ -91,7 +101,7 @@ def main() -> None:
     for fr, n in own.most_common(15):
         print(f"  {100 * n / samples:5.1f}%  {fr[:150]}")
     print("\ntotal (inclusive):")
-    for fr, n in total.most_common(40):
+    for fr, n in total.most_common(args.top):
         print(f"  {100 * n / samples:5.1f}%  {fr[:150]}")
 
 

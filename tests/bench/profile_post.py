@@ -33,6 +33,12 @@ def med(xs: list[float]) -> str:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument(
+        "--steady",
+        type=int,
+        default=0,
+        help="first create N jobs, then ANALYZE (a database past its first minutes)",
+    )
     args = ap.parse_args()
     srv, stop = server()
     name = srv.create_db(supabase=True)
@@ -100,6 +106,11 @@ async def main() -> None:
         for _ in range(20):
             for fn in steps.values():
                 await fn()
+        if args.steady:
+            for _ in range(args.steady):
+                await create()
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("analyze")
         for _ in range(args.n):  # interleaved
             for key, fn in steps.items():
                 t0 = time.perf_counter()
