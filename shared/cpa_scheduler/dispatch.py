@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
 import time
+import types
 import uuid
+from collections import Counter
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -507,13 +511,14 @@ class Dispatcher:
                     tracing.record_error(span, outcome.error)
         else:
             outcome = await self._execute(row, results)
-        metrics.instruments().todo_run.labels(row.action).observe(time.perf_counter() - began)
+        metrics.observe_run(row.action, time.perf_counter() - began)
         return _Finished(row, outcome)
 
     async def _execute(self, row: TodoRow, results: dict[str, dict[str, Any]]) -> executor.Outcome:
         """The executor's outcome; whatever it raises becomes a :class:`executor.Fail`."""
         try:
-            params = graph.resolve_refs(row.params, results.get(str(row.job_id), {}), row.key)
+            found = results.get(str(row.job_id), {}) if results else {}
+            params = graph.resolve_refs(row.params, found, row.key)
             run = self.registry.get(row.action)
             return _storable(row, await run(params, self._context(row)))
         except (errors.RetryableError, errors.UnavailableError) as exc:
@@ -609,8 +614,10 @@ class Dispatcher:
             )
         if failed:
             await self._fail(session, failed, summary)
-        for row, _ in done:
-            metrics.observe_finished(row.action, "done")
+        if done:
+            actions = Counter(row.action for row, _ in done)
+            for action, count in actions.items():
+                metrics.observe_finished(action, "done", count)
         for row, snooze in timers:
             await session.todo_snooze(row.id, self.owner, snooze.until)
             summary.timers += 1
@@ -767,16 +774,45 @@ class _Lane:
     async def _start(self, claimed: Claimed, claim_started: int) -> None:
         """A task per claimed ToDo, traced where its job (or the pass) is recorded."""
         d, traced = self.dispatcher, self.traced
-        parents: dict[str, tracing.Context | None] = {}
-        if claimed and traced is not None:
-            parents = await d._trace_parents([r for r, _ in claimed], traced, claim_started)
+        if not claimed:
+            return
+        eager = d.registry.eager
+        if traced is None:
+            for row, results in claimed:
+                if eager(row.action):
+                    self._run_eagerly(row, d._run_one(row, results))
+                else:
+                    self.running[asyncio.create_task(d._run_one(row, results))] = row
+            return
+        parents = await d._trace_parents([r for r, _ in claimed], traced, claim_started)
+        pass_recorded = traced.span.is_recording()
         for row, results in claimed:
             # A span per ToDo only where it is recorded: an unsampled job (or pass, for
             # untraced jobs) costs no span objects at all.
             parent = parents.get(str(row.job_id))
-            record = parent is not None or (traced is not None and traced.span.is_recording())
-            task = asyncio.create_task(d._run_one(row, results, parent, record))
-            self.running[task] = row
+            record = parent is not None or pass_recorded
+            if record or not eager(row.action):
+                task = asyncio.create_task(d._run_one(row, results, parent, record))
+                self.running[task] = row
+            else:
+                self._run_eagerly(row, d._run_one(row, results))
+
+    def _run_eagerly(self, row: TodoRow, run: Coroutine[Any, Any, _Finished]) -> None:
+        """Run a ToDo's first step now; a Task only for one that has to wait.
+
+        For executors registered ``eager``: one that answers without awaiting anything
+        (``noop``, ``wait``'s snooze) costs no Task, no scheduling round and no ``asyncio.wait``
+        entry: its outcome goes straight to ``pending``. The step runs in a copy of the
+        context, as a Task's would, and a ToDo that suspends goes on as a Task in that copy.
+        """
+        context = contextvars.copy_context()
+        try:
+            waiting = context.run(run.send, None)
+        except StopIteration as stop:
+            self.pending.append(stop.value)
+            return
+        task = asyncio.create_task(_continue(run, waiting), context=context)
+        self.running[task] = row
 
     def _flush(self) -> None:
         """Commit the finished ToDos in the background while the next claim runs."""
@@ -881,6 +917,8 @@ def _storable(row: TodoRow, outcome: executor.Outcome) -> executor.Outcome:
             "outcome (Done, Snooze, Attach or Fail)."
         )
     result = _jsonable(outcome.result)
+    if not result and (result is None or isinstance(result, dict)):
+        return outcome  # null or {}: nothing to check (noop's answer to no params)
     bad = bounds.problem(result, max_bytes=bounds.MAX_RESULT_BYTES)
     if bad is not None:
         return executor.Fail(f"The result of {row.action!r} cannot be stored: {bad}.")
@@ -898,6 +936,28 @@ def _clean(text: str) -> str:
     text = text.replace("\x00", "")
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text[:4000]
+
+
+@types.coroutine
+def _resume(run: Coroutine[Any, Any, _Finished], waiting: Any) -> Generator[Any, Any, _Finished]:
+    """Drive ``run`` on from the point where it first suspended, waiting on ``waiting``.
+
+    What ``await`` would do from there: values and exceptions the event loop sends in (a
+    future's wake-up, a cancellation) go to ``run``; its return value is the result."""
+    try:
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:  # a cancellation, thrown into the ToDo
+                waiting = run.throw(exc)
+            else:
+                waiting = run.send(sent)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def _continue(run: Coroutine[Any, Any, _Finished], waiting: Any) -> _Finished:
+    return await _resume(run, waiting)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
