@@ -234,9 +234,9 @@ async def test_eager_executors_may_suspend_fail_and_keep_their_context(
     summary = await dispatch.Dispatcher(db, registry=reg).run_pass(10)
     assert (summary.done, summary.failed) == (3, 1), summary.as_dict()
     assert seen.get() == "unset"
-    rows = await todos_of(db, m, job["id"])
+    rows = await todos_of(db, m, job.id)
     assert rows["now"]["result"] == {"seen": "now"}
     assert rows["later"]["result"] == {"seen": "later"}
     assert rows["after"]["result"] == {"seen": "after"}
-    bad = (await todos_of(db, m, failing["id"]))["bad"]
+    bad = (await todos_of(db, m, failing.id))["bad"]
     assert bad["status"] == "failed" and "boom" in bad["error"]
