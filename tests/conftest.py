@@ -24,7 +24,7 @@ import pytest
 from cpa_scheduler import embedded, migration, store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.postmasters import postmasters
+from tests.postmasters import settled
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # After every fixture's teardown: the session fails if it leaves a server running.
     base = session.config.stash.get(_BASETEMP, None)
-    left = postmasters(base) if base is not None else []
+    left = settled(base, []) if base is not None else []
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:

@@ -26,3 +26,19 @@ def postmasters(under: Path) -> list[int]:
         if index < len(argv) and Path(argv[index].decode()).resolve().is_relative_to(root):
             found.append(int(proc.name))
     return sorted(found)
+
+
+def settled(under: Path, expected: list[int], seconds: float = 10.0) -> list[int]:
+    """The postmasters under ``under`` once they equal ``expected``, or after ``seconds``.
+
+    ``pg_ctl stop -w`` returns when the pid file is gone, which the postmaster removes just
+    before it exits; on a loaded machine the process can outlive that by a moment.
+    """
+    import time
+
+    deadline = time.monotonic() + seconds
+    found = postmasters(under)
+    while found != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = postmasters(under)
+    return found

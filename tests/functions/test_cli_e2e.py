@@ -20,7 +20,7 @@ import pytest
 from cpa_scheduler import embedded
 
 from tests.functions.conftest import free_port
-from tests.postmasters import postmasters
+from tests.postmasters import postmasters, settled
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -87,7 +87,7 @@ def _no_server_left(data_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        left = postmasters(data_dir)
+        left = settled(data_dir, [])
         if left:
             embedded.EmbeddedPostgres(data_dir).stop()
         assert left == [], f"postmasters left running under {data_dir}: {left}"
@@ -120,10 +120,10 @@ def test_serve_stops_the_postgres_it_started_and_leaves_one_it_found(tmp_path: P
         proc = _serve(env)
         assert len(postmasters(data_dir)) == 1
         assert _stop(proc, signal.SIGINT) == 0
-        assert postmasters(data_dir) == []
+        assert settled(data_dir, []) == []
         # A command that starts it (token, with no serve running) stops it too.
         assert cli("token", "--tenant", "t", "--user", "u", env=env).returncode == 0
-        assert postmasters(data_dir) == []
+        assert settled(data_dir, []) == []
         # A server that was already running is left running, on SIGTERM as well.
         pg = embedded.EmbeddedPostgres(data_dir)
         pg.start()
@@ -131,10 +131,10 @@ def test_serve_stops_the_postgres_it_started_and_leaves_one_it_found(tmp_path: P
             running = postmasters(data_dir)
             assert len(running) == 1
             assert _stop(_serve(env), signal.SIGTERM) == 0
-            assert postmasters(data_dir) == running
+            assert settled(data_dir, running) == running
         finally:
             pg.stop()
-        assert postmasters(data_dir) == []
+        assert settled(data_dir, []) == []
 
 
 def test_submit_a_german_request_to_done(served: dict[str, str]) -> None:
