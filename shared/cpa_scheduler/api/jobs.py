@@ -285,9 +285,12 @@ async def job_events(
     async def poll(last: int) -> tuple[list[dict[str, Any]], bool]:
         """Events after ``last``, and whether the job had ended with none left."""
         async with app.store.user(claims) as session:
+            # The status first: a job's final status commits with its last events, so a job
+            # already ended here has all its events visible to the read after it. Read the
+            # other way round, an end committing in between would close the stream without them.
+            terminal = (await session.job_get(job_id)).status in events_mod.TERMINAL
             rows = await session.event_list(job_id, last, 500)
-            ended = False if rows else (await session.job_get(job_id)).status in events_mod.TERMINAL
-        return [events_mod.view(r) for r in rows], ended
+        return [events_mod.view(r) for r in rows], terminal and not rows
 
     first, ended = await poll(after if after is not None else start)  # 404 unless visible
     if after is not None:
