@@ -311,3 +311,57 @@ async def test_a_job_deleted_in_the_same_transaction_leaves_no_events(
         conn.execute("delete from public.jobs where id = %s", (job.id,))
     assert _after(db_url, job.id, 0) == []
     assert _residue(db_url) == (0, 0)
+
+
+async def test_a_flush_takes_at_most_1024_locks_however_many_jobs(
+    db_url: str, member_factory: MemberFactory
+) -> None:
+    """Locks are per bucket of jobs: a transaction touching 3,000 jobs must not need 3,000
+    slots of the shared lock table (it failed at COMMIT with "out of shared memory")."""
+    m = await member_factory()
+    with psycopg.connect(db_url) as conn:
+        jobs = [r[0] for r in conn.execute(
+            "insert into public.jobs (tenant_id) select %s from generate_series(1, 3000)"
+            " returning id", (m.tenant_id,)).fetchall()]  # fmt: skip
+        conn.execute(
+            "insert into public.job_events (tenant_id, job_id, kind, data)"
+            " select %s, j, 'notification', '{}' from unnest(%s::uuid[]) j",
+            (m.tenant_id, jobs),
+        )
+        conn.execute("set constraints all immediate")  # runs the deferred flush now
+        locks = conn.execute(
+            "select count(*) from pg_locks where locktype = 'advisory' and classid = 7263200"
+            " and pid = pg_backend_pid()"
+        ).fetchone()
+        assert locks is not None and 0 < locks[0] <= 1024
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "select count(*) from public.job_events where job_id = any(%s)"
+            " and kind = 'notification'",
+            (jobs,),
+        ).fetchone()
+    assert row == (3000,)
+    assert _residue(db_url) == (0, 0)
+
+
+async def test_setting_the_flush_flag_does_not_skip_the_stage(
+    db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """cpa.events_flushing is a setting any session can set; only the flush's own (nested)
+    insert may pass, so a writer that sets it still gets its id at commit and a broadcast."""
+    m = await member_factory()
+    job = await job_factory(m, NOOPS)
+    topic = f"tenant:{m.tenant_id}"
+    before = len(_messages(db_url, topic))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("select set_config('cpa.events_flushing', 'on', true)")
+        conn.execute(
+            "insert into public.job_events (tenant_id, job_id, kind, data)"
+            " values (%s, %s, 'notification', '{\"text\": \"forged\"}')",
+            (m.tenant_id, job.id),
+        )
+        staged = conn.execute("select count(*) from private.job_events_staged").fetchone()
+        assert staged is not None and staged[0] == 1
+    payloads = _messages(db_url, topic)[before:]
+    assert [[e["data"] for e in p["events"]] for p in payloads] == [[{"text": "forged"}]]
+    assert _residue(db_url) == (0, 0)
