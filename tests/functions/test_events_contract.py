@@ -86,3 +86,43 @@ async def test_bad_resume_points_are_a_clear_4xx(
     other = await member_factory()
     r = await client.get(url, params={"after": 0}, headers=bearer(other))
     assert r.status_code == 404  # another tenant's job, on the JSON variant too
+
+
+async def test_a_job_ending_during_a_poll_still_delivers_its_last_events(
+    client: httpx.AsyncClient,
+    db_url: str,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+    monkeypatch: Any,
+) -> None:
+    """The job ends (and its last events commit) right after the poll read the events: the
+    stream must go on to deliver them, not end (or answer 204) because the job has ended."""
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "a", "action": "noop"}])
+    with psycopg.connect(db_url) as conn:
+        last = conn.execute(
+            "select max(id) from public.job_events where job_id = %s", (job.id,)
+        ).fetchone()
+    assert last is not None and last[0] is not None
+    real = store.Session.event_list
+    ended = False
+
+    async def then_the_job_ends(self: store.Session, *args: Any, **kwargs: Any) -> Any:
+        nonlocal ended
+        rows = await real(self, *args, **kwargs)
+        if not ended:
+            ended = True
+            with psycopg.connect(db_url) as other:  # commits before this poll reads the job
+                other.execute(
+                    "update public.jobs set status = 'cancelled', completed_at = now()"
+                    " where id = %s",
+                    (job.id,),
+                )
+        return rows
+
+    monkeypatch.setattr(store.Session, "event_list", then_the_job_ends)
+    headers = {**bearer(m), "Last-Event-ID": str(last[0])}
+    r = await client.get(f"/v1/jobs/{job.id}/events", headers=headers)
+    assert r.status_code == 200, r.status_code
+    sse, _ = events_contract.parse_sse(r.text)
+    assert [(e["kind"], e["status"]) for e in sse] == [("job.status", "cancelled")]
