@@ -9,10 +9,12 @@ def postmasters(under: Path) -> list[int]:
     """The pids of running postmasters whose data directory (``-D``) lies under ``under``.
 
     A postmaster keeps its argv (``.../postgres -D <pgdata> ...``); its children rename
-    themselves (``postgres: checkpointer``), so they do not count.
+    themselves (``postgres: checkpointer``), so they do not count. A child caught between its
+    fork and its rename still shows the postmaster's argv, so a process whose parent is one of
+    the found postmasters is a child, not a second server.
     """
     root = under.resolve()
-    found = []
+    found: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -24,8 +26,19 @@ def postmasters(under: Path) -> list[int]:
             continue
         index = argv.index(b"-D") + 1
         if index < len(argv) and Path(argv[index].decode()).resolve().is_relative_to(root):
-            found.append(int(proc.name))
-    return sorted(found)
+            parent = _parent(proc)
+            if parent is not None:
+                found[int(proc.name)] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def settled(under: Path, expected: list[int], seconds: float = 10.0) -> list[int]:

@@ -118,8 +118,10 @@ def test_serve_stops_the_postgres_it_started_and_leaves_one_it_found(tmp_path: P
         assert postmasters(data_dir) == []
         # serve starts the embedded server; Ctrl-C stops both.
         proc = _serve(env)
-        assert len(postmasters(data_dir)) == 1
-        assert _stop(proc, signal.SIGINT) == 0
+        try:
+            assert len(postmasters(data_dir)) == 1
+        finally:
+            assert _stop(proc, signal.SIGINT) == 0
         assert settled(data_dir, []) == []
         # A command that starts it (token, with no serve running) stops it too.
         assert cli("token", "--tenant", "t", "--user", "u", env=env).returncode == 0
