@@ -65,12 +65,25 @@ async def test_sigkill_mid_job_loses_nothing(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # Kill it once some ToDos are done and others are held.
-    for _ in range(200):
+    # Kill it while some ToDos are done and others are held. Between a poll and the kill the
+    # held ToDos could all end, so freeze the process (SIGSTOP), look, and kill it only if the
+    # frozen state holds leases; otherwise let it go on. A loaded machine can take many seconds
+    # to start the process, so wait by the clock.
+    deadline = time.monotonic() + 60
+    while True:
         _, st = await job_state(db, m, job.id)
         if list(st.values()).count("done") >= 40 and "running" in st.values():
-            break
-        await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(0.2)  # a statement the server was running when it froze ends
+            _, st = await job_state(db, m, job.id)
+            if "running" in st.values():
+                break
+            proc.send_signal(signal.SIGCONT)
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"never caught the dispatcher mid-job: {sorted(st.values())}")
+        await asyncio.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     status, st = await job_state(db, m, job.id)
