@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -300,6 +300,16 @@ class Session:
 
     async def job_retry(self, job_id: uuid.UUID | str) -> JobRow:
         return await self._job("job_retry", {"job_id": _uuid(job_id, "job")})
+
+    async def job_lock(self, job_ids: Iterable[uuid.UUID | str]) -> int:
+        """Lock these jobs' rows for the rest of the transaction (service scope), in id order.
+
+        A transaction that reports on ToDos of several jobs in more than one operation takes
+        this first: every operation locks its jobs before their ToDos, so one that locked a
+        further job after another operation's ToDos could deadlock with another such
+        transaction."""
+        ids = sorted({str(j) for j in job_ids})
+        return int(await self._scalar("job_lock", {"job_ids": ids}))
 
     async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
         params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}

@@ -254,3 +254,61 @@ async def test_reports_over_many_jobs_and_cancels_settle_without_deadlock(
         asyncio.gather(*(tasks + cancels if first == "complete" else cancels + tasks)), 60
     )
     assert not failures, failures
+
+
+async def test_two_dispatcher_reports_over_the_same_jobs_in_opposite_order(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """Two dispatchers' report transactions each complete a ToDo of one job and fail one of
+    the other (J1 then J2, and J2 then J1). Each operation locks its own jobs first, so without
+    the report locking all of its jobs at its start (cpa.job_lock_v1) the first operations
+    take J1 and J2 and the second ones wait for each other: 40P01. A few rounds, since the two
+    transactions run freely here."""
+    from cpa_scheduler import dispatch, executor
+
+    m = await member_factory()
+    graph = [
+        {"key": "d1", "action": "noop"},
+        {"key": "d2", "action": "noop"},
+        {"key": "f1", "action": "noop", "max_attempts": 1},
+        {"key": "f2", "action": "noop", "max_attempts": 1},
+    ]
+    owners = ["dispatcher:one", "dispatcher:two"]
+    failures: list[BaseException] = []
+    for _ in range(4):
+        one, two = await job_factory(m, graph), await job_factory(m, graph)
+        ids = {one.id: await _ids(db_url, one.id), two.id: await _ids(db_url, two.id)}
+        await _lease(db_url, [ids[one.id]["d1"], ids[two.id]["f1"]], owners[0])
+        await _lease(db_url, [ids[two.id]["d2"], ids[one.id]["f2"]], owners[1])
+
+        def row(job: store.JobRow, key: str, ids: dict[Any, dict[str, str]] = ids) -> store.TodoRow:
+            return store.TodoRow(
+                id=uuid.UUID(ids[job.id][key]), job_id=job.id, tenant_id=m.tenant_id, key=key,
+                action="noop", params={}, attempts=1, max_attempts=1, timer_until=None,
+                lease_expires_at=None, error=None,
+            )  # fmt: skip
+
+        batches = [
+            [
+                dispatch._Finished(row(one, "d1"), executor.Done({})),
+                dispatch._Finished(row(two, "f1"), executor.Fail("boom")),
+            ],
+            [
+                dispatch._Finished(row(two, "d2"), executor.Done({})),
+                dispatch._Finished(row(one, "f2"), executor.Fail("boom")),
+            ],
+        ]
+
+        async def flush(owner: str, batch: list[dispatch._Finished]) -> None:
+            try:
+                await dispatch.Dispatcher(db, owner=owner)._flush_batch(batch, dispatch.Summary())
+            except errors.CpaError as exc:
+                failures.append(exc)
+
+        await asyncio.wait_for(
+            asyncio.gather(flush(owners[0], batches[0]), flush(owners[1], batches[1])), 30
+        )
+        assert not failures, failures
+        for job in (one, two):
+            status, _ = await _job(db_url, job.id)
+            assert status == "failed"
