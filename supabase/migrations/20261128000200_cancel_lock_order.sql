@@ -32,7 +32,8 @@
 --
 -- New versions: private.todo_fail_terminal_v2, private.todo_expire_v2, cpa.job_cancel_v2,
 -- cpa.job_retry_v2, cpa.todo_complete_v2, cpa.todo_fail_v2, cpa.todo_release_v2,
--- cpa.todo_confirm_v2, cpa.desktop_sweep_v2, cpa.job_lock_v1. The _v1 functions keep their
+-- cpa.todo_confirm_v2, cpa.desktop_sweep_v2, cpa.job_route_v2, cpa.todo_extend_v2, and
+-- cpa.job_lock_v1 (the dispatcher's report locks its jobs first). The _v1 functions keep their
 -- signatures and answers but now run the _v2 bodies: code of the previous deploy (and the _v1
 -- functions that call them: agent_complete/fail/release_v1, todo_claim_v1/v2 through
 -- todo_expire_v1, todo_reclaim_dead_v1) would otherwise take the old order beside the new one,
@@ -697,3 +698,70 @@ as $$
 $$;
 revoke execute on function cpa.desktop_sweep_v1(double precision) from public, anon, authenticated;
 grant execute on function cpa.desktop_sweep_v1(double precision) to service_role;
+
+-- route: pin a job's unstarted desktop ToDos to one agent; the job first, then them by id. ----
+create function cpa.job_route_v2(p_job_id uuid, p_agent_key text)
+returns integer
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  perform private.job_authorized_v1(p_job_id);
+  perform 1 from public.jobs j where j.id = p_job_id for no key update;
+  perform 1 from public.todos t
+   where t.job_id = p_job_id and t.target = 'desktop'
+     and t.status in ('waiting', 'confirming', 'ready')
+   order by t.id for no key update;
+  update public.todos t set assigned_agent = p_agent_key, updated_at = now()
+   where t.job_id = p_job_id and t.target = 'desktop'
+     and t.status in ('waiting', 'confirming', 'ready');
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$$;
+comment on function cpa.job_route_v2 is 'Route a job''s unstarted desktop ToDos to one agent of its tenant. Locks the job first, then the ToDos by id.';
+revoke execute on function cpa.job_route_v2(uuid, text) from public, anon;
+grant execute on function cpa.job_route_v2(uuid, text) to authenticated, service_role;
+
+create or replace function cpa.job_route_v1(p_job_id uuid, p_agent_key text)
+returns integer
+language sql security definer set search_path = ''
+as $$
+  select cpa.job_route_v2(p_job_id, p_agent_key)
+$$;
+revoke execute on function cpa.job_route_v1(uuid, text) from public, anon;
+grant execute on function cpa.job_route_v1(uuid, text) to authenticated, service_role;
+
+-- extend leases: the jobs first, then the leased ToDos by id. ---------------------------------
+-- (Snooze changes one leased ToDo in one statement and waits for nothing else: it stays v1.)
+create function cpa.todo_extend_v2(p_ids uuid[], p_owner text, p_lease_seconds double precision)
+returns integer
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  perform private.todo_jobs_lock_v1(p_ids);
+  perform 1 from public.todos t
+   where t.id = any(p_ids) and t.status = 'running' and t.lease_owner = p_owner
+   order by t.id for no key update;
+  update public.todos t
+     set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+   where t.id = any(p_ids) and t.status = 'running' and t.lease_owner = p_owner;
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$$;
+comment on function cpa.todo_extend_v2 is 'Extend the leases of running ToDos held by p_owner. Locks the jobs first, then the ToDos by id.';
+revoke execute on function cpa.todo_extend_v2(uuid[], text, double precision) from public, anon, authenticated;
+grant execute on function cpa.todo_extend_v2(uuid[], text, double precision) to service_role;
+
+create or replace function cpa.todo_extend_v1(p_ids uuid[], p_owner text, p_lease_seconds double precision)
+returns integer
+language sql security definer set search_path = ''
+as $$
+  select cpa.todo_extend_v2(p_ids, p_owner, p_lease_seconds)
+$$;
+revoke execute on function cpa.todo_extend_v1(uuid[], text, double precision) from public, anon, authenticated;
+grant execute on function cpa.todo_extend_v1(uuid[], text, double precision) to service_role;

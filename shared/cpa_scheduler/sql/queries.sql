@@ -95,7 +95,7 @@ select cpa.todo_release_v2(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n
 select cpa.todo_snooze_v1(%(todo_id)s, %(owner)s, %(until)s) as ok;
 
 -- name: todo_extend
-select cpa.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
+select cpa.todo_extend_v2(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
 
 -- name: todo_confirm
 select * from cpa.todo_confirm_v2(%(todo_id)s, %(approved)s);
@@ -166,7 +166,7 @@ select cpa.plan_cache_get_v1(%(tenant_id)s, %(key)s) as plan;
 select cpa.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s);
 
 -- name: job_route
-select cpa.job_route_v1(%(job_id)s, %(agent_key)s) as n;
+select cpa.job_route_v2(%(job_id)s, %(agent_key)s) as n;
 
 -- name: job_trace_set
 select cpa.job_trace_v1(%(job_id)s, %(traceparent)s) as ok;
