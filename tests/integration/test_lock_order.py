@@ -312,3 +312,43 @@ async def test_two_dispatcher_reports_over_the_same_jobs_in_opposite_order(
         for job in (one, two):
             status, _ = await _job(db_url, job.id)
             assert status == "failed"
+
+
+async def test_a_cancel_chosen_to_break_a_deadlock_is_tried_again(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """One cycle the lock order cannot rule out: a claim holds the ToDo it claimed (without its
+    job, SKIP LOCKED) and then, in the same transaction, fails it (agent.claim does that when a
+    ToDo's $refs cannot be resolved), which waits for the job; a cancel holding the job waits
+    for that ToDo. The cancel waits first, so PostgreSQL picks it to abort (40P01). The API's
+    cancel runs in a savepoint and is tried again: it answers 409 (the job failed), not 503."""
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "a", "action": "noop", "max_attempts": 1}])
+    ids = await _ids(db_url, job.id)
+    pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    cancel_error: list[BaseException] = []
+
+    async def cancel() -> None:
+        try:
+            async with db.user(m.claims) as s:
+                pid.set_result(s.conn.info.backend_pid)
+                await s.job_cancel(job.id)
+        except BaseException as exc:  # examined below
+            cancel_error.append(exc)
+
+    async with db.service() as claim:
+        await claim.conn.execute(  # the claim's update: the ToDo is the claim's now
+            "update public.todos set status = 'running', lease_owner = %s, attempts = 1,"
+            " lease_expires_at = now() + interval '5 minutes' where id = %s",
+            (OWNER, ids["a"]),
+        )
+        canceller = asyncio.create_task(cancel())
+        assert await _waits_for_a_lock(db_url, await asyncio.wait_for(pid, 10))
+        await claim.todo_fail([_item(ids["a"], error="unresolvable $ref")])
+    await asyncio.wait_for(canceller, 30)
+
+    assert len(cancel_error) == 1 and isinstance(cancel_error[0], errors.ConflictError), (
+        cancel_error
+    )
+    status, todos = await _job(db_url, job.id)
+    assert status == "failed" and todos["a"] == "failed"
