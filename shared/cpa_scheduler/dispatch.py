@@ -561,6 +561,12 @@ class Dispatcher:
     async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
         counted = Summary()  # added to the pass's summary only once the transaction commits
         async with self.store.service() as session:
+            jobs = {f.row.job_id for f in finished}
+            if len(jobs) > 1:
+                # The lock order (migration 20261128000200_cancel_lock_order): job rows before
+                # ToDo rows. Each operation below locks its own jobs first, but the second one
+                # runs after the first one's ToDos: all the batch's jobs first, in one order.
+                await session.job_lock(jobs)
             settled: list[tuple[TodoRow, Settled]] = []
             for f in finished:
                 if isinstance(f.outcome, executor.Attach):

@@ -17,6 +17,8 @@ Hierarchy::
     ├── ConflictError                a state transition that is not allowed now (HTTP 409)
     ├── RateLimitedError             too many requests; retry later (HTTP 429)
     ├── UnavailableError             a dependency (the database) is down (HTTP 503)
+    │   └── DeadlockError            the database aborted a statement to break a lock cycle
+    │                                (40P01); an operation that can is tried again first
     ├── RegistryError                an executor registered twice, or none for an action
     ├── PlannerError                 no planner configured, or the plan stayed invalid
     └── ExecutorError                raised by an executor while running a ToDo
@@ -148,6 +150,10 @@ class UnavailableError(CpaError):
 
     code = "unavailable"
     status = 503
+
+
+class DeadlockError(UnavailableError):
+    """PostgreSQL aborted the statement to break a deadlock (SQLSTATE 40P01)."""
 
 
 class RegistryError(CpaError):

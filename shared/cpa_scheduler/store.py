@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 Row = dict[str, Any]
 _T = TypeVar("_T")
+
+# Attempts of an API operation that PostgreSQL aborted to break a deadlock (Session.job_cancel).
+DEADLOCK_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,10 @@ def translate() -> Iterator[None]:
         raise errors.InvalidError(
             f"A text value contains {bad!r}, an unpaired surrogate that is not valid Unicode; "
             "send well-formed UTF-8."
+        ) from None
+    except pgerrors.DeadlockDetected as exc:  # 40P01; an OperationalError, so before those
+        raise errors.DeadlockError(
+            f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
         ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
         raise errors.UnavailableError(
@@ -295,11 +302,41 @@ class Session:
     async def job_todos(self, job_id: uuid.UUID | str) -> list[Row]:
         return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
 
+    async def _again_on_deadlock(self, name: str, params: Mapping[str, Any]) -> JobRow:
+        """``_job`` in a savepoint, tried again (``DEADLOCK_ATTEMPTS`` in all) when PostgreSQL
+        aborts it to break a deadlock (40P01).
+
+        The operations lock in one order (migration 20261128000200_cancel_lock_order), so a
+        cycle needs a transaction that breaks it (an agent's claim that then fails a ToDo it
+        holds). Rolling back to the savepoint releases the locks the attempt took, the other
+        transaction finishes, and the next attempt sees its outcome: the request answers that
+        (or a 409) instead of a 503. The dispatcher retries its whole transaction instead."""
+        attempt = 1
+        while True:
+            try:
+                with translate():
+                    async with self.conn.transaction():
+                        return await self._job(name, params)
+            except errors.DeadlockError:
+                if attempt >= DEADLOCK_ATTEMPTS:
+                    raise
+                attempt += 1
+
     async def job_cancel(self, job_id: uuid.UUID | str) -> JobRow:
-        return await self._job("job_cancel", {"job_id": _uuid(job_id, "job")})
+        return await self._again_on_deadlock("job_cancel", {"job_id": _uuid(job_id, "job")})
 
     async def job_retry(self, job_id: uuid.UUID | str) -> JobRow:
-        return await self._job("job_retry", {"job_id": _uuid(job_id, "job")})
+        return await self._again_on_deadlock("job_retry", {"job_id": _uuid(job_id, "job")})
+
+    async def job_lock(self, job_ids: Iterable[uuid.UUID | str]) -> int:
+        """Lock these jobs' rows for the rest of the transaction (service scope), in id order.
+
+        A transaction that reports on ToDos of several jobs in more than one operation takes
+        this first: every operation locks its jobs before their ToDos, so one that locked a
+        further job after another operation's ToDos could deadlock with another such
+        transaction."""
+        ids = sorted({str(j) for j in job_ids})
+        return int(await self._scalar("job_lock", {"job_ids": ids}))
 
     async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
         params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}

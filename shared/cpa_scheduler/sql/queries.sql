@@ -58,13 +58,19 @@ select t.*,
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
        time_zone, schedule_id, scheduled_for, traceparent
-  from cpa.job_cancel_v1(%(job_id)s);
+  from cpa.job_cancel_v2(%(job_id)s);
 
 -- name: job_retry
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
        time_zone, schedule_id, scheduled_for, traceparent
-  from cpa.job_retry_v1(%(job_id)s);
+  from cpa.job_retry_v2(%(job_id)s);
+
+-- name: job_lock
+-- A transaction that calls several operations on ToDos of several jobs (the dispatcher's
+-- report) locks all their job rows first, in id order: the lock order of migration
+-- 20261128000200_cancel_lock_order (job rows, then ToDo rows).
+select cpa.job_lock_v1(%(job_ids)s::uuid[]) as n;
 
 -- name: todo_get
 select * from public.todos where id = %(todo_id)s;
@@ -77,22 +83,22 @@ select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer
                          %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
 -- name: todo_complete
-select cpa.todo_complete_v1(%(items)s::jsonb) as n;
+select cpa.todo_complete_v2(%(items)s::jsonb) as n;
 
 -- name: todo_fail
-select cpa.todo_fail_v1(%(items)s::jsonb, %(backoff_base)s) as n;
+select cpa.todo_fail_v2(%(items)s::jsonb, %(backoff_base)s) as n;
 
 -- name: todo_release
-select cpa.todo_release_v1(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
+select cpa.todo_release_v2(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
 
 -- name: todo_snooze
 select cpa.todo_snooze_v1(%(todo_id)s, %(owner)s, %(until)s) as ok;
 
 -- name: todo_extend
-select cpa.todo_extend_v1(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
+select cpa.todo_extend_v2(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
 
 -- name: todo_confirm
-select * from cpa.todo_confirm_v1(%(todo_id)s, %(approved)s);
+select * from cpa.todo_confirm_v2(%(todo_id)s, %(approved)s);
 
 -- name: todo_job_results
 select key, result from public.todos where job_id = %(job_id)s and status = 'done';
@@ -160,7 +166,7 @@ select cpa.plan_cache_get_v1(%(tenant_id)s, %(key)s) as plan;
 select cpa.plan_cache_put_v1(%(tenant_id)s, %(key)s, %(plan)s::jsonb, %(ttl)s);
 
 -- name: job_route
-select cpa.job_route_v1(%(job_id)s, %(agent_key)s) as n;
+select cpa.job_route_v2(%(job_id)s, %(agent_key)s) as n;
 
 -- name: job_trace_set
 select cpa.job_trace_v1(%(job_id)s, %(traceparent)s) as ok;
@@ -221,7 +227,7 @@ select least(
 ) as due;
 
 -- name: desktop_sweep
-select cpa.desktop_sweep_v1(%(seen_seconds)s) as n;
+select cpa.desktop_sweep_v2(%(seen_seconds)s) as n;
 
 -- name: agent_offering
 -- Whether an agent of the tenant offering the action was seen recently.
