@@ -756,10 +756,9 @@ class Store:
         with rate_limited():
             async with self._pool.connection() as conn:
                 await conn.set_autocommit(True)
-                async with conn.pipeline() as pipeline:
+                async with conn.pipeline():  # its end sends the Sync and reads every answer
                     await conn.execute(sql.get("session_user_scope"), scope)
                     cur = await conn.execute(sql.get("job_submit"), params)
-                    await pipeline.sync()
                 row = await cur.fetchone()
                 await conn.set_autocommit(False)
         if row is None:
