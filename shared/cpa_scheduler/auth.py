@@ -9,6 +9,7 @@ authenticated`` and, when the issuer is known, the project's ``iss``.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +22,8 @@ from cpa_scheduler import errors, settings
 AUDIENCE = "authenticated"
 LOCAL_ISSUER = "cpa-scheduler-local"
 _ASYMMETRIC = ["ES256", "RS256"]
+VERIFIED_FOR = 300.0  # seconds a verified token is answered from memory (see Verifier.verify)
+VERIFIED_MAX = 4096  # tokens kept
 
 
 class Claims(BaseModel):
@@ -61,17 +64,53 @@ class Verifier:
         self._issuer = issuer
         self._leeway = leeway
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=600) if jwks_url else None
+        # Tokens verified before: the exact token text -> (its claims, accepted until). A client
+        # sends the same token with every request until it expires; PyJWT checks each of its
+        # characters on every decode, a tenth of a request's CPU.
+        self._verified: dict[str, tuple[Claims, float]] = {}
+        self._lock = threading.Lock()
+
+    def _cached(self, token: str) -> Claims | None:
+        hit = self._verified.get(token)
+        if hit is None:
+            return None
+        if time.time() < hit[1]:
+            return hit[0]
+        self._verified.pop(token, None)
+        return None
 
     def may_block(self, token: str) -> bool:
         """Whether verifying ``token`` may fetch the JWKS (network I/O); HS256 never does."""
         import jwt
 
+        if self._cached(token) is not None:
+            return False
         try:
             return self._jwks is not None and jwt.get_unverified_header(token).get("alg") != "HS256"
         except jwt.PyJWTError:
             return False  # verify() refuses it without I/O
 
     def verify(self, token: str) -> Claims:
+        """The token's claims, or :class:`errors.AuthError`.
+
+        A token verified in the last :data:`VERIFIED_FOR` seconds is answered from memory until
+        it expires (``exp`` plus the leeway, PyJWT's own rule), so a rotated-out signing key
+        stops being accepted within that time; at most :data:`VERIFIED_MAX` tokens are kept."""
+        claims = self._cached(token)
+        if claims is not None:
+            return claims
+        claims = self._verify(token)
+        now = time.time()
+        with self._lock:  # verify may run in a worker thread (a JWKS fetch)
+            if len(self._verified) >= VERIFIED_MAX:
+                for old in [t for t, (_, until) in self._verified.items() if until <= now]:
+                    del self._verified[old]
+                while len(self._verified) >= VERIFIED_MAX:  # the oldest first (insertion order)
+                    del self._verified[next(iter(self._verified))]
+            self._verified[token] = (claims, min(claims.exp + self._leeway, now + VERIFIED_FOR))
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         import jwt
 
         try:

@@ -113,8 +113,7 @@ async def submit(
     )
 
 
-async def submit_one_call(
-    session: store.Session,
+def one_call(
     *,
     tenant_id: uuid.UUID | None,
     text: str | None = None,
@@ -128,14 +127,16 @@ async def submit_one_call(
     traceparent: str | None = None,
     rate_limit: tuple[int, int] | None = None,
     now: datetime | None = None,
-) -> str | None:
-    """:func:`submit` for ``POST /v1/jobs`` as one SQL call: tenant choice, create, trace
-    context, Postgres rate limit and the answer (the job's JSON text) in ``cpa.job_submit_v1``.
+) -> store.Submission | None:
+    """:func:`submit` for ``POST /v1/jobs`` as one SQL call (:meth:`store.Session.submit` or,
+    in a transaction of its own, :meth:`store.Store.submit`): tenant choice, create, trace
+    context, Postgres rate limit and the answer (the job's JSON text) in
+    ``cpa.job_submit_v2``. This is the validation and planning before it, without the database.
 
-    ``tenant_id`` None: the caller's oldest membership. Returns None, having written nothing,
-    for the requests that need the tenant before the create (a recurring text makes a schedule;
-    ToDos kept only where an agent offers them, and a request with an Idempotency-Key, whose
-    body hash is checked against the tenant): the caller then takes :func:`submit`."""
+    ``tenant_id`` None: the caller's oldest membership. Returns None for the requests that
+    need the tenant before the create (a recurring text makes a schedule; ToDos kept only
+    where an agent offers them, and a request with an Idempotency-Key, whose body hash is
+    checked against the tenant): the caller then takes :func:`submit`."""
     tz = times.zone(time_zone)
     now = now or datetime.now(UTC)
     check_run_at(run_at, now)
@@ -150,7 +151,7 @@ async def submit_one_call(
     )  # fmt: skip
     if optional:
         return None
-    return await session.job_submit(
+    return store.Submission(
         tenant_id=tenant_id, todos=graph.todo_rows(g), request=text, intent=intent,
         idempotency_key=idempotency_key, priority=priority, run_at=run_at, time_zone=tz.key,
         traceparent=traceparent, rate_limit=rate_limit,

@@ -136,6 +136,57 @@ def _jsonb(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A validated ``POST /v1/jobs`` as ``cpa.job_submit_v2`` takes it (see
+    :meth:`Session.job_submit`)."""
+
+    tenant_id: uuid.UUID | None  # None: the caller's oldest membership
+    todos: Sequence[Mapping[str, Any]]
+    request: str | None
+    intent: str
+    idempotency_key: str | None
+    priority: int
+    run_at: datetime | None
+    time_zone: str
+    traceparent: str | None
+    rate_limit: tuple[int, int] | None  # (limit, window): count the Postgres limit in the call
+
+    def params(self) -> dict[str, Any]:
+        limit, window = self.rate_limit or (None, 60)
+        return {
+            "tenant_id": None if self.tenant_id is None else str(self.tenant_id),
+            "request": self.request,
+            "intent": self.intent,
+            "todos": _jsonb(list(self.todos)),
+            "idempotency_key": self.idempotency_key,
+            "priority": self.priority,
+            "max_retries": 3,
+            "run_at": self.run_at,
+            "time_zone": self.time_zone,
+            "traceparent": self.traceparent,
+            "rate_limit": limit,
+            "rate_window": window,
+        }
+
+
+@contextlib.contextmanager
+def rate_limited() -> Iterator[None]:
+    """Driver errors as :func:`translate` maps them, and the Postgres rate limit's refusal
+    (SQLSTATE CP429, the seconds to wait in DETAIL) as :class:`errors.RateLimitedError`."""
+    import psycopg
+
+    with translate():
+        try:
+            yield
+        except psycopg.Error as exc:
+            if exc.sqlstate != "CP429":
+                raise
+            wait = max(1, math.ceil(float(exc.diag.message_detail or 1)))
+            said = (exc.diag.message_primary or "The tenant created too many jobs").rstrip(".")
+            raise errors.RateLimitedError(f"{said}; retry in {wait} s.", retry_after=wait) from None
+
+
 class Session:
     """Named operations inside one transaction."""
 
@@ -238,36 +289,23 @@ class Session:
         traceparent: str | None,
         rate_limit: tuple[int, int] | None,
     ) -> str:
-        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v1``).
+        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v2``).
 
         ``tenant_id`` None: the caller's oldest membership. ``rate_limit`` ``(limit, window)``:
         count the Postgres rate limit in the same call (:class:`errors.RateLimitedError` past it,
         and the job is not created)."""
-        import psycopg
+        return await self.submit(
+            Submission(
+                tenant_id=tenant_id, todos=todos, request=request, intent=intent,
+                idempotency_key=idempotency_key, priority=priority, run_at=run_at,
+                time_zone=time_zone, traceparent=traceparent, rate_limit=rate_limit,
+            )
+        )  # fmt: skip
 
-        limit, window = rate_limit or (None, 60)
-        params = {
-            "tenant_id": None if tenant_id is None else str(tenant_id),
-            "request": request,
-            "intent": intent,
-            "todos": _jsonb(list(todos)),
-            "idempotency_key": idempotency_key,
-            "priority": priority,
-            "max_retries": 3,
-            "run_at": run_at,
-            "time_zone": time_zone,
-            "traceparent": traceparent,
-            "rate_limit": limit,
-            "rate_window": window,
-        }
-        try:
-            return str(await self._scalar("job_submit", params))
-        except psycopg.Error as exc:
-            if exc.sqlstate != "CP429":
-                raise
-            wait = max(1, math.ceil(float(exc.diag.message_detail or 1)))
-            said = (exc.diag.message_primary or "The tenant created too many jobs").rstrip(".")
-            raise errors.RateLimitedError(f"{said}; retry in {wait} s.", retry_after=wait) from None
+    async def submit(self, submission: Submission) -> str:
+        """:meth:`job_submit` of a prepared :class:`Submission`, in this transaction."""
+        with rate_limited():
+            return str(await self._scalar("job_submit", submission.params()))
 
     async def job_by_idempotency_key(self, tenant_id: uuid.UUID | str, key: str) -> JobRow | None:
         params = {"tenant_id": str(tenant_id), "key": key}
@@ -652,6 +690,13 @@ def _uuid(value: uuid.UUID | str, what: str) -> str:
         raise errors.NotFoundError(f"The {what} id {value!r} is not a valid id.") from None
 
 
+async def _transactional(conn: psycopg.AsyncConnection[DictRow]) -> None:
+    """The pool's reset: every connection goes back to the pool out of autocommit (which only
+    :meth:`Store.submit` turns on, for one call), so every scope is one transaction."""
+    if conn.autocommit:
+        await conn.set_autocommit(False)
+
+
 class Store:
     """A connection pool and the three transaction scopes."""
 
@@ -684,6 +729,7 @@ class Store:
                 "connect_timeout": max(2, int(timeout + 0.999)),
             },
             connection_class=psycopg.AsyncConnection[DictRow],
+            reset=_transactional,
         )
         self._opened = False
         self._opening: asyncio.Lock | None = None
@@ -725,6 +771,38 @@ class Store:
     def user(self, claims: Mapping[str, Any]) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``authenticated`` with these verified claims."""
         return self._scope("session_user_scope", {"claims": _jsonb(dict(claims))})
+
+    async def submit(self, claims: Mapping[str, Any], submission: Submission) -> str:
+        """:meth:`Session.job_submit` as ``authenticated`` with these verified claims, in a
+        transaction of its own, in one round trip: the claims, the call and the commit.
+
+        The two statements go out in one pipeline without a BEGIN, so the server runs them in
+        one implicit transaction (the claims are ``set_config(..., true)``, local to it, as in
+        :meth:`user`) and commits it at the pipeline's Sync, before it answers; an error in
+        either rolls both back. The connection runs in autocommit for this call only; the
+        pool's reset (:func:`_transactional`) returns it to transactions, also after an error.
+        """
+        from psycopg import AsyncPipeline
+
+        if not AsyncPipeline.is_supported():  # a libpq without pipeline mode: three trips
+            async with self.user(claims) as session:
+                return await session.submit(submission)
+        await self.open()
+        scope = {"claims": _jsonb(dict(claims))}
+        params = submission.params()
+        with rate_limited():
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                async with conn.pipeline():  # its end sends the Sync and reads every answer
+                    await conn.execute(sql.get("session_user_scope"), scope)
+                    cur = await conn.execute(sql.get("job_submit"), params)
+                row = await cur.fetchone()
+                await conn.set_autocommit(False)
+        if row is None:
+            raise errors.CpaError(
+                "The query 'job_submit' answered no row, but it always answers one."
+            )
+        return str(next(iter(row.values())))
 
     def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``service_role`` (bypasses RLS)."""

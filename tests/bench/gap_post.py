@@ -14,11 +14,13 @@ import statistics
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-from cpa_scheduler import auth
+from cpa_scheduler import auth, migration
+from psycopg.conninfo import conninfo_to_dict
 
 from tests.bench.bench_api import GRAPH, ISSUER, SECRET, free_port, start
 from tests.bench.bench_dispatch import server
@@ -43,7 +45,8 @@ async def main() -> None:
     ap.add_argument(
         "--base",
         default=None,
-        help="a folder holding another version's shared/ (git archive): served too",
+        help="a folder holding another version's shared/ and supabase/ (git archive): served "
+        "too, on a database migrated from its supabase/",
     )
     ap.add_argument(
         "--steady",
@@ -55,12 +58,26 @@ async def main() -> None:
     srv, stop = server()
     name = srv.create_db(supabase=True)
     url = srv.url(name)
+    names = [name]
+    base_url = url
+    if args.base:
+        # The other version runs on a database of its own, migrated from its own supabase/
+        # folder: its SQL is compared too, not only its Python.
+        base_name = srv.create_db(supabase=False)
+        names.append(base_name)
+        base_url = srv.url(base_name)
+        folder = Path(args.base) / "supabase"
+        admin = str(conninfo_to_dict(srv.admin_url)["user"])
+        migration.bootstrap(srv.url(base_name, user=admin), folder)
+        migration.apply(base_url, folder)
     tenant, user = uuid.uuid4(), uuid.uuid4()
+    for db_url in dict.fromkeys([url, base_url]):
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("insert into auth.users (id) values (%s)", (user,))
+            conn.execute("insert into public.tenants (id, name) values (%s, 'g')", (tenant,))
+            conn.execute("insert into public.memberships (tenant_id, user_id) values (%s, %s)",
+                         (tenant, user))  # fmt: skip
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("insert into auth.users (id) values (%s)", (user,))
-        conn.execute("insert into public.tenants (id, name) values (%s, 'g')", (tenant,))
-        conn.execute("insert into public.memberships (tenant_id, user_id) values (%s, %s)",
-                     (tenant, user))  # fmt: skip
         conn.execute("create table public.bare (id bigserial primary key, body jsonb)")
     token = auth.mint(SECRET, user, issuer=ISSUER)
     env = {**os.environ, "DATABASE_URL": url, "SUPABASE_JWT_SECRET": SECRET,
@@ -75,7 +92,7 @@ async def main() -> None:
     if args.base:
         p_base = free_port()
         base_env = {**env, "PYTHONPATH": os.path.join(args.base, "shared"),
-                    "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+                    "PYTHONDONTWRITEBYTECODE": "1", "DATABASE_URL": base_url}  # fmt: skip
         base = start([*uv, "cpa_scheduler.api:app", "--port", str(p_base)], base_env,
                      f"http://127.0.0.1:{p_base}")  # fmt: skip
     auth_h = {"Authorization": f"Bearer {token}"}
@@ -102,8 +119,9 @@ async def main() -> None:
             for key, (c, u, h) in targets.items():
                 if not key.startswith("bare"):
                     await rounds(c, u, body, h, args.steady)
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("analyze")
+            for db_url in dict.fromkeys([url, base_url]):
+                with psycopg.connect(db_url, autocommit=True) as conn:
+                    conn.execute("analyze")
         for _ in range(args.rounds):
             for key, (c, u, h) in targets.items():
                 figures[key].append(await rounds(c, u, body, h, args.n))
@@ -115,7 +133,8 @@ async def main() -> None:
         for proc in (ours, bare, *([base] if base else [])):
             proc.terminate()
             proc.wait(30)
-        srv.drop_db(name)
+        for db in names:
+            srv.drop_db(db)
         stop()
     bare_p50 = statistics.median(figures["bare (HTTP)"])
     for key, values in figures.items():

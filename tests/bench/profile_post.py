@@ -66,6 +66,14 @@ async def main() -> None:
                                    idempotency_key=None, priority=0, run_at=None,
                                    time_zone="UTC", traceparent=None, rate_limit=(10**9, 60))  # fmt: skip
 
+        submission = store.Submission(
+            tenant_id=None, todos=rows, request=None, intent="explicit", idempotency_key=None,
+            priority=0, run_at=None, time_zone="UTC", traceparent=None, rate_limit=(10**9, 60),
+        )  # fmt: skip
+
+        async def one_trip() -> None:  # what the route does: claims, call and commit pipelined
+            await db.submit(claims, submission)
+
         async def old_path() -> None:  # what the route did before: 4 calls in the transaction
             async with db.user(claims) as s:
                 [tid] = await s.my_tenants()
@@ -97,8 +105,9 @@ async def main() -> None:
 
         steps: dict[str, Any] = {
             "transaction + claims + select 1 + commit (no write)": rtt,
-            "cpa.job_submit_v1 in the user scope, rolled back": rolled_back,
+            "cpa.job_submit_v2 in the user scope, rolled back": rolled_back,
             "store: transaction + claims + job_submit + commit": create,
+            "store: the same in one round trip (Store.submit)": one_trip,
             "store, the old path: tenants, create, read-back, rate limit (4 calls) + commit": old_path,
             "ASGI route in process (no network)": route,
         }

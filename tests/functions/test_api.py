@@ -409,6 +409,49 @@ async def test_create_answers_what_get_answers_and_picks_the_tenant(
     )
 
 
+async def test_create_without_a_key_answers_what_get_answers(
+    client: httpx.AsyncClient, member_factory: MemberFactory, db: store.Store
+) -> None:
+    """The one-round-trip path (no Idempotency-Key: cpa.job_submit_v2 through Store.submit):
+    committed before the answer, which is the job as GET reads it, with every column the create
+    sets (the job's run_at and zone, a ToDo's own later run_at, an agent timeout, dependencies
+    given out of order)."""
+    from datetime import UTC, datetime, timedelta
+
+    m = await member_factory("A")
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    graph = {"todos": [
+        {"key": "z", "action": "noop", "params": {"duration_ms": 1}},
+        {"key": "a", "action": "noop"},
+        {"key": "o", "action": "desktop.open_app", "target": "desktop", "params": {"app": "X"},
+         "depends_on": ["z", "a"], "agent_timeout": 30,
+         "run_at": (soon + timedelta(hours=2)).isoformat()},
+    ]}  # fmt: skip
+    created = await client.post(
+        "/v1/jobs",
+        headers=bearer(m),
+        json={"graph": graph, "run_at": soon.isoformat(), "time_zone": "Europe/Berlin"},
+    )
+    assert created.status_code == 201, created.text
+    got = await client.get(f"/v1/jobs/{created.json()['id']}", headers=bearer(m))
+    assert got.status_code == 200
+
+    def instants(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: instants(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [instants(v) for v in value]
+        if isinstance(value, str) and len(value) > 19 and value[10:11] == "T":
+            return datetime.fromisoformat(value)
+        return value
+
+    assert instants(created.json()) == instants(got.json())
+    todos = created.json()["todos"]
+    assert [t["depends_on"] for t in todos] == [[], [], ["a", "z"]]
+    assert instants(todos[2]["run_at"]) == soon + timedelta(hours=2)
+    assert instants(created.json()["run_at"]) == soon
+
+
 async def test_health_and_readiness(client: httpx.AsyncClient, wire: Any, db: store.Store) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).status_code == 200

@@ -15,7 +15,18 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from cpa_scheduler import errors, graph, intake, logs, protocol, ratelimit, store, tracing
+from cpa_scheduler import (
+    auth,
+    errors,
+    graph,
+    intake,
+    logs,
+    protocol,
+    ratelimit,
+    service,
+    store,
+    tracing,
+)
 from cpa_scheduler import events as events_mod
 from cpa_scheduler.api import problems
 from cpa_scheduler.api.deps import (
@@ -110,7 +121,6 @@ async def create_job(
     body: JobCreate,
     app: AppState,
     claims: VerifiedClaims,
-    session: UserSession,
     background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     x_cpa_tenant: TenantHeader = None,
@@ -124,36 +134,38 @@ async def create_job(
     )
     in_sql = limit is not None
     tenant_id: str | None
+    view: Any = None
     with tracing.span("cpa.job.create") as span:
         # One SQL call: tenant choice, create, trace context, rate limit and the answer, as
         # JSON text from what was inserted (no second query, no model validation here).
-        text = await intake.submit_one_call(
-            session, tenant_id=wanted, text=body.request, spec=body.graph,
-            idempotency_key=idempotency_key, priority=body.priority, planner_configured=configured,
-            force_planner=body.plan, time_zone=body.time_zone, run_at=body.run_at,
+        call = intake.one_call(
+            tenant_id=wanted, text=body.request, spec=body.graph, idempotency_key=idempotency_key,
+            priority=body.priority, planner_configured=configured, force_planner=body.plan,
+            time_zone=body.time_zone, run_at=body.run_at,
             traceparent=tracing.traceparent(span) if span is not None else None, rate_limit=limit,
         )  # fmt: skip
-        if text is None:  # a recurring request, or ToDos that depend on an agent being online
-            caller = await get_caller(claims, session, x_cpa_tenant)
-            job = await intake.submit(
-                session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
-                idempotency_key=idempotency_key, priority=body.priority,
-                planner_configured=configured, force_planner=body.plan,
-                time_zone=body.time_zone, run_at=body.run_at,
-            )  # fmt: skip
-            await intake.keep_trace(session, job, span)
-            # Counted last: the tenant's counter row stays locked only until this transaction
-            # commits, and a refusal rolls the job back with it.
-            await app.limiter.hit(str(caller.tenant_id), session)
-            view: Any = intake.job_view(job, await session.job_todos(job.id))
-            tenant_id, job_id = str(caller.tenant_id), view["id"]
+        if call is not None and in_sql:
+            # The claims, the call and the commit in one round trip: committed before we answer.
+            text = await app.store.submit(claims.for_database(), call)
         else:
-            view = None
-            head = json.loads(text) if span is not None or not in_sql else None
-            tenant_id = str(head["tenant_id"]) if head else None
-            job_id = str(head["id"]) if head else None
-            if not in_sql and tenant_id is not None:
-                await app.limiter.hit(tenant_id, session)
+            # A transaction as the caller: it commits before the answer is sent, so a client
+            # reading its job right after finds it (see deps.UserSession).
+            async with app.store.user(claims.for_database()) as session:
+                if call is not None:  # Upstash counts outside the database, in this transaction
+                    text = await session.submit(call)
+                    head = json.loads(text)
+                    await app.limiter.hit(str(head["tenant_id"]), session)
+                else:  # a recurring request, or ToDos that depend on an agent being online
+                    view = await _create_in_steps(
+                        app, claims, session, body, idempotency_key, x_cpa_tenant, span
+                    )
+        if view is not None:
+            tenant_id, job_id = str(view["tenant_id"]), str(view["id"])
+        elif span is not None or not in_sql:
+            head = json.loads(text)
+            tenant_id, job_id = str(head["tenant_id"]), str(head["id"])
+        else:
+            tenant_id = job_id = None
         if span is not None:
             span.set_attribute("cpa.tenant_id", str(tenant_id))
             span.set_attribute("cpa.job_id", str(job_id))
@@ -164,6 +176,31 @@ async def create_job(
     if view is not None:
         return view
     return Response(content=text, status_code=201, media_type="application/json")
+
+
+async def _create_in_steps(
+    app: service.Services,
+    claims: auth.Claims,
+    session: store.Session,
+    body: JobCreate,
+    idempotency_key: str | None,
+    x_cpa_tenant: str | None,
+    span: tracing.Span | None,
+) -> dict[str, Any]:
+    """``POST /v1/jobs`` for the requests that need the tenant before the create (a recurring
+    request, ToDos kept only where an agent offers them, an Idempotency-Key)."""
+    caller = await get_caller(claims, session, x_cpa_tenant)
+    job = await intake.submit(
+        session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
+        idempotency_key=idempotency_key, priority=body.priority,
+        planner_configured=app.config.planner_configured, force_planner=body.plan,
+        time_zone=body.time_zone, run_at=body.run_at,
+    )  # fmt: skip
+    await intake.keep_trace(session, job, span)
+    # Counted last: the tenant's counter row stays locked only until this transaction
+    # commits, and a refusal rolls the job back with it.
+    await app.limiter.hit(str(caller.tenant_id), session)
+    return intake.job_view(job, await session.job_todos(job.id))
 
 
 @router.get("", response_model=JobPage)

@@ -121,10 +121,10 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = problem(
-            413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes."
-        )
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            too_large = problem(
+                413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes."
+            )
             await too_large(scope, receive, send)
             return
         seen = 0
