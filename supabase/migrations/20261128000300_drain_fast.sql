@@ -2,14 +2,15 @@
 -- 15, the no-op drain).
 --
 -- Claim v3: v2 with plans that probe by primary key ----------------------------------------
--- v2's plans scanned the whole todos table per claim: the update joined the picked ids to
+-- private.todo_claim_pick_v1 is v2's claim without starting the jobs; cpa.todo_claim_v3
+-- starts them after it, as v2 did (SKIP LOCKED). v2's plans scanned the whole todos table per claim: the update joined the picked ids to
 -- todos by a hash join over a sequential scan (3 ms per claim at 10,000 ToDos, growing with
 -- the table and its dead rows), and the pending-job check joined every pending job to every
 -- claimed row. v3 updates `id = any(array(picked))` and looks up only the claimed ToDos'
 -- jobs, and plans with random_page_cost = 1.1 (the rows it touches are few and hot, so an
 -- index probe is always the cheaper access; the default 4 made the planner prefer sequential
 -- scans of a small table). Same rows, locks, fairness and tenant cap as v2; v2 stays.
-create function cpa.todo_claim_v3(
+create function private.todo_claim_pick_v1(
   p_target text,
   p_owner text,
   p_limit integer,
@@ -86,15 +87,44 @@ begin
            started_at = coalesce(t.started_at, now()), updated_at = now()
      where t.id = any(array(select p.id from picked p))
     returning t.*
-  ), started as (
-    update public.jobs j
-       set status = 'running', started_at = coalesce(j.started_at, now())
-     where j.id in (select p.id from public.jobs p
-                     where p.id = any(array(select distinct c.job_id from claimed c))
-                       and p.status = 'pending'
-                       for update skip locked)
   )
   select * from claimed;
+end;
+$$;
+comment on function private.todo_claim_pick_v1 is 'The claim of todo_claim_v2 without starting the jobs: expired leases first, fair across tenants, at most p_tenant_cap running per tenant, FOR UPDATE SKIP LOCKED; the caller starts the claimed ToDos'' pending jobs.';
+revoke execute on function
+  private.todo_claim_pick_v1(text, text, integer, double precision, uuid, text[], integer)
+  from public, anon, authenticated, service_role;
+
+create function cpa.todo_claim_v3(
+  p_target text,
+  p_owner text,
+  p_limit integer,
+  p_lease_seconds double precision default 60,
+  p_tenant_id uuid default null,
+  p_actions text[] default null,
+  p_tenant_cap integer default null
+) returns setof public.todos
+language plpgsql security definer set search_path = '' set random_page_cost = 1.1
+as $$
+declare
+  v_rows public.todos[];
+begin
+  select array_agg(c) into v_rows
+    from private.todo_claim_pick_v1(p_target, p_owner, p_limit, p_lease_seconds, p_tenant_id,
+                                    p_actions, p_tenant_cap) c;
+  if v_rows is null then
+    return;
+  end if;
+  -- As v2: a pending job of a claimed ToDo starts; one locked elsewhere is left to a later
+  -- claim (SKIP LOCKED: a claim never waits for a job row).
+  update public.jobs j
+     set status = 'running', started_at = coalesce(j.started_at, now())
+   where j.id in (select p.id from public.jobs p
+                   where p.id = any(array(select distinct r.job_id from unnest(v_rows) r))
+                     and p.status = 'pending'
+                     for update skip locked);
+  return query select * from unnest(v_rows);
 end;
 $$;
 comment on function cpa.todo_claim_v3 is 'Claim up to p_limit ready ToDos of a target (FOR UPDATE SKIP LOCKED), fair across tenants and at most p_tenant_cap running per tenant, leased to p_owner; reclaims expired leases first. As v2, with index plans.';
@@ -115,13 +145,16 @@ grant execute on function
 -- Order inside the call:
 -- 1. the completions (as cpa.todo_complete_v1: fenced by lease owner and attempt) and the
 --    release of their dependents, so the claim below can take a dependent released here;
--- 2. the claim, cpa.todo_claim_v3 (expired leases, fairness, tenant cap, SKIP LOCKED);
--- 3. last, the jobs' done counts (and a finished job's status). The job rows are locked only
---    now, so a lane does not hold its jobs' rows while it claims and the other lanes' calls on
---    the same jobs are not serialised behind the claim. The counts come from the completing
---    update itself, not from a re-read of the done rows.
+-- 2. the claim, private.todo_claim_pick_v1 (expired leases, fairness, tenant cap, SKIP
+--    LOCKED), as cpa.todo_claim_v3 makes it;
+-- 3. last, the job rows, all in one pass in id order: the claimed ToDos' pending jobs start,
+--    the completed ToDos' jobs count them (and finish). The job rows are locked only now, so a
+--    lane does not hold its jobs' rows while it claims and the other lanes' calls on the same
+--    jobs are not serialised behind the claim. The counts come from the completing update
+--    itself, not from a re-read of the done rows.
 -- Lock order is the one cpa.todo_complete_v1 uses (ToDo rows, then job rows in id order); the
--- claim only takes locks with SKIP LOCKED and never waits for a row.
+-- claim's ToDo locks are SKIP LOCKED and never wait. A started job is waited for here instead
+-- of skipped: only in id order with the rest, so the call cannot deadlock on job rows.
 --
 -- Every row is (done, todo): done is the number of ToDos completed by this call, todo a
 -- claimed ToDo, or null in the single row of a call that claimed nothing.
@@ -142,7 +175,8 @@ declare
   v_done uuid[];
   v_jobs uuid[];
   v_n integer := 0;
-  v_claimed boolean := false;
+  v_rows public.todos[];
+  v_start uuid[] := '{}';
 begin
   with items as (
     select (i ->> 'id')::uuid as id, i ->> 'owner' as owner, (i ->> 'attempt')::integer as attempt,
@@ -184,17 +218,27 @@ begin
   end if;
 
   if p_limit > 0 then
-    return query
-    select v_n, c
-      from cpa.todo_claim_v3(p_target, p_owner, p_limit, p_lease_seconds, p_tenant_id,
-                             p_actions, p_tenant_cap) c;
-    v_claimed := found;
+    select array_agg(c) into v_rows
+      from private.todo_claim_pick_v1(p_target, p_owner, p_limit, p_lease_seconds, p_tenant_id,
+                                      p_actions, p_tenant_cap) c;
+    v_start := array(select distinct r.job_id from unnest(v_rows) r);
   end if;
 
-  if v_done is not null then
+  -- Every job row this call changes, locked in one pass in id order: the jobs whose ToDos it
+  -- completed and the pending jobs of the ToDos it claimed. (Locking the started jobs first,
+  -- as the claim does with SKIP LOCKED, and the counted ones after, deadlocked two lanes.)
+  if v_done is not null or cardinality(v_start) > 0 then
     perform 1 from public.jobs j
-     where j.id in (select distinct u.id from unnest(v_jobs) u(id))
+     where j.id = any(coalesce(v_jobs, '{}') || v_start)
+       and (j.id = any(coalesce(v_jobs, '{}')) or j.status = 'pending')
      order by j.id for no key update;
+  end if;
+  if cardinality(v_start) > 0 then
+    update public.jobs j
+       set status = 'running', started_at = coalesce(j.started_at, now())
+     where j.id = any(v_start) and j.status = 'pending';
+  end if;
+  if v_done is not null then
     with n as (
       select u.job_id, count(*)::integer as k from unnest(v_jobs) u(job_id) group by u.job_id
     )
@@ -208,10 +252,11 @@ begin
      where j.id = n.job_id;
   end if;
 
-  if not v_claimed then
+  if v_rows is null then
     return query select v_n, null::public.todos;
+  else
+    return query select v_n, r from unnest(v_rows) r;
   end if;
-  return;
 end;
 $$;
 comment on function cpa.todo_complete_claim_v1 is 'Complete a finished batch (as todo_complete_v1, releasing dependents), then claim the next one (as todo_claim_v3), then count the done ToDos on their jobs: one transaction, one events flush. Rows: (done, claimed ToDo or null).';
