@@ -166,6 +166,9 @@ class _Slots:
 
     total: int
     held: int = 0
+    # The last claim came back short of what it asked for: the ready pool is shallow (100
+    # chains, say), and the lanes share what is in flight instead of one lane taking it all.
+    shallow: bool = False
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def free(self) -> int:
@@ -741,6 +744,7 @@ class _Lane:
                 pass
         finally:
             self.busy.discard(self.me)  # however the lane ends, the others must not wait on it
+            self.slots.freed.set()  # a lane waiting in _idle for this one looks again
             extender.cancel()
             await self._await_flush()
         return self.summary
@@ -785,6 +789,10 @@ class _Lane:
             done, self.pending = self.pending, []
             self.slots.release(len(done))
         want = max(0, min(self.slots.free(), d.batch))
+        if self.slots.shallow and d.lanes > 1:
+            # A lane's share of the work in flight: the dependents this call releases beyond
+            # it stay ready for another lane, so the lanes' rounds overlap.
+            want = min(want, max(1, -(-(self.slots.held + len(done)) // d.lanes)))
         self.slots.held += want  # reserved before the await: the other lanes claim too
         before = len(self.pending)
         claimed: Claimed = []
@@ -806,6 +814,7 @@ class _Lane:
                     f"A claim failed: {d.health.last_error}"
                 )
         self.need_claim = False
+        self.slots.shallow = len(claimed) < want
         self.summary.claimed += len(claimed)
         metrics.observe_claim(row.error for row, _ in claimed)
         await self._start(claimed, claim_started)
@@ -874,8 +883,15 @@ class _Lane:
     async def _idle(self, stopping: bool) -> bool:
         """Nothing running or unflushed: end the lane, or wait for work; False to end."""
         if stopping or not self.need_claim:
-            if stopping or self.wake is None or not self.busy - {self.me}:
+            if stopping or not self.busy - {self.me}:
                 return False
+            if self.wake is None:
+                # A pass without NOTIFY, while another lane runs ToDos: each of its
+                # completions may release dependents, so claim again when it frees slots (or
+                # ends) instead of ending and leaving a shallow pool to one lane.
+                await self.slots.wait_freed(max(0.0, self.deadline - time.monotonic()))
+                self.need_claim = True
+                return True
             # Another lane still runs ToDos, so the pass goes on: stay ready for new work (a
             # NOTIFY, or a claim a second later) rather than leave it to a lane whose slots may
             # all be taken by one tenant's long ToDos.
