@@ -22,10 +22,10 @@ import time
 import types
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from cpa_scheduler import bounds, errors, executor, graph, metrics, store, tracing
 
@@ -166,6 +166,9 @@ class _Slots:
 
     total: int
     held: int = 0
+    # The last claim came back short of what it asked for: the ready pool is shallow (100
+    # chains, say), and the lanes share what is in flight instead of one lane taking it all.
+    shallow: bool = False
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def free(self) -> int:
@@ -426,33 +429,60 @@ class Dispatcher:
                 if due is not None and due <= datetime.now(UTC):
                     wake.set()
 
-    async def _claim(self, limit: int) -> list[TodoRow]:
+    async def _claim(self, limit: int, done: Sequence[_Finished] = ()) -> tuple[int, list[TodoRow]]:
+        """Claim up to ``limit``; with ``done`` (Done outcomes only), complete those first in
+        the same transaction (one commit and one events flush for both). How many ToDos were
+        completed, and the claimed rows."""
         async with self.store.service() as session:
-            rows = await session.todo_claim(
-                target="cloud", owner=self.owner, limit=limit, lease_seconds=self.lease_seconds,
-                tenant_cap=self.tenant_cap,
-            )  # fmt: skip
+            if not done:
+                completed, rows = 0, await session.todo_claim(
+                    target="cloud", owner=self.owner, limit=limit,
+                    lease_seconds=self.lease_seconds, tenant_cap=self.tenant_cap,
+                )  # fmt: skip
+            else:
+                items = [
+                    self._item(f.row) | {"result": cast(executor.Done, f.outcome).result}
+                    for f in done
+                ]
+                completed, rows = await session.todo_complete_claim(
+                    items, target="cloud", owner=self.owner, limit=limit,
+                    lease_seconds=self.lease_seconds, tenant_cap=self.tenant_cap,
+                )  # fmt: skip
         self.health.ok()
-        return rows
+        return completed, rows
 
     async def _claim_guarded(
-        self, limit: int, pending: list[_Finished]
-    ) -> tuple[Claimed, float | None]:
-        """Claim, and read the dependency results the claimed ToDos refer to.
+        self,
+        limit: int,
+        pending: list[_Finished],
+        done: Sequence[_Finished] = (),
+        summary: Summary | None = None,
+    ) -> tuple[Claimed, float | None, bool]:
+        """Claim (completing ``done`` in the same transaction, counted in ``summary``), and
+        read the dependency results the claimed ToDos refer to.
 
-        A fault answers no rows and the pause to wait before the next try. ToDos claimed
-        whose results could not be read are handed back (release outcomes in ``pending``).
+        A fault answers no rows and the pause to wait before the next try (none when the
+        database refused ``done`` as invalid: a flush stores it, one by one if need be); the
+        last item tells whether ``done`` was stored. ToDos claimed whose results could not be
+        read are handed back (release outcomes in ``pending``).
         """
         try:
-            rows = await self._claim(limit)
+            completed, rows = await self._claim(limit, done)
         except Exception as exc:
-            return [], self.health.fault("claim", exc)
+            if done and isinstance(exc, errors.InvalidError):
+                return [], None, False
+            return [], self.health.fault("claim", exc), False
+        if done:
+            if summary is not None:
+                summary.done += completed
+            for action, count in Counter(f.row.action for f in done).items():
+                metrics.observe_finished(action, "done", count)
         try:
             results = await self._results_for(rows)
         except Exception as exc:
             pending.extend(_Finished(row, Release()) for row in rows)
-            return [], self.health.fault("dependency results", exc)
-        return [(row, results) for row in rows], None
+            return [], self.health.fault("dependency results", exc), True
+        return [(row, results) for row in rows], None, True
 
     async def _results_for(self, rows: list[TodoRow]) -> dict[str, dict[str, Any]]:
         jobs = {str(r.job_id) for r in rows if any(graph.iter_refs(r.params))}
@@ -711,6 +741,7 @@ class _Lane:
     flush_batch: list[_Finished] = field(default_factory=list)
     need_claim: bool = True  # a claim must follow every flush: it may have released dependents
     paused_until: float = 0.0  # after a database fault: no claim or flush before this
+    flush_next: bool = False  # the database refused a complete-and-claim: flush, one by one
 
     async def run(self) -> Summary:
         extender = asyncio.create_task(self.dispatcher._extend_leases(self.running))
@@ -719,6 +750,7 @@ class _Lane:
                 pass
         finally:
             self.busy.discard(self.me)  # however the lane ends, the others must not wait on it
+            self.slots.freed.set()  # a lane waiting in _idle for this one looks again
             extender.cancel()
             await self._await_flush()
         return self.summary
@@ -727,9 +759,11 @@ class _Lane:
         """One turn of the loop; False when the lane is done."""
         stopping = (self.stop is not None and self.stop.is_set()) or self._out_of_time()
         paused = time.monotonic() < self.paused_until
-        if not stopping and self.slots.free() > 0 and not paused:
+        if not stopping and not paused and (self.slots.free() > 0 or self._combinable()):
             await self._claim()
         if self.flushing is None and self.pending and not paused:
+            if not stopping and self._combinable():
+                return True  # the next turn's claim completes them in its transaction
             self._flush()
         if self.running:
             self.busy.add(self.me)
@@ -756,16 +790,29 @@ class _Lane:
             self.wake.clear()  # before the claim: a later NOTIFY wakes the wait
         self.busy.add(self.me)  # claiming counts as busy: an idle lane must not end the pass now
         claim_started = time.time_ns()
-        want = min(self.slots.free(), d.batch)
+        done: list[_Finished] = []
+        if self._combinable():  # finished ToDos are completed in the claim's transaction
+            done, self.pending = self.pending, []
+            self.slots.release(len(done))
+        want = max(0, min(self.slots.free(), d.batch))
+        if self.slots.shallow and d.lanes > 1:
+            # A lane's share of the work in flight: the dependents this call releases beyond
+            # it stay ready for another lane, so the lanes' rounds overlap.
+            want = min(want, max(1, -(-(self.slots.held + len(done)) // d.lanes)))
         self.slots.held += want  # reserved before the await: the other lanes claim too
         before = len(self.pending)
         claimed: Claimed = []
         delay: float | None = None
+        stored = False
         try:
-            claimed, delay = await d._claim_guarded(want, self.pending)
+            claimed, delay, stored = await d._claim_guarded(want, self.pending, done, self.summary)
         finally:
             # handed-back ToDos wait in pending for the flush: they hold a slot
             self.slots.release(want - len(claimed) - (len(self.pending) - before))
+            if done and not stored:  # still leased to us: stored by a later call
+                self.pending[:0] = done
+                self.slots.held += len(done)
+                self.flush_next = delay is None  # refused as invalid: a flush sorts it out
         if delay is not None:
             self.paused_until = time.monotonic() + delay
             if not self.running and not self.pending and self.flushing is None:
@@ -773,6 +820,7 @@ class _Lane:
                     f"A claim failed: {d.health.last_error}"
                 )
         self.need_claim = False
+        self.slots.shallow = len(claimed) < want
         self.summary.claimed += len(claimed)
         metrics.observe_claim(row.error for row, _ in claimed)
         await self._start(claimed, claim_started)
@@ -820,8 +868,20 @@ class _Lane:
         task = asyncio.create_task(_continue(run, waiting), context=context)
         self.running[task] = row
 
+    def _combinable(self) -> bool:
+        """Whether the next claim can complete ``pending`` in its transaction: no flush under
+        way, and every outcome a plain Done (attachments, failures, timers and releases go
+        through a flush)."""
+        return (
+            self.flushing is None
+            and bool(self.pending)
+            and not self.flush_next
+            and all(type(f.outcome) is executor.Done for f in self.pending)
+        )
+
     def _flush(self) -> None:
         """Commit the finished ToDos in the background while the next claim runs."""
+        self.flush_next = False
         self.flush_batch, self.pending = self.pending, []
         self.flushing = asyncio.create_task(self.dispatcher._flush(self.flush_batch, self.summary))
         self.slots.release(len(self.flush_batch))
@@ -829,8 +889,15 @@ class _Lane:
     async def _idle(self, stopping: bool) -> bool:
         """Nothing running or unflushed: end the lane, or wait for work; False to end."""
         if stopping or not self.need_claim:
-            if stopping or self.wake is None or not self.busy - {self.me}:
+            if stopping or not self.busy - {self.me}:
                 return False
+            if self.wake is None:
+                # A pass without NOTIFY, while another lane runs ToDos: each of its
+                # completions may release dependents, so claim again when it frees slots (or
+                # ends) instead of ending and leaving a shallow pool to one lane.
+                await self.slots.wait_freed(max(0.0, self.deadline - time.monotonic()))
+                self.need_claim = True
+                return True
             # Another lane still runs ToDos, so the pass goes on: stay ready for new work (a
             # NOTIFY, or a claim a second later) rather than leave it to a lane whose slots may
             # all be taken by one tenant's long ToDos.

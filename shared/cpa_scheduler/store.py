@@ -132,6 +132,11 @@ def translate() -> Iterator[None]:
         ) from None
 
 
+def _done_and_todo(done: int, **columns: Any) -> tuple[int, TodoRow | None]:
+    """A row of ``todo_complete_claim``: the done count, and the claimed ToDo if any."""
+    return done, (TodoRow(**columns) if columns["id"] is not None else None)
+
+
 def _jsonb(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
@@ -422,6 +427,37 @@ class Session:
             },
             TodoRow,
         )
+
+    async def todo_complete_claim(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        target: str,
+        owner: str,
+        limit: int,
+        lease_seconds: float = 60.0,
+        tenant_cap: int | None = None,
+    ) -> tuple[int, list[TodoRow]]:
+        """Complete ``items`` (as :meth:`todo_complete`) and claim up to ``limit`` (as
+        :meth:`todo_claim`) in one call: how many were completed, and the claimed rows."""
+        from psycopg.rows import kwargs_row
+
+        params = {
+            "items": _jsonb(list(items)),
+            "target": target,
+            "owner": owner,
+            "limit": limit,
+            "lease_seconds": lease_seconds,
+            "tenant_id": None,
+            "actions": None,
+            "tenant_cap": tenant_cap,
+        }
+        with translate():
+            cur = self.conn.cursor(row_factory=kwargs_row(_done_and_todo))
+            await cur.execute(sql.get("todo_complete_claim"), params)
+            rows = await cur.fetchall()
+        done = rows[0][0] if rows else 0
+        return done, [todo for _, todo in rows if todo is not None]
 
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
         return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))

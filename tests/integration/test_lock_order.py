@@ -352,3 +352,72 @@ async def test_a_cancel_chosen_to_break_a_deadlock_is_tried_again(
     )
     status, todos = await _job(db_url, job.id)
     assert status == "failed" and todos["a"] == "failed"
+
+
+async def test_cancel_against_a_complete_and_claim(
+    db: store.Store,
+    db_url: str,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dispatcher's complete-and-claim completes a1, whose dependent b a third transaction
+    X holds; meanwhile the API cancels the job. todo_complete_claim_v1 locked the job row only
+    after its ToDos: it held a1 and, once X let b go, waited for the job's row, which the cancel
+    held while it waited for a1 (40P01). _v2 locks the job first, so the cancel waits there.
+    One attempt: the API's retry on 40P01 would hide the deadlock."""
+    monkeypatch.setattr(store, "DEADLOCK_ATTEMPTS", 1)
+    m = await member_factory()
+    job = await job_factory(
+        m,
+        [
+            {"key": "a1", "action": "noop"},
+            {"key": "b", "action": "noop", "depends_on": ["a1"]},
+        ],
+    )
+    ids = await _ids(db_url, job.id)
+    await _lease(db_url, [ids["a1"]])
+
+    async with await psycopg.AsyncConnection.connect(db_url) as x:
+        await x.execute("select 1 from public.todos where id = %s for update", (ids["b"],))
+        cancel_error: list[BaseException] = []
+        report_error: list[BaseException] = []
+
+        async def report() -> None:
+            try:
+                async with db.service() as r:
+                    pid.set_result(r.conn.info.backend_pid)
+                    await r.todo_complete_claim(
+                        [_item(ids["a1"], result={})], target="cloud", owner=OWNER, limit=10
+                    )
+            except BaseException as exc:  # examined below
+                report_error.append(exc)
+
+        async def cancel() -> None:
+            try:
+                async with db.user(m.claims) as s:
+                    cancel_pid.set_result(s.conn.info.backend_pid)
+                    await s.job_cancel(job.id)
+            except BaseException as exc:  # examined below
+                cancel_error.append(exc)
+
+        loop = asyncio.get_running_loop()
+        pid: asyncio.Future[int] = loop.create_future()
+        cancel_pid: asyncio.Future[int] = loop.create_future()
+        reporter = asyncio.create_task(report())
+        assert await _waits_for_a_lock(db_url, await asyncio.wait_for(pid, 10)), "no wait on b"
+        canceller = asyncio.create_task(cancel())
+        assert await _waits_for_a_lock(db_url, await asyncio.wait_for(cancel_pid, 10))
+        await x.rollback()  # X lets b go
+        await asyncio.wait_for(asyncio.gather(reporter, canceller), 30)
+
+    assert not any(_deadlocked(e) for e in report_error + cancel_error), (
+        report_error,
+        cancel_error,
+    )
+    assert report_error == [], report_error
+    status, todos = await _job(db_url, job.id)
+    # The report went first (it held the job): a1 done and b, released, claimed; the cancel
+    # then ends the job (a running ToDo ends with its lease holder's report).
+    assert cancel_error == [] and status == "cancelled", (cancel_error, status)
+    assert todos == {"a1": "done", "b": "running"}

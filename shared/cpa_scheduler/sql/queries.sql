@@ -79,8 +79,18 @@ select * from public.todos where id = %(todo_id)s;
 -- The columns of store.TodoRow, which the rows are built as.
 select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer_until,
        lease_expires_at, error
-  from cpa.todo_claim_v2(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
+  from cpa.todo_claim_v3(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
                          %(tenant_id)s, %(actions)s, %(tenant_cap)s);
+
+-- name: todo_complete_claim
+-- done (ToDos completed by the call), then the columns of store.TodoRow (null when nothing was
+-- claimed: the call's single row).
+select c.done, (c.todo).id, (c.todo).job_id, (c.todo).tenant_id, (c.todo).key, (c.todo).action,
+       (c.todo).params, (c.todo).attempts, (c.todo).max_attempts, (c.todo).timer_until,
+       (c.todo).lease_expires_at, (c.todo).error
+  from cpa.todo_complete_claim_v2(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
+                                  %(lease_seconds)s, %(tenant_id)s, %(actions)s,
+                                  %(tenant_cap)s) c;
 
 -- name: todo_complete
 select cpa.todo_complete_v2(%(items)s::jsonb) as n;
