@@ -64,7 +64,7 @@ select id, tenant_id, created_by, request, intent, status, priority, idempotency
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
        time_zone, schedule_id, scheduled_for, traceparent
-  from cpa.job_retry_v2(%(job_id)s);
+  from cpa.job_retry_v3(%(job_id)s);
 
 -- name: job_lock
 -- A transaction that calls several operations on ToDos of several jobs (the dispatcher's
