@@ -88,12 +88,12 @@ select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer
 select c.done, (c.todo).id, (c.todo).job_id, (c.todo).tenant_id, (c.todo).key, (c.todo).action,
        (c.todo).params, (c.todo).attempts, (c.todo).max_attempts, (c.todo).timer_until,
        (c.todo).lease_expires_at, (c.todo).error
-  from cpa.todo_complete_claim_v2(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
+  from cpa.todo_complete_claim_v3(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
                                   %(lease_seconds)s, %(tenant_id)s, %(actions)s,
                                   %(tenant_cap)s) c;
 
 -- name: todo_complete
-select cpa.todo_complete_v2(%(items)s::jsonb) as n;
+select cpa.todo_complete_v3(%(items)s::jsonb) as n;
 
 -- name: todo_fail
 select cpa.todo_fail_v2(%(items)s::jsonb, %(backoff_base)s) as n;
