@@ -157,7 +157,9 @@ async def test_dispatchers_against_cancels_and_retries(
         bad_events = [
             (str(i), s, n, last)
             for i, s, n, last in await cur.fetchall()
-            if (s == "done" and n != 1) or (s != "done" and n != 0) or (last is not None and last != s)
+            if (s == "done" and n != 1)
+            or (s != "done" and n != 0)
+            or (last is not None and last != s)
         ]
     assert not surfaced, surfaced[:5]
     assert deadlocks == 0
