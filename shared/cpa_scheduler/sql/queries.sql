@@ -64,7 +64,7 @@ select id, tenant_id, created_by, request, intent, status, priority, idempotency
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
        time_zone, schedule_id, scheduled_for, traceparent
-  from cpa.job_retry_v2(%(job_id)s);
+  from cpa.job_retry_v3(%(job_id)s);
 
 -- name: job_lock
 -- A transaction that calls several operations on ToDos of several jobs (the dispatcher's
@@ -88,12 +88,12 @@ select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer
 select c.done, (c.todo).id, (c.todo).job_id, (c.todo).tenant_id, (c.todo).key, (c.todo).action,
        (c.todo).params, (c.todo).attempts, (c.todo).max_attempts, (c.todo).timer_until,
        (c.todo).lease_expires_at, (c.todo).error
-  from cpa.todo_complete_claim_v2(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
+  from cpa.todo_complete_claim_v3(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
                                   %(lease_seconds)s, %(tenant_id)s, %(actions)s,
                                   %(tenant_cap)s) c;
 
 -- name: todo_complete
-select cpa.todo_complete_v2(%(items)s::jsonb) as n;
+select cpa.todo_complete_v3(%(items)s::jsonb) as n;
 
 -- name: todo_fail
 select cpa.todo_fail_v2(%(items)s::jsonb, %(backoff_base)s) as n;

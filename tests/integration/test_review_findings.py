@@ -1,0 +1,74 @@
+"""Findings of the review of the merged issue-15 branches (integ), one test each."""
+
+from __future__ import annotations
+
+import psycopg
+from cpa_scheduler import store
+
+from tests.conftest import JobFactory, MemberFactory
+
+
+async def test_retry_of_a_cancelled_job_whose_running_todos_all_finished_ends_done(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """Cancel lets running ToDos finish; once they are all done, nothing is left to retry.
+    job_retry_v2 set such a job 'running' with todos_done = todo_count and nothing ready:
+    no completion ever comes to finish it, so it stayed running for good."""
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "a", "action": "noop"}])
+    async with db.service() as s:
+        [a] = await s.todo_claim(target="cloud", owner="w", limit=10)
+    async with db.user(m.claims) as s:
+        assert (await s.job_cancel(job.id)).status == "cancelled"
+    async with db.service() as s:
+        item = {"id": str(a.id), "owner": "w", "attempt": a.attempts, "result": {}}
+        assert await s.todo_complete([item]) == 1
+    async with db.user(m.claims) as s:
+        retried = await s.job_retry(job.id)
+    assert (retried.status, retried.todos_done, retried.todo_count) == ("done", 1, 1)
+    assert retried.completed_at is not None
+
+
+async def test_retry_while_the_cancelled_jobs_todo_still_runs_then_it_finishes_ends_done(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """Retried at todos_done = 0 while its only ToDo still runs (a cancel lets it finish), the
+    job went back to 'pending'; the completion finishes only 'running' jobs, and no claim is
+    left to start it: pending for good with every ToDo done."""
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "a", "action": "noop"}])
+    async with db.service() as s:
+        [a] = await s.todo_claim(target="cloud", owner="w", limit=10)
+    async with db.user(m.claims) as s:
+        await s.job_cancel(job.id)
+        assert (await s.job_retry(job.id)).status == "running"
+    async with db.service() as s:
+        item = {"id": str(a.id), "owner": "w", "attempt": a.attempts, "result": {}}
+        assert await s.todo_complete([item]) == 1
+    async with db.user(m.claims) as s:
+        finished = await s.job_get(job.id)
+    assert (finished.status, finished.todos_done) == ("done", 1)
+
+
+async def test_a_claim_that_skips_starting_a_held_job_leaves_it_pending_for_good(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """The claims start a claimed ToDo's pending job with FOR UPDATE SKIP LOCKED ("a later
+    claim starts it"). When the job row is held at that moment (job_route_v2, the desktop
+    sweep, a report on another of its ToDos: FOR NO KEY UPDATE) and no later claim of that job
+    comes, its ToDos complete on a 'pending' job, which the completion never finishes."""
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "a", "action": "noop"}])
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute(
+            "select 1 from public.jobs where id = %s for no key update", (job.id,)
+        )  # what job_route_v2 holds for an agent's route message
+        async with db.service() as s:
+            [a] = await s.todo_claim(target="cloud", owner="w", limit=10)
+        await holder.rollback()
+    async with db.service() as s:
+        item = {"id": str(a.id), "owner": "w", "attempt": a.attempts, "result": {}}
+        assert await s.todo_complete([item]) == 1
+    async with db.user(m.claims) as s:
+        finished = await s.job_get(job.id)
+    assert (finished.status, finished.todos_done) == ("done", 1)
