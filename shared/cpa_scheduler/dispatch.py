@@ -654,7 +654,8 @@ class Dispatcher:
             actions = Counter(row.action for row, _ in done)
             for action, count in actions.items():
                 metrics.observe_finished(action, "done", count)
-        for row, snooze in timers:
+        # In ToDo id order: the lock order (lease extension locks a job's ToDos by id too).
+        for row, snooze in sorted(timers, key=lambda timer: timer[0].id):
             await session.todo_snooze(row.id, self.owner, snooze.until)
             summary.timers += 1
 
