@@ -143,7 +143,7 @@ def _jsonb(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """A validated ``POST /v1/jobs`` as ``cpa.job_submit_v2`` takes it (see
+    """A validated ``POST /v1/jobs`` as ``cpa.job_submit_v3`` takes it (see
     :meth:`Session.job_submit`)."""
 
     tenant_id: uuid.UUID | None  # None: the caller's oldest membership
@@ -294,7 +294,7 @@ class Session:
         traceparent: str | None,
         rate_limit: tuple[int, int] | None,
     ) -> str:
-        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v2``).
+        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v3``).
 
         ``tenant_id`` None: the caller's oldest membership. ``rate_limit`` ``(limit, window)``:
         count the Postgres rate limit in the same call (:class:`errors.RateLimitedError` past it,
