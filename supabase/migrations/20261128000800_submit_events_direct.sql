@@ -350,3 +350,45 @@ create trigger job_events_restage
   after insert on public.job_events
   referencing new table as new_rows
   for each statement execute function private.job_events_restage_v3();
+
+-- The claims and the call in one statement ---------------------------------------------------
+-- The API's POST sent two statements in one pipeline: the claims (role authenticated, the
+-- verified JWT claims, statement_timeout, all transaction-local, as PostgREST sets them), then
+-- the call. cpa.job_submit_as_v1 does both in one statement: it sets the same settings, then
+-- calls cpa.job_submit_v3 in a statement of its own, so that call is authorized and runs as
+-- authenticated with the claims, exactly as before. It is SECURITY INVOKER (a security
+-- definer function may not change the role) and executable only by its owner, the role that
+-- runs the migrations and the API (postgres): whoever may call it can pass any claims, as that
+-- role can already set them itself. anon, authenticated and service_role may not call it.
+-- statement_timeout only bounds statements that start after it is set, so it no longer bounds
+-- this call: lock_timeout (read whenever a lock wait starts) bounds its waits for locks
+-- instead; its work is bounded by the size limits of a job.
+create function cpa.job_submit_as_v1(
+  p_claims text,
+  p_tenant_id uuid,
+  p_request text,
+  p_intent text,
+  p_todos jsonb,
+  p_idempotency_key text default null,
+  p_priority integer default 0,
+  p_max_retries integer default 3,
+  p_run_at timestamptz default null,
+  p_time_zone text default 'UTC',
+  p_traceparent text default null,
+  p_rate_limit integer default null,
+  p_rate_window integer default 60
+) returns text
+language plpgsql security invoker set search_path = ''
+as $$
+begin
+  perform set_config('role', 'authenticated', true),
+          set_config('request.jwt.claims', p_claims, true),
+          set_config('statement_timeout', '8s', true),
+          set_config('lock_timeout', '8s', true);
+  return cpa.job_submit_v3(p_tenant_id, p_request, p_intent, p_todos, p_idempotency_key,
+                           p_priority, p_max_retries, p_run_at, p_time_zone, p_traceparent,
+                           p_rate_limit, p_rate_window)::text;
+end;
+$$;
+comment on function cpa.job_submit_as_v1 is 'POST /v1/jobs in one statement for the API''s login role: set role authenticated and the verified claims for the transaction, then cpa.job_submit_v3 as that role. Owner only.';
+revoke execute on function cpa.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamptz, text, text, integer, integer) from public, anon, authenticated, service_role;

@@ -9,6 +9,7 @@ rolled-back call leaves nothing; anything later in the same transaction is stage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -239,3 +240,69 @@ async def test_other_writers_still_stage_while_the_setting_names_another_job(
     sent = _broadcasts(db_url, m.tenant_id, other)  # the flush sent the restaged note
     assert len(sent) == 2 and [e["kind"] for e in sent[1]["events"]] == ["note"]
     assert _residue(db_url) == (0, 0)
+
+
+SIGNATURE = (
+    "cpa.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamptz,"
+    " text, text, integer, integer)"
+)
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated", "service_role"])
+async def test_only_the_owner_may_submit_with_claims_of_its_choice(
+    db: store.Store, member_factory: MemberFactory, role: str
+) -> None:
+    """cpa.job_submit_as_v1 takes the claims as an argument: a caller that could reach it
+    could act as anyone. Only its owner (the API's login role) may execute it."""
+    m = await member_factory()
+    async with db.admin() as s:
+        cur = await s.conn.execute(
+            "select has_function_privilege(%s, %s, 'execute') as may",
+            (role, SIGNATURE),
+        )
+        assert (await cur.fetchone()) == {"may": False}
+    with pytest.raises(errors.NotFoundError, match="permission denied for (function|schema)"):
+        async with db.admin() as s:
+            await s.conn.execute(f"select set_config('role', '{role}', true)")  # type: ignore[arg-type]
+            await s.conn.execute(
+                "select cpa.job_submit_as_v1(%s, null, 'x', 'explicit', %s::jsonb)",
+                (json.dumps(m.claims), json.dumps(GRAPH)),
+            )
+
+
+async def test_one_statement_submit_runs_as_the_caller(
+    db: store.Store, db_url: str, member_factory: MemberFactory
+) -> None:
+    """Store.submit's one statement: the job is the caller's (created_by, their tenant), a
+    tenant they are not a member of is refused, and the transaction's role was authenticated."""
+    a, b = await member_factory("a"), await member_factory("b")
+    sub = store.Submission(
+        tenant_id=None, todos=GRAPH, request=None, intent="explicit", idempotency_key=None,
+        priority=0, run_at=None, time_zone="UTC", traceparent=None, rate_limit=(1000, 60),
+    )  # fmt: skip
+    job = json.loads(await db.submit(a.claims, sub))
+    assert job["tenant_id"] == str(a.tenant_id)
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("select created_by from public.jobs where id = %s", (job["id"],))
+        assert row.fetchone() == (a.user_id,)
+    with pytest.raises(errors.NotFoundError):
+        await db.submit(a.claims, dataclasses.replace(sub, tenant_id=b.tenant_id))
+    assert db._submit_as  # the owner's one statement, not the fallback
+
+
+async def test_a_login_role_that_may_not_call_it_falls_back_to_two_statements(
+    db: store.Store, db_url: str, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    async with db.admin() as s:
+        await s.conn.execute(f"revoke execute on function {SIGNATURE} from current_user")  # type: ignore[arg-type]
+    sub = store.Submission(
+        tenant_id=None, todos=GRAPH, request=None, intent="explicit", idempotency_key=None,
+        priority=0, run_at=None, time_zone="UTC", traceparent=None, rate_limit=(1000, 60),
+    )  # fmt: skip
+    first = json.loads(await db.submit(m.claims, sub))
+    assert not db._submit_as
+    second = json.loads(await db.submit(m.claims, sub))
+    for job in (first, second):
+        assert job["tenant_id"] == str(m.tenant_id)
+        assert len(_events(db_url, job["id"])) == 1 + len(GRAPH)

@@ -27,6 +27,14 @@ select cpa.job_submit_v3(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::json
                          %(run_at)s::timestamptz, %(time_zone)s, %(traceparent)s,
                          %(rate_limit)s, %(rate_window)s)::text as job;
 
+-- name: job_submit_as
+-- job_submit with the claims of session_user_scope in the same statement (Store.submit): the
+-- function sets them, then calls cpa.job_submit_v3 as authenticated. Owner only.
+select cpa.job_submit_as_v1(%(claims)s, %(tenant_id)s, %(request)s, %(intent)s,
+                            %(todos)s::jsonb, %(idempotency_key)s, %(priority)s,
+                            %(max_retries)s, %(run_at)s::timestamptz, %(time_zone)s,
+                            %(traceparent)s, %(rate_limit)s, %(rate_window)s) as job;
+
 -- name: job_get
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
