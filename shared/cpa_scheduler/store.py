@@ -817,14 +817,14 @@ class Store:
 
     async def submit(self, claims: Mapping[str, Any], submission: Submission) -> str:
         """:meth:`Session.job_submit` as ``authenticated`` with these verified claims, in a
-        transaction of its own, in one statement and one round trip: ``cpa.job_submit_as_v1``
+        transaction of its own, in one statement and one round trip: ``private.job_submit_as_v1``
         sets the claims for the transaction (as :meth:`user` does) and then calls
         ``cpa.job_submit_v3`` as ``authenticated``; the connection runs in autocommit for this
         call only, so the statement's transaction commits before the server answers, and an
         error rolls all of it back. The pool's reset (:func:`_transactional`) returns the
         connection to transactions, also after an error.
 
-        ``cpa.job_submit_as_v1`` is executable by its owner only (the role that runs the
+        ``private.job_submit_as_v1`` is executable by its owner only (the role that runs the
         migrations). A login role that may not call it gets the previous way, which needs no
         such grant: the claims and the call as two statements of one pipeline, without a BEGIN
         (one implicit transaction, committed at the pipeline's Sync)."""

@@ -354,7 +354,7 @@ create trigger job_events_restage
 -- The claims and the call in one statement ---------------------------------------------------
 -- The API's POST sent two statements in one pipeline: the claims (role authenticated, the
 -- verified JWT claims, statement_timeout, all transaction-local, as PostgREST sets them), then
--- the call. cpa.job_submit_as_v1 does both in one statement: it sets the same settings, then
+-- the call. private.job_submit_as_v1 does both in one statement: it sets the same settings, then
 -- calls cpa.job_submit_v3 in a statement of its own, so that call is authorized and runs as
 -- authenticated with the claims, exactly as before. It is SECURITY INVOKER (a security
 -- definer function may not change the role) and executable only by its owner, the role that
@@ -363,7 +363,7 @@ create trigger job_events_restage
 -- statement_timeout only bounds statements that start after it is set, so it no longer bounds
 -- this call: lock_timeout (read whenever a lock wait starts) bounds its waits for locks
 -- instead; its work is bounded by the size limits of a job.
-create function cpa.job_submit_as_v1(
+create function private.job_submit_as_v1(
   p_claims text,
   p_tenant_id uuid,
   p_request text,
@@ -390,5 +390,5 @@ begin
                            p_rate_limit, p_rate_window)::text;
 end;
 $$;
-comment on function cpa.job_submit_as_v1 is 'POST /v1/jobs in one statement for the API''s login role: set role authenticated and the verified claims for the transaction, then cpa.job_submit_v3 as that role. Owner only.';
-revoke execute on function cpa.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamptz, text, text, integer, integer) from public, anon, authenticated, service_role;
+comment on function private.job_submit_as_v1 is 'POST /v1/jobs in one statement for the API''s login role: set role authenticated and the verified claims for the transaction, then cpa.job_submit_v3 as that role. Owner only.';
+revoke execute on function private.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamptz, text, text, integer, integer) from public, anon, authenticated, service_role;

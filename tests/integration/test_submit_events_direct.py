@@ -243,7 +243,7 @@ async def test_other_writers_still_stage_while_the_setting_names_another_job(
 
 
 SIGNATURE = (
-    "cpa.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamptz,"
+    "private.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamptz,"
     " text, text, integer, integer)"
 )
 
@@ -252,7 +252,7 @@ SIGNATURE = (
 async def test_only_the_owner_may_submit_with_claims_of_its_choice(
     db: store.Store, member_factory: MemberFactory, role: str
 ) -> None:
-    """cpa.job_submit_as_v1 takes the claims as an argument: a caller that could reach it
+    """private.job_submit_as_v1 takes the claims as an argument: a caller that could reach it
     could act as anyone. Only its owner (the API's login role) may execute it."""
     m = await member_factory()
     async with db.admin() as s:
@@ -265,7 +265,7 @@ async def test_only_the_owner_may_submit_with_claims_of_its_choice(
         async with db.admin() as s:
             await s.conn.execute(f"select set_config('role', '{role}', true)")  # type: ignore[arg-type]
             await s.conn.execute(
-                "select cpa.job_submit_as_v1(%s, null, 'x', 'explicit', %s::jsonb)",
+                "select private.job_submit_as_v1(%s, null, 'x', 'explicit', %s::jsonb)",
                 (json.dumps(m.claims), json.dumps(GRAPH)),
             )
 

@@ -30,7 +30,7 @@ select cpa.job_submit_v3(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::json
 -- name: job_submit_as
 -- job_submit with the claims of session_user_scope in the same statement (Store.submit): the
 -- function sets them, then calls cpa.job_submit_v3 as authenticated. Owner only.
-select cpa.job_submit_as_v1(%(claims)s, %(tenant_id)s, %(request)s, %(intent)s,
+select private.job_submit_as_v1(%(claims)s, %(tenant_id)s, %(request)s, %(intent)s,
                             %(todos)s::jsonb, %(idempotency_key)s, %(priority)s,
                             %(max_retries)s, %(run_at)s::timestamptz, %(time_zone)s,
                             %(traceparent)s, %(rate_limit)s, %(rate_window)s) as job;
