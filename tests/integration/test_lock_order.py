@@ -317,11 +317,12 @@ async def test_two_dispatcher_reports_over_the_same_jobs_in_opposite_order(
 async def test_a_cancel_chosen_to_break_a_deadlock_is_tried_again(
     db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
-    """One cycle the lock order cannot rule out: a claim holds the ToDo it claimed (without its
-    job, SKIP LOCKED) and then, in the same transaction, fails it (agent.claim does that when a
-    ToDo's $refs cannot be resolved), which waits for the job; a cancel holding the job waits
-    for that ToDo. The cancel waits first, so PostgreSQL picks it to abort (40P01). The API's
-    cancel runs in a savepoint and is tried again: it answers 409 (the job failed), not 503."""
+    """The cycle the lock order cannot rule out: a transaction holds a ToDo it claimed (without
+    its job, SKIP LOCKED) and then fails it with a plain todo_fail, which waits for the job; a
+    cancel holding the job waits for that ToDo. The cancel waits first, so PostgreSQL picks it
+    to abort (40P01). agent.claim no longer does this (it waits for the job only briefly: the
+    test below), but the API's cancel still runs in a savepoint and is tried again, for any
+    transaction that breaks the order: it answers 409 (the job failed), not 503."""
     m = await member_factory()
     job = await job_factory(m, [{"key": "a", "action": "noop", "max_attempts": 1}])
     ids = await _ids(db_url, job.id)
