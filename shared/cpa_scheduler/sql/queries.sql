@@ -98,6 +98,12 @@ select cpa.todo_complete_v3(%(items)s::jsonb) as n;
 -- name: todo_fail
 select cpa.todo_fail_v2(%(items)s::jsonb, %(backoff_base)s) as n;
 
+-- name: lock_timeout_set
+-- Set this transaction's lock_timeout and answer the value it had (read first, in the
+-- subquery), so that the caller can put it back.
+select p.previous, set_config('lock_timeout', %(value)s, true) as value
+  from (select current_setting('lock_timeout') as previous offset 0) p;
+
 -- name: todo_release
 select cpa.todo_release_v2(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
 
