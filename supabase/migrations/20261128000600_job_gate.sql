@@ -264,21 +264,32 @@ begin
   if v_jobs is null then
     return 0;
   end if;
+  -- A ToDo of a job that ended (cancelled, failed) while it ran is not run again: it ends
+  -- cancelled. v2 requeued it and the next claim ran it.
   with expired as (
-    select t.id, t.attempts, t.max_attempts from public.todos t
+    select t.id, t.attempts, t.max_attempts, j.status in ('pending', 'running') as live
+      from public.todos t join public.jobs j on j.id = t.job_id
      where t.status = 'running' and t.lease_expires_at < now() and t.job_id = any(v_jobs)
      order by t.lease_expires_at limit p_limit
-     for update skip locked
+     for update of t skip locked
   ), requeued as (
     update public.todos t
        set status = 'ready', lease_owner = null, lease_expires_at = null, run_after = now(),
            error = format('The lease expired during attempt %s.', t.attempts), updated_at = now()
       from expired e
-     where t.id = e.id and e.attempts < e.max_attempts
+     where t.id = e.id and e.live and e.attempts < e.max_attempts
+    returning t.id
+  ), ended as (
+    update public.todos t
+       set status = 'cancelled', lease_owner = null, lease_expires_at = null, finished_at = now(),
+           error = format('The lease expired during attempt %s, after the job had ended.', t.attempts),
+           updated_at = now()
+      from expired e
+     where t.id = e.id and not e.live
     returning t.id
   )
-  select (select count(*) from requeued)::integer,
-         (select array_agg(e.id) from expired e where e.attempts >= e.max_attempts)
+  select (select count(*) from requeued)::integer + (select count(*) from ended)::integer,
+         (select array_agg(e.id) from expired e where e.live and e.attempts >= e.max_attempts)
     into v_count, v_spent;
   if v_spent is not null then
     perform private.todo_fail_terminal_v2(
@@ -289,7 +300,7 @@ begin
   return v_count + coalesce(array_length(v_spent, 1), 0);
 end;
 $$;
-comment on function private.todo_expire_v3 is 'Requeue (or fail, on their last attempt) ToDos whose lease expired; takes their jobs'' gates and rows without waiting, leaving held jobs to a later pass.';
+comment on function private.todo_expire_v3 is 'Requeue (or fail, on their last attempt) ToDos whose lease expired, or cancel them when their job has ended; takes their jobs'' gates and rows without waiting, leaving held jobs to a later pass.';
 revoke execute on function private.todo_expire_v3(integer) from public, anon, authenticated, service_role;
 
 create or replace function private.todo_expire_v2(p_limit integer default 100)

@@ -226,3 +226,29 @@ def test_a_report_gates_first_when_it_mixes_shared_and_exclusive(
     }
     exclusive, shared = dispatch._gates([dispatch._Finished(row, kinds[o]) for o in outcomes])
     assert bool(exclusive & shared) is gated
+
+
+async def test_an_expired_lease_of_a_cancelled_job_is_not_run_again(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """A cancel leaves a running ToDo to its lease holder. When that worker is lost, expiry
+    used to requeue the ToDo and the next claim ran it again for a cancelled job; it ends
+    cancelled now. A ToDo of a live job is still requeued."""
+    m = await member_factory()
+    gone = await job_factory(m, [{"key": "a", "action": "noop"}])
+    live = await job_factory(m, [{"key": "a", "action": "noop"}])
+    gone_ids, live_ids = await _ids(db_url, gone.id), await _ids(db_url, live.id)
+    await _lease(db_url, [gone_ids["a"], live_ids["a"]])
+    async with db.user(m.claims) as s:
+        assert (await s.job_cancel(gone.id)).status == "cancelled"
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(
+            "update public.todos set lease_expires_at = now() - interval '1 second'"
+            " where id = any(%s::uuid[])",
+            ([gone_ids["a"], live_ids["a"]],),
+        )
+    async with db.service() as claim:
+        rows = await claim.todo_claim(target="cloud", owner="dispatcher:other", limit=10)
+    assert [str(r.id) for r in rows] == [live_ids["a"]]
+    status, todos = await _job(db_url, gone.id)
+    assert status == "cancelled" and todos == {"a": "cancelled"}
