@@ -380,15 +380,19 @@ class Session:
     async def job_retry(self, job_id: uuid.UUID | str) -> JobRow:
         return await self._again_on_deadlock("job_retry", {"job_id": _uuid(job_id, "job")})
 
-    async def job_lock(self, job_ids: Iterable[uuid.UUID | str]) -> int:
-        """Lock these jobs' rows for the rest of the transaction (service scope), in id order.
+    async def job_gate(
+        self, exclusive: Iterable[uuid.UUID | str], shared: Iterable[uuid.UUID | str] = ()
+    ) -> int:
+        """Take these jobs' gates for the rest of the transaction (service scope): exclusive
+        for ``exclusive``, shared for the others.
 
-        A transaction that reports on ToDos of several jobs in more than one operation takes
-        this first: every operation locks its jobs before their ToDos, so one that locked a
-        further job after another operation's ToDos could deadlock with another such
-        transaction."""
-        ids = sorted({str(j) for j in job_ids})
-        return int(await self._scalar("job_lock", {"job_ids": ids}))
+        A transaction that calls more than one operation takes this first (migration
+        20261128000600_job_gate): each operation takes its own gates, but one that asked for an
+        exclusive gate after another had taken the shared one, or a gate after another
+        operation's rows, could deadlock with another such transaction."""
+        strong = sorted({str(j) for j in exclusive})
+        weak = sorted({str(j) for j in shared} - set(strong))
+        return int(await self._scalar("job_gate", {"exclusive": strong, "shared": weak}))
 
     async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
         params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
