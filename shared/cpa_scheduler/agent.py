@@ -67,8 +67,8 @@ async def claim(
             # This transaction holds the ToDo (claimed without its job) and todo_fail locks the
             # job: a cancel holding the job and waiting for the ToDo would make a cycle. So wait
             # for the job only briefly; if someone holds it, leave the ToDo unassigned: that
-            # cancel ends the job once this claim commits, or the lease expires and a later
-            # claim fails the ToDo.
+            # cancel ends the job once this claim commits (the expired lease then ends the ToDo
+            # cancelled), or the lease expires and a later claim fails the ToDo.
             failed = await session.todo_fail_unless_job_held(
                 [{"id": str(row["id"]), "owner": row["lease_owner"], "error": exc.message}]
             )
@@ -76,7 +76,7 @@ async def claim(
                 log.warning(
                     "agent claim: ToDo %s of job %s has $refs that cannot be resolved (%s), but "
                     "another transaction (a cancel?) holds the job, so it is not failed now; not "
-                    "assigned, and failed by a later claim once its lease expires",
+                    "assigned; it ends when its lease expires",
                     row["id"], job_id, exc.message,
                 )  # fmt: skip
             continue
