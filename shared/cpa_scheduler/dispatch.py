@@ -642,14 +642,18 @@ class Dispatcher:
                     timers.append((row, outcome))
                 case Release():
                     released.append(row)
+        # Exclusive operations before the completions (migration 20261128000600_job_gate): a
+        # completion locks its jobs' rows, and a failure after it would wait for ToDos while
+        # holding them, which another lane's complete-and-claim may hold while it waits for
+        # those rows.
         if released:
             await session.todo_release([self._item(row) for row in released])
+        if failed:
+            await self._fail(session, failed, summary)
         if done:
             summary.done += await session.todo_complete(
                 [self._item(row) | {"result": o.result} for row, o in done]
             )
-        if failed:
-            await self._fail(session, failed, summary)
         if done:
             actions = Counter(row.action for row, _ in done)
             for action, count in actions.items():

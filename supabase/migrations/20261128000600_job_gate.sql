@@ -11,7 +11,7 @@
 --      in ascending key order, shared or exclusive;
 --   2. ToDo rows (in ascending id where a statement locks several);
 --   3. job rows, in ascending id;
---   4. at commit, the events flush's advisory locks (two-key form below keeps them apart).
+--   4. at commit, the events flush's advisory locks (class 7263200; claim fairness uses 7263100).
 -- Reporters that only complete ToDos (todo_complete_v4, todo_complete_claim_v4, and through them
 -- agent completions and the sweep's skips) take the gate SHARED: they wait for each other only
 -- on rows (a dependent two of them release, the job row at the end), never in a cycle, because
@@ -24,16 +24,20 @@
 -- the jobs they cannot gate to a later pass.
 -- A transaction that calls several of these must take all its gates first, exclusive where any
 -- call needs it (cpa.job_gate_v1): asking for an exclusive gate while holding the shared one of
--- the same job waits for the other reporters, which may wait for the job row it holds.
+-- the same job waits for the other reporters, which may wait for the job row it holds. And it
+-- must wait for no ToDo once a completion has locked its job rows (the dispatcher's report
+-- fails and releases before it completes): complete-and-claim holds the ToDos it picked while
+-- it waits for job rows.
 --
 -- Functions keep their names where only the gate is new: the old bodies move to private.*_inner
 -- (ALTER FUNCTION keeps body, owner and settings) and the public name becomes "gate, then the
 -- inner body", so the previous deploy's code takes the gate too.
 
 -- the gate key -----------------------------------------------------------------------------------
--- The two-int4 advisory lock space (class 1785, "job"), apart from the flush's bigint keys; the
--- last 8 hex digits of the id are random in UUID v4 and v7 alike. Two jobs that share a key share
--- a gate: slower, never a deadlock, since gates are taken in key order.
+-- The two-int4 advisory lock space, class 1785 (the flush uses 7263200, the claims' fairness
+-- 7263100, the migration runner single bigint keys); the last 8 hex digits of the id are
+-- random in UUID v4 and v7 alike. Two jobs that share a key share a gate: slower, never a
+-- deadlock, since gates are taken in key order.
 create function private.job_gate_key_v1(p_job_id uuid)
 returns integer
 language sql immutable parallel safe set search_path = ''
@@ -583,23 +587,29 @@ begin
     perform private.todo_dependents_release_v1(v_done);
   end if;
 
-  -- The claim waits for nothing (SKIP LOCKED), so it may come before the job rows.
+  -- The claim waits for nothing (SKIP LOCKED), but the ToDos it picks stay held while the
+  -- counts below wait for job rows. That is safe only because no transaction that holds a job
+  -- row waits for a ToDo of another job: an exclusive writer waits only for ToDos of its own
+  -- gated job (no completion of which runs beside it), and a transaction waits for no ToDo
+  -- after its completions' counts (the dispatcher's report runs its exclusive operations
+  -- first). Picking before the counts keeps the pick out of the time the job row is held.
   if p_limit > 0 then
     select array_agg(c) into v_rows
       from private.todo_claim_pick_v1(p_target, p_owner, p_limit, p_lease_seconds, p_tenant_id,
                                       p_actions, p_tenant_cap) c;
     v_start := array(select distinct r.job_id from unnest(v_rows) r);
   end if;
-
+  if v_done is not null then
+    perform private.job_counts_add_v1(v_jobs);
+  end if;
+  -- After the counts: a started job's row, held while the counts waited for another job's,
+  -- would close a cycle with a completion that counts both in id order.
   if cardinality(v_start) > 0 then
     update public.jobs j
        set status = 'running', started_at = coalesce(j.started_at, now())
      where j.id in (select p.id from public.jobs p
                      where p.id = any(v_start) and p.status = 'pending'
                        for update skip locked);
-  end if;
-  if v_done is not null then
-    perform private.job_counts_add_v1(v_jobs);
   end if;
 
   if v_rows is null then
@@ -609,7 +619,7 @@ begin
   end if;
 end;
 $$;
-comment on function cpa.todo_complete_claim_v4 is 'As todo_complete_claim_v3, in the gate order: the completed ToDos'' jobs'' gates shared, the ToDos, the claim (SKIP LOCKED), then the job rows. Rows: (done, claimed ToDo or null).';
+comment on function cpa.todo_complete_claim_v4 is 'As todo_complete_claim_v3, in the gate order: the completed ToDos'' jobs'' gates shared, the ToDos, the claim (SKIP LOCKED), the job rows, then the claimed pending jobs'' start (SKIP LOCKED). Rows: (done, claimed ToDo or null).';
 revoke execute on function
   cpa.todo_complete_claim_v4(jsonb, text, text, integer, double precision, uuid, text[], integer)
   from public, anon, authenticated;

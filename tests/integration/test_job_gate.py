@@ -252,3 +252,111 @@ async def test_an_expired_lease_of_a_cancelled_job_is_not_run_again(
     assert [str(r.id) for r in rows] == [live_ids["a"]]
     status, todos = await _job(db_url, gone.id)
     assert status == "cancelled" and todos == {"a": "cancelled"}
+
+
+async def _settled(db_url: str, task: asyncio.Task[None], pid: asyncio.Future[int]) -> None:
+    """Until ``task`` waits for a lock or has ended."""
+    backend = await asyncio.wait_for(pid, 10)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not task.done() and loop.time() < deadline:
+        if await _waits_for_a_lock(db_url, backend, seconds=0.05):
+            return
+    assert task.done() or loop.time() < deadline, "the lane neither waited nor ended"
+
+
+async def test_a_report_beside_a_complete_and_claim_that_picks_in_the_failing_job(
+    db: store.Store,
+    db_url: str,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review finding 1. The report completes k1 (job K) and fails j1 (job J) for good; between
+    its two operations the other lane completes k2 (K) and picks j2, a ready ToDo of J. Had the
+    report completed first, it would hold K's row and wait for j2 in the failure, while the lane
+    held j2 and waited for K's row: 40P01. The report fails before it completes."""
+    m = await member_factory()
+    jk = await job_factory(m, [{"key": "k1", "action": "noop"}, {"key": "k2", "action": "noop"}])
+    jj = await job_factory(
+        m,
+        [{"key": "j1", "action": "noop", "max_attempts": 1}, {"key": "j2", "action": "noop"}],
+    )
+    k, j = await _ids(db_url, jk.id), await _ids(db_url, jj.id)
+    await _lease(db_url, [k["k1"], k["k2"], j["j1"]])
+    rows = {r.key: r for r in await _rows(db_url, [k["k1"], j["j1"]])}
+    finished = [
+        dispatch._Finished(rows["k1"], executor.Done({})),
+        dispatch._Finished(rows["j1"], executor.Fail("boom", retryable=False)),
+    ]
+    lane_pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    lane_out: list[Any] = []
+
+    async def lane() -> None:
+        async with db.service() as s:
+            lane_pid.set_result(s.conn.info.backend_pid)
+            done, _ = await s.todo_complete_claim(
+                [_item(k["k2"], result={})], target="cloud", owner="dispatcher:other", limit=5
+            )
+            lane_out.append(done)
+
+    lanes: list[asyncio.Task[None]] = []
+    calls: list[str] = []
+
+    def second_starts_the_lane(name: str) -> Any:
+        real = getattr(store.Session, name)
+
+        async def hooked(self: store.Session, *args: Any, **kw: Any) -> int:
+            calls.append(name)
+            if len(calls) == 2:
+                lanes.append(asyncio.create_task(lane()))
+                await _settled(db_url, lanes[0], lane_pid)
+            return int(await real(self, *args, **kw))
+
+        return hooked
+
+    for name in ("todo_fail", "todo_complete"):
+        monkeypatch.setattr(store.Session, name, second_starts_the_lane(name))
+    await asyncio.wait_for(
+        dispatch.Dispatcher(db, owner=OWNER)._flush_batch(finished, dispatch.Summary()), 20
+    )
+    await asyncio.wait_for(lanes[0], 20)
+    assert calls == ["todo_fail", "todo_complete"] and lane_out == [1]
+    assert (await _job(db_url, jj.id))[0] == "failed"
+    assert await _job(db_url, jk.id) == ("done", {"k1": "done", "k2": "done"})
+
+
+async def test_a_claimed_pending_job_starts_after_the_counts(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """Review finding 2. T holds job B's row (a completion's counts) and will complete a ToDo of
+    job A next. The lane completes b1 (B) and claims a2 of A, a pending job (a claim skipped
+    its start). Had the lane started A before its counts, it would hold A's row while waiting
+    for B's, and T would wait for A's: 40P01. It starts A after its counts."""
+    m = await member_factory()
+    one = await job_factory(m, [{"key": "x1", "action": "noop"}, {"key": "x2", "action": "noop"}])
+    two = await job_factory(m, [{"key": "x1", "action": "noop"}, {"key": "x2", "action": "noop"}])
+    a_job, b_job = (one, two) if str(one.id) > str(two.id) else (two, one)  # ids: B < A
+    a, b = await _ids(db_url, a_job.id), await _ids(db_url, b_job.id)
+    await _lease(db_url, [b["x1"], b["x2"], a["x1"]])
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        await conn.execute("update public.jobs set status = 'pending' where id = %s", (a_job.id,))
+    lane_pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    out: dict[str, Any] = {}
+
+    async def lane() -> None:
+        async with db.service() as s:
+            lane_pid.set_result(s.conn.info.backend_pid)
+            done, rows = await s.todo_complete_claim(
+                [_item(b["x1"], result={})], target="cloud", owner="dispatcher:other", limit=5
+            )
+            out["lane"] = (done, sorted(str(r.id) for r in rows))
+
+    async with db.service() as t:
+        assert await t.todo_complete([_item(b["x2"], result={})]) == 1
+        other = asyncio.create_task(lane())
+        assert await _waits_for_a_lock(db_url, await asyncio.wait_for(lane_pid, 10))
+        out["t"] = await t.todo_complete([_item(a["x1"], result={})])
+    await asyncio.wait_for(other, 20)
+    assert out == {"t": 1, "lane": (1, [a["x2"]])}
+    assert (await _job(db_url, a_job.id))[0] == "running"
