@@ -51,24 +51,18 @@ create function private.job_gate_v1(p_exclusive uuid[], p_shared uuid[] default 
 returns void
 language plpgsql security definer set search_path = ''
 as $$
-declare
-  v_gate record;
 begin
-  for v_gate in
-    select private.job_gate_key_v1(g.job_id) as key, bool_or(g.exclusive) as exclusive
-      from (select e.job_id, true as exclusive from unnest(p_exclusive) e(job_id)
-            union all
-            select s.job_id, false from unnest(p_shared) s(job_id)) g
-     where g.job_id is not null
-     group by 1
-     order by 1
-  loop
-    if v_gate.exclusive then
-      perform pg_advisory_xact_lock(1785, v_gate.key);
-    else
-      perform pg_advisory_xact_lock_shared(1785, v_gate.key);
-    end if;
-  end loop;
+  -- One statement, run to its end: the locks are taken after the sort (PostgreSQL evaluates a
+  -- volatile target list above the Sort), in key order. A loop cost ~20 us a lock.
+  perform case when g.exclusive then pg_advisory_xact_lock(1785, g.key)
+               else pg_advisory_xact_lock_shared(1785, g.key) end
+     from (select private.job_gate_key_v1(u.job_id) as key, bool_or(u.exclusive) as exclusive
+             from (select e.job_id, true as exclusive from unnest(p_exclusive) e(job_id)
+                   union all
+                   select s.job_id, false from unnest(p_shared) s(job_id)) u
+            where u.job_id is not null
+            group by 1) g
+    order by g.key;
 end;
 $$;
 comment on function private.job_gate_v1 is 'Take the gates of these jobs for the transaction, in key order: exclusive for p_exclusive, shared for the others (step 1 of the lock order).';

@@ -360,3 +360,20 @@ async def test_a_claimed_pending_job_starts_after_the_counts(
     await asyncio.wait_for(other, 20)
     assert out == {"t": 1, "lane": (1, [a["x2"]])}
     assert (await _job(db_url, a_job.id))[0] == "running"
+
+
+async def test_job_gate_takes_each_gate_once_exclusive_winning(db_url: str) -> None:
+    """cpa.job_gate_v1: a job in both lists is gated exclusively, the others shared, nulls are
+    ignored; the answer counts the jobs."""
+    one, two = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "select cpa.job_gate_v1(array[%s, null]::uuid[], array[%s, %s]::uuid[])",
+            (one, one, two),
+        )
+        assert await cur.fetchone() == (2,)
+        cur = await conn.execute(
+            "select objid::integer, mode from pg_locks where locktype = 'advisory'"
+            " and classid = 1785 and pid = pg_backend_pid() order by mode"
+        )
+        assert await cur.fetchall() == [(0xA, "ExclusiveLock"), (0xB, "ShareLock")]
