@@ -15,6 +15,7 @@ turns each into the matching state change. The lease owner is the database's
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from cpa_scheduler import (
     store,
     tracing,
 )
+
+log = logging.getLogger("cpa.agent")
 
 SCHEDULER = "scheduler"
 MAX_REFUSALS = 3
@@ -61,9 +64,21 @@ async def claim(
                 results[job_id] = await session.todo_job_results(job_id)
             params = graph.resolve_refs(row["params"], results[job_id], row["key"])
         except errors.PermanentError as exc:
-            await session.todo_fail(
+            # This transaction holds the ToDo (claimed without its job) and todo_fail locks the
+            # job: a cancel holding the job and waiting for the ToDo would make a cycle. So wait
+            # for the job only briefly; if someone holds it, leave the ToDo unassigned: that
+            # cancel ends the job once this claim commits (the expired lease then ends the ToDo
+            # cancelled), or the lease expires and a later claim fails the ToDo.
+            failed = await session.todo_fail_unless_job_held(
                 [{"id": str(row["id"]), "owner": row["lease_owner"], "error": exc.message}]
             )
+            if failed is None:
+                log.warning(
+                    "agent claim: ToDo %s of job %s has $refs that cannot be resolved (%s), but "
+                    "another transaction (a cancel?) holds the job, so it is not failed now; not "
+                    "assigned; it ends when its lease expires",
+                    row["id"], job_id, exc.message,
+                )  # fmt: skip
             continue
         envelope: dict[str, Any] = {}
         traceparent = _assign_span(traces.get(job_id), row, agent_id)

@@ -591,12 +591,12 @@ class Dispatcher:
     async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
         counted = Summary()  # added to the pass's summary only once the transaction commits
         async with self.store.service() as session:
-            jobs = {f.row.job_id for f in finished}
-            if len(jobs) > 1:
-                # The lock order (migration 20261128000200_cancel_lock_order): job rows before
-                # ToDo rows. Each operation below locks its own jobs first, but the second one
-                # runs after the first one's ToDos: all the batch's jobs first, in one order.
-                await session.job_lock(jobs)
+            exclusive, shared = _gates(finished)
+            if len(exclusive | shared) > 1 or exclusive & shared:
+                # The lock order (migration 20261128000600_job_gate): every gate before any
+                # row. Each operation below takes its own, but a later one would take them
+                # after an earlier one's rows, or upgrade a shared gate: all of them first.
+                await session.job_gate(exclusive, shared)
             settled: list[tuple[TodoRow, Settled]] = []
             for f in finished:
                 if isinstance(f.outcome, executor.Attach):
@@ -642,14 +642,18 @@ class Dispatcher:
                     timers.append((row, outcome))
                 case Release():
                     released.append(row)
+        # Exclusive operations before the completions (migration 20261128000600_job_gate): a
+        # completion locks its jobs' rows, and a failure after it would wait for ToDos while
+        # holding them, which another lane's complete-and-claim may hold while it waits for
+        # those rows.
         if released:
             await session.todo_release([self._item(row) for row in released])
+        if failed:
+            await self._fail(session, failed, summary)
         if done:
             summary.done += await session.todo_complete(
                 [self._item(row) | {"result": o.result} for row, o in done]
             )
-        if failed:
-            await self._fail(session, failed, summary)
         if done:
             actions = Counter(row.action for row, _ in done)
             for action, count in actions.items():
@@ -1080,3 +1084,15 @@ def dead_owners(owners: list[str], me: str) -> list[str]:
         except PermissionError:
             pass  # it exists (another user's process)
     return dead
+
+
+def _gates(finished: Sequence[_Finished]) -> tuple[set[str], set[str]]:
+    """The jobs a report gates exclusively (failing, releasing or attaching: those operations
+    wait for ToDos while holding the job) and those it completes or snoozes in (shared); a
+    job can be in both."""
+    exclusive: set[str] = set()
+    shared: set[str] = set()
+    for f in finished:
+        strong = isinstance(f.outcome, executor.Fail | executor.Attach | Release)
+        (exclusive if strong else shared).add(str(f.row.job_id))
+    return exclusive, shared

@@ -17,8 +17,10 @@ Hierarchy::
     ├── ConflictError                a state transition that is not allowed now (HTTP 409)
     ├── RateLimitedError             too many requests; retry later (HTTP 429)
     ├── UnavailableError             a dependency (the database) is down (HTTP 503)
-    │   └── DeadlockError            the database aborted a statement to break a lock cycle
-    │                                (40P01); an operation that can is tried again first
+    │   ├── DeadlockError            the database aborted a statement to break a lock cycle
+    │   │                            (40P01); an operation that can is tried again first
+    │   └── LockTimeoutError         a statement waited for a lock past lock_timeout (55P03);
+    │                                a claim's bounded failure gives up on it
     ├── RegistryError                an executor registered twice, or none for an action
     ├── PlannerError                 no planner configured, or the plan stayed invalid
     └── ExecutorError                raised by an executor while running a ToDo
@@ -154,6 +156,10 @@ class UnavailableError(CpaError):
 
 class DeadlockError(UnavailableError):
     """PostgreSQL aborted the statement to break a deadlock (SQLSTATE 40P01)."""
+
+
+class LockTimeoutError(UnavailableError):
+    """A statement waited for a lock longer than ``lock_timeout`` allows (SQLSTATE 55P03)."""
 
 
 class RegistryError(CpaError):

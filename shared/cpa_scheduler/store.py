@@ -37,6 +37,10 @@ _T = TypeVar("_T")
 
 # Attempts of an API operation that PostgreSQL aborted to break a deadlock (Session.job_cancel).
 DEADLOCK_ATTEMPTS = 3
+# How long a claim that fails a ToDo it holds waits for the ToDo's job
+# (Session.todo_fail_unless_job_held): well below PostgreSQL's deadlock_timeout (1 s by
+# default), so a cancel that holds the job and waits for the ToDo is never the one aborted.
+CLAIM_LOCK_WAIT = "200ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,10 @@ def translate() -> Iterator[None]:
         ) from None
     except pgerrors.DeadlockDetected as exc:  # 40P01; an OperationalError, so before those
         raise errors.DeadlockError(
+            f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
+        ) from None
+    except pgerrors.LockNotAvailable as exc:  # 55P03, lock_timeout; also an OperationalError
+        raise errors.LockTimeoutError(
             f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
         ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
@@ -350,10 +358,11 @@ class Session:
         aborts it to break a deadlock (40P01).
 
         The operations lock in one order (migration 20261128000200_cancel_lock_order), so a
-        cycle needs a transaction that breaks it (an agent's claim that then fails a ToDo it
-        holds). Rolling back to the savepoint releases the locks the attempt took, the other
-        transaction finishes, and the next attempt sees its outcome: the request answers that
-        (or a 409) instead of a 503. The dispatcher retries its whole transaction instead."""
+        cycle needs a transaction that breaks it (one that fails a ToDo it claimed: agent.claim
+        bounds that wait, :meth:`todo_fail_unless_job_held`, so this is the safety net). Rolling
+        back to the savepoint releases the locks the attempt took, the other transaction
+        finishes, and the next attempt sees its outcome: the request answers that (or a 409)
+        instead of a 503. The dispatcher retries its whole transaction instead."""
         attempt = 1
         while True:
             try:
@@ -371,15 +380,19 @@ class Session:
     async def job_retry(self, job_id: uuid.UUID | str) -> JobRow:
         return await self._again_on_deadlock("job_retry", {"job_id": _uuid(job_id, "job")})
 
-    async def job_lock(self, job_ids: Iterable[uuid.UUID | str]) -> int:
-        """Lock these jobs' rows for the rest of the transaction (service scope), in id order.
+    async def job_gate(
+        self, exclusive: Iterable[uuid.UUID | str], shared: Iterable[uuid.UUID | str] = ()
+    ) -> int:
+        """Take these jobs' gates for the rest of the transaction (service scope): exclusive
+        for ``exclusive``, shared for the others.
 
-        A transaction that reports on ToDos of several jobs in more than one operation takes
-        this first: every operation locks its jobs before their ToDos, so one that locked a
-        further job after another operation's ToDos could deadlock with another such
-        transaction."""
-        ids = sorted({str(j) for j in job_ids})
-        return int(await self._scalar("job_lock", {"job_ids": ids}))
+        A transaction that calls more than one operation takes this first (migration
+        20261128000600_job_gate): each operation takes its own gates, but one that asked for an
+        exclusive gate after another had taken the shared one, or a gate after another
+        operation's rows, could deadlock with another such transaction."""
+        strong = sorted({str(j) for j in exclusive})
+        weak = sorted({str(j) for j in shared} - set(strong))
+        return int(await self._scalar("job_gate", {"exclusive": strong, "shared": weak}))
 
     async def job_attach(self, job_id: uuid.UUID | str, todos: Sequence[Mapping[str, Any]]) -> int:
         params = {"job_id": str(job_id), "todos": _jsonb(list(todos))}
@@ -467,6 +480,37 @@ class Session:
     ) -> int:
         params = {"items": _jsonb(list(items)), "backoff_base": backoff_base}
         return int(await self._scalar("todo_fail", params))
+
+    async def todo_fail_unless_job_held(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        lock_wait: str = CLAIM_LOCK_WAIT,
+        backoff_base: float = 1.0,
+    ) -> int | None:
+        """:meth:`todo_fail`, waiting at most ``lock_wait`` (a PostgreSQL interval) for a lock;
+        None, with nothing changed, when another transaction holds what it needs that long.
+
+        For a transaction that holds the ToDos it fails without their jobs (a claim:
+        ``agent.claim`` fails a ToDo whose ``$ref`` it cannot resolve). todo_fail locks the
+        jobs first, and a cancel that holds a job may wait for that very ToDo: a cycle against
+        the lock order (job rows, then ToDo rows), which PostgreSQL breaks after its
+        ``deadlock_timeout`` (1 s by default) by aborting the cancel. Giving up sooner ends the
+        wait before then. The failure runs in a savepoint with a transaction-local
+        ``lock_timeout``: on 55P03 the savepoint is rolled back (the ToDos stay as the caller
+        left them, still held), and either way the transaction's ``lock_timeout`` is the one
+        it had before."""
+        params = {"items": _jsonb(list(items)), "backoff_base": backoff_base}
+        try:
+            with translate():
+                async with self.conn.transaction():  # a savepoint
+                    row = await self._first("lock_timeout_set", {"value": lock_wait})
+                    n = int(await self._scalar("todo_fail", params))
+                    await self._first("lock_timeout_set", {"value": row["previous"]})
+                    return n
+        except errors.LockTimeoutError:
+            # Rolling back to the savepoint undid its set_config too: lock_timeout is as before.
+            return None
 
     async def todo_release(
         self, items: Sequence[Mapping[str, Any]], *, refusal: bool = False, max_refusals: int = 3

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from cpa_scheduler import errors, store
 
-from tests.conftest import JobFactory, MemberFactory
+from tests.conftest import JobFactory, Member, MemberFactory
 
 OWNER = "dispatcher:lock-order"
 
@@ -317,11 +317,12 @@ async def test_two_dispatcher_reports_over_the_same_jobs_in_opposite_order(
 async def test_a_cancel_chosen_to_break_a_deadlock_is_tried_again(
     db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
-    """One cycle the lock order cannot rule out: a claim holds the ToDo it claimed (without its
-    job, SKIP LOCKED) and then, in the same transaction, fails it (agent.claim does that when a
-    ToDo's $refs cannot be resolved), which waits for the job; a cancel holding the job waits
-    for that ToDo. The cancel waits first, so PostgreSQL picks it to abort (40P01). The API's
-    cancel runs in a savepoint and is tried again: it answers 409 (the job failed), not 503."""
+    """The cycle the lock order cannot rule out: a transaction holds a ToDo it claimed (without
+    its job, SKIP LOCKED) and then fails it with a plain todo_fail, which waits for the job; a
+    cancel holding the job waits for that ToDo. The cancel waits first, so PostgreSQL picks it
+    to abort (40P01). agent.claim no longer does this (it waits for the job only briefly: the
+    test below), but the API's cancel still runs in a savepoint and is tried again, for any
+    transaction that breaks the order: it answers 409 (the job failed), not 503."""
     m = await member_factory()
     job = await job_factory(m, [{"key": "a", "action": "noop", "max_attempts": 1}])
     ids = await _ids(db_url, job.id)
@@ -421,3 +422,141 @@ async def test_cancel_against_a_complete_and_claim(
     # then ends the job (a running ToDo ends with its lease holder's report).
     assert cancel_error == [] and status == "cancelled", (cancel_error, status)
     assert todos == {"a1": "done", "b": "running"}
+
+
+async def _unresolvable_desktop_todo(
+    db: store.Store, member: Member, job_factory: JobFactory
+) -> tuple[store.JobRow, dict[str, str]]:
+    """A running job whose desktop ToDo ``o`` is ready for an agent, with a ``$ref`` to a key
+    its done dependency's result lacks: agent.claim claims ``o`` and then fails it."""
+    from cpa_scheduler import dispatch
+
+    job = await job_factory(
+        member,
+        [
+            {"key": "n", "action": "noop", "target": "cloud", "params": {"x": 1}},
+            {"key": "o", "action": "desktop.open_app", "target": "desktop", "depends_on": ["n"],
+             "params": {"app": {"$ref": "n.result.app"}}},
+        ],
+    )  # fmt: skip
+    await dispatch.Dispatcher(db).run_pass(5)  # n done: the job runs, o is ready
+    status, todos = await _job(db.url, job.id)
+    assert status == "running" and todos == {"n": "done", "o": "ready"}, (status, todos)
+    return job, await _ids(db.url, job.id)
+
+
+async def _lock_timeout(session: store.Session) -> str:
+    cur = await session.conn.execute("show lock_timeout")
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row["lock_timeout"])
+
+
+async def test_a_claim_that_fails_an_unresolvable_todo_gives_way_to_a_cancel(
+    db: store.Store,
+    db_url: str,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """agent.claim claims o (SKIP LOCKED, without its job); before it fails o for its
+    unresolvable $ref, a cancel locks the job and waits for o. The claim's todo_fail then
+    waits for the job while holding o: a cycle, and PostgreSQL aborted the cancel, the first
+    to wait (40P01; the API's retry hid it). The claim now waits for the job at most a short
+    lock_timeout (below deadlock_timeout), gives o up for this claim and commits, and the
+    cancel goes on. One attempt: the API's retry on 40P01 would hide the deadlock."""
+    from cpa_scheduler import agent
+
+    monkeypatch.setattr(store, "DEADLOCK_ATTEMPTS", 1)
+    m = await member_factory()
+    job, ids = await _unresolvable_desktop_todo(db, m, job_factory)
+    pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    cancel_error: list[BaseException] = []
+    cancelled: list[store.JobRow] = []
+
+    async def cancel() -> None:
+        try:
+            async with db.user(m.claims) as s:
+                pid.set_result(s.conn.info.backend_pid)
+                await s.job_get(job.id)  # as POST /v1/jobs/{id}/cancel does
+                cancelled.append(await s.job_cancel(job.id))
+        except BaseException as exc:  # examined below
+            cancel_error.append(exc)
+
+    tasks: list[asyncio.Task[None]] = []
+    async with db.user(m.claims) as s:
+        before = await _lock_timeout(s)
+        results = s.todo_job_results
+
+        async def results_once_the_cancel_waits(job_id: uuid.UUID | str) -> dict[str, Any]:
+            # Between the claim and the failure: the claim holds o, the cancel takes the job.
+            tasks.append(asyncio.create_task(cancel()))
+            assert await _waits_for_a_lock(db_url, await asyncio.wait_for(pid, 10))
+            return await results(job_id)
+
+        monkeypatch.setattr(s, "todo_job_results", results_once_the_cancel_waits)
+        with caplog.at_level("WARNING", logger="cpa.agent"):
+            assigns = await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None)
+        assert await _lock_timeout(s) == before
+    assert len(tasks) == 1
+    await asyncio.wait_for(tasks[0], 30)
+
+    assert not any(_deadlocked(e) for e in cancel_error), cancel_error
+    assert cancel_error == [], cancel_error
+    assert assigns == []
+    assert [j.status for j in cancelled] == ["cancelled"]
+    assert any(ids["o"] in r.getMessage() for r in caplog.records), caplog.records
+    status, todos = await _job(db_url, job.id)
+    # o is still the agent's (running ToDos finish on a cancel): nothing lost, n's result kept.
+    assert status == "cancelled" and todos == {"n": "done", "o": "running"}, (status, todos)
+
+    # Its lease expires (no agent got it) and the next claim ends it: cancelled, as the job is
+    # (todo_expire_v3; it was requeued and failed by the claim before).
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        await conn.execute(
+            "update public.todos set lease_expires_at = now() - interval '1 second' where id = %s",
+            (ids["o"],),
+        )
+    async with db.user(m.claims) as s:
+        assert await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None) == []
+    status, todos = await _job(db_url, job.id)
+    assert status == "cancelled" and todos == {"n": "done", "o": "cancelled"}, (status, todos)
+
+
+async def test_the_claims_lock_timeout_is_restored_after_a_failure_and_after_giving_up(
+    db: store.Store,
+    db_url: str,
+    member_factory: MemberFactory,
+    job_factory: JobFactory,
+) -> None:
+    """The short lock_timeout of agent.claim's todo_fail is the failure's alone: the rest of
+    the request's transaction keeps the lock_timeout it had, whether the failure ran or gave
+    up waiting for the job."""
+    from cpa_scheduler import agent
+
+    m = await member_factory()
+    job, _ = await _unresolvable_desktop_todo(db, m, job_factory)
+    async with db.user(m.claims) as s:
+        await s.conn.execute("select set_config('lock_timeout', '7s', true)")
+        assert await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None) == []
+        assert await _lock_timeout(s) == "7s"
+    _, todos = await _job(db_url, job.id)
+    assert todos["o"] == "failed"
+
+    # Gave up: another transaction holds the job, so the failure times out.
+    other, _ = await _unresolvable_desktop_todo(db, m, job_factory)
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute(
+            "select 1 from public.jobs where id = %s for no key update", (other.id,)
+        )
+        async with db.user(m.claims) as s:
+            await s.conn.execute("select set_config('lock_timeout', '7s', true)")
+            assert (
+                await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None) == []
+            )
+            assert await _lock_timeout(s) == "7s"
+            await s.conn.execute("select 1")  # the transaction is usable, and commits
+        await holder.rollback()
+    status, todos = await _job(db_url, other.id)
+    assert status == "running" and todos["o"] == "running", (status, todos)

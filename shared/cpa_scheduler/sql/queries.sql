@@ -75,11 +75,11 @@ select id, tenant_id, created_by, request, intent, status, priority, idempotency
        time_zone, schedule_id, scheduled_for, traceparent
   from cpa.job_retry_v3(%(job_id)s);
 
--- name: job_lock
--- A transaction that calls several operations on ToDos of several jobs (the dispatcher's
--- report) locks all their job rows first, in id order: the lock order of migration
--- 20261128000200_cancel_lock_order (job rows, then ToDo rows).
-select cpa.job_lock_v1(%(job_ids)s::uuid[]) as n;
+-- name: job_gate
+-- A transaction that calls several operations (the dispatcher's report) takes all its jobs'
+-- gates first, exclusive where any operation needs it: the lock order of migration
+-- 20261128000600_job_gate (gates, then ToDo rows, then job rows).
+select cpa.job_gate_v1(%(exclusive)s::uuid[], %(shared)s::uuid[]) as n;
 
 -- name: todo_get
 select * from public.todos where id = %(todo_id)s;
@@ -97,15 +97,21 @@ select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer
 select c.done, (c.todo).id, (c.todo).job_id, (c.todo).tenant_id, (c.todo).key, (c.todo).action,
        (c.todo).params, (c.todo).attempts, (c.todo).max_attempts, (c.todo).timer_until,
        (c.todo).lease_expires_at, (c.todo).error
-  from cpa.todo_complete_claim_v3(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
+  from cpa.todo_complete_claim_v4(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
                                   %(lease_seconds)s, %(tenant_id)s, %(actions)s,
                                   %(tenant_cap)s) c;
 
 -- name: todo_complete
-select cpa.todo_complete_v3(%(items)s::jsonb) as n;
+select cpa.todo_complete_v4(%(items)s::jsonb) as n;
 
 -- name: todo_fail
 select cpa.todo_fail_v2(%(items)s::jsonb, %(backoff_base)s) as n;
+
+-- name: lock_timeout_set
+-- Set this transaction's lock_timeout and answer the value it had (read first, in the
+-- subquery), so that the caller can put it back.
+select p.previous, set_config('lock_timeout', %(value)s, true) as value
+  from (select current_setting('lock_timeout') as previous offset 0) p;
 
 -- name: todo_release
 select cpa.todo_release_v2(%(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
@@ -246,7 +252,7 @@ select least(
 ) as due;
 
 -- name: desktop_sweep
-select cpa.desktop_sweep_v2(%(seen_seconds)s) as n;
+select cpa.desktop_sweep_v3(%(seen_seconds)s) as n;
 
 -- name: agent_offering
 -- Whether an agent of the tenant offering the action was seen recently.
