@@ -131,7 +131,7 @@ def one_call(
     """:func:`submit` for ``POST /v1/jobs`` as one SQL call (:meth:`store.Session.submit` or,
     in a transaction of its own, :meth:`store.Store.submit`): tenant choice, create, trace
     context, Postgres rate limit and the answer (the job's JSON text) in
-    ``cpa.job_submit_v2``. This is the validation and planning before it, without the database.
+    ``cpa.job_submit_v3``. This is the validation and planning before it, without the database.
 
     ``tenant_id`` None: the caller's oldest membership. Returns None for the requests that
     need the tenant before the create (a recurring text makes a schedule; ToDos kept only

@@ -151,7 +151,7 @@ def _jsonb(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """A validated ``POST /v1/jobs`` as ``cpa.job_submit_v2`` takes it (see
+    """A validated ``POST /v1/jobs`` as ``cpa.job_submit_v3`` takes it (see
     :meth:`Session.job_submit`)."""
 
     tenant_id: uuid.UUID | None  # None: the caller's oldest membership
@@ -302,7 +302,7 @@ class Session:
         traceparent: str | None,
         rate_limit: tuple[int, int] | None,
     ) -> str:
-        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v2``).
+        """Create a job and answer it as the API's JSON text, in one call (``cpa.job_submit_v3``).
 
         ``tenant_id`` None: the caller's oldest membership. ``rate_limit`` ``(limit, window)``:
         count the Postgres rate limit in the same call (:class:`errors.RateLimitedError` past it,
@@ -763,6 +763,12 @@ class Session:
         return None if row is None else uuid.UUID(str(row["tenant_id"]))
 
 
+def _the_job(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        raise errors.CpaError("The query 'job_submit' answered no row, but it always answers one.")
+    return str(next(iter(row.values())))
+
+
 def _uuid(value: uuid.UUID | str, what: str) -> str:
     try:
         return str(uuid.UUID(str(value)))
@@ -813,6 +819,7 @@ class Store:
         )
         self._opened = False
         self._opening: asyncio.Lock | None = None
+        self._submit_as = True  # see submit: False once the login role may not call it
 
     async def open(self) -> None:
         if self._opened:
@@ -854,20 +861,43 @@ class Store:
 
     async def submit(self, claims: Mapping[str, Any], submission: Submission) -> str:
         """:meth:`Session.job_submit` as ``authenticated`` with these verified claims, in a
-        transaction of its own, in one round trip: the claims, the call and the commit.
+        transaction of its own, in one statement and one round trip: ``private.job_submit_as_v1``
+        sets the claims for the transaction (as :meth:`user` does) and then calls
+        ``cpa.job_submit_v3`` as ``authenticated``; the connection runs in autocommit for this
+        call only, so the statement's transaction commits before the server answers, and an
+        error rolls all of it back. The pool's reset (:func:`_transactional`) returns the
+        connection to transactions, also after an error.
 
-        The two statements go out in one pipeline without a BEGIN, so the server runs them in
-        one implicit transaction (the claims are ``set_config(..., true)``, local to it, as in
-        :meth:`user`) and commits it at the pipeline's Sync, before it answers; an error in
-        either rolls both back. The connection runs in autocommit for this call only; the
-        pool's reset (:func:`_transactional`) returns it to transactions, also after an error.
-        """
+        ``private.job_submit_as_v1`` is executable by its owner only (the role that runs the
+        migrations). A login role that may not call it gets the previous way, which needs no
+        such grant: the claims and the call as two statements of one pipeline, without a BEGIN
+        (one implicit transaction, committed at the pipeline's Sync)."""
+        await self.open()
+        if self._submit_as:
+            try:
+                return await self._submit_as_one(claims, submission)
+            except errors.NotFoundError as exc:
+                if "job_submit_as_v1" not in exc.message:
+                    raise
+                self._submit_as = False  # not the owner: two statements from now on
+        return await self._submit_pipelined(claims, submission)
+
+    async def _submit_as_one(self, claims: Mapping[str, Any], submission: Submission) -> str:
+        params = {"claims": _jsonb(dict(claims)), **submission.params()}
+        with rate_limited():
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                cur = await conn.execute(sql.get("job_submit_as"), params)
+                row = await cur.fetchone()
+                await conn.set_autocommit(False)
+        return _the_job(row)
+
+    async def _submit_pipelined(self, claims: Mapping[str, Any], submission: Submission) -> str:
         from psycopg import AsyncPipeline
 
         if not AsyncPipeline.is_supported():  # a libpq without pipeline mode: three trips
             async with self.user(claims) as session:
                 return await session.submit(submission)
-        await self.open()
         scope = {"claims": _jsonb(dict(claims))}
         params = submission.params()
         with rate_limited():
@@ -878,11 +908,7 @@ class Store:
                     cur = await conn.execute(sql.get("job_submit"), params)
                 row = await cur.fetchone()
                 await conn.set_autocommit(False)
-        if row is None:
-            raise errors.CpaError(
-                "The query 'job_submit' answered no row, but it always answers one."
-            )
-        return str(next(iter(row.values())))
+        return _the_job(row)
 
     def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``service_role`` (bypasses RLS)."""

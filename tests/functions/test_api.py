@@ -412,7 +412,7 @@ async def test_create_answers_what_get_answers_and_picks_the_tenant(
 async def test_create_without_a_key_answers_what_get_answers(
     client: httpx.AsyncClient, member_factory: MemberFactory, db: store.Store
 ) -> None:
-    """The one-round-trip path (no Idempotency-Key: cpa.job_submit_v2 through Store.submit):
+    """The one-round-trip path (no Idempotency-Key: cpa.job_submit_v3 through Store.submit):
     committed before the answer, which is the job as GET reads it, with every column the create
     sets (the job's run_at and zone, a ToDo's own later run_at, an agent timeout, dependencies
     given out of order)."""

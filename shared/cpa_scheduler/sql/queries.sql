@@ -21,10 +21,19 @@ select id, tenant_id, created_by, request, intent, status, priority, idempotency
 
 -- name: job_submit
 -- POST /v1/jobs in one call; the answer is the job as JSON text, passed to the client as is.
-select cpa.job_submit_v2(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
+-- v3 writes the new job's events and broadcast itself (no commit-time flush for them).
+select cpa.job_submit_v3(%(tenant_id)s, %(request)s, %(intent)s, %(todos)s::jsonb,
                          %(idempotency_key)s, %(priority)s, %(max_retries)s,
                          %(run_at)s::timestamptz, %(time_zone)s, %(traceparent)s,
                          %(rate_limit)s, %(rate_window)s)::text as job;
+
+-- name: job_submit_as
+-- job_submit with the claims of session_user_scope in the same statement (Store.submit): the
+-- function sets them, then calls cpa.job_submit_v3 as authenticated. Owner only.
+select private.job_submit_as_v1(%(claims)s, %(tenant_id)s, %(request)s, %(intent)s,
+                            %(todos)s::jsonb, %(idempotency_key)s, %(priority)s,
+                            %(max_retries)s, %(run_at)s::timestamptz, %(time_zone)s,
+                            %(traceparent)s, %(rate_limit)s, %(rate_window)s) as job;
 
 -- name: job_get
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
