@@ -433,21 +433,13 @@ class Dispatcher:
         """Claim up to ``limit``; with ``done`` (Done outcomes only), complete those first in
         the same transaction (one commit and one events flush for both). How many ToDos were
         completed, and the claimed rows."""
-        async with self.store.service() as session:
-            if not done:
-                completed, rows = 0, await session.todo_claim(
-                    target="cloud", owner=self.owner, limit=limit,
-                    lease_seconds=self.lease_seconds, tenant_cap=self.tenant_cap,
-                )  # fmt: skip
-            else:
-                items = [
-                    self._item(f.row) | {"result": cast(executor.Done, f.outcome).result}
-                    for f in done
-                ]
-                completed, rows = await session.todo_complete_claim(
-                    items, target="cloud", owner=self.owner, limit=limit,
-                    lease_seconds=self.lease_seconds, tenant_cap=self.tenant_cap,
-                )  # fmt: skip
+        items = [
+            self._item(f.row) | {"result": cast(executor.Done, f.outcome).result} for f in done
+        ]
+        completed, rows = await self.store.claim(
+            items, target="cloud", owner=self.owner, limit=limit,
+            lease_seconds=self.lease_seconds, tenant_cap=self.tenant_cap,
+        )  # fmt: skip
         self.health.ok()
         return completed, rows
 

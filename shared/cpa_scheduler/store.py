@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from cpa_scheduler import errors, graph, sql
 
@@ -138,6 +138,30 @@ def translate() -> Iterator[None]:
         raise errors.UnavailableError(
             f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
         ) from None
+
+
+def _claim_params(
+    target: str, owner: str, limit: int, lease_seconds: float, tenant_cap: int | None
+) -> dict[str, Any]:
+    """The parameters ``todo_claim`` and ``todo_complete_claim`` share, for any tenant and
+    action."""
+    return {
+        "target": target,
+        "owner": owner,
+        "limit": limit,
+        "lease_seconds": lease_seconds,
+        "tenant_id": None,
+        "actions": None,
+        "tenant_cap": tenant_cap,
+    }
+
+
+def _completed_and_claimed(
+    rows: Sequence[tuple[int, TodoRow | None]],
+) -> tuple[int, list[TodoRow]]:
+    """``todo_complete_claim``'s rows as (ToDos completed, ToDos claimed)."""
+    done = rows[0][0] if rows else 0
+    return done, [todo for _, todo in rows if todo is not None]
 
 
 def _done_and_todo(done: int, **columns: Any) -> tuple[int, TodoRow | None]:
@@ -427,19 +451,12 @@ class Session:
         actions: Sequence[str] | None = None,
         tenant_cap: int | None = None,
     ) -> list[TodoRow]:
-        return await self._typed(
-            "todo_claim",
-            {
-                "target": target,
-                "owner": owner,
-                "limit": limit,
-                "lease_seconds": lease_seconds,
-                "tenant_id": str(tenant_id) if tenant_id else None,
-                "actions": list(actions) if actions is not None else None,
-                "tenant_cap": tenant_cap,
-            },
-            TodoRow,
+        params = _claim_params(target, owner, limit, lease_seconds, tenant_cap)
+        params.update(
+            tenant_id=str(tenant_id) if tenant_id else None,
+            actions=list(actions) if actions is not None else None,
         )
+        return await self._typed("todo_claim", params, TodoRow)
 
     async def todo_complete_claim(
         self,
@@ -455,22 +472,12 @@ class Session:
         :meth:`todo_claim`) in one call: how many were completed, and the claimed rows."""
         from psycopg.rows import kwargs_row
 
-        params = {
-            "items": _jsonb(list(items)),
-            "target": target,
-            "owner": owner,
-            "limit": limit,
-            "lease_seconds": lease_seconds,
-            "tenant_id": None,
-            "actions": None,
-            "tenant_cap": tenant_cap,
-        }
+        params = _claim_params(target, owner, limit, lease_seconds, tenant_cap)
+        params["items"] = _jsonb(list(items))
         with translate():
             cur = self.conn.cursor(row_factory=kwargs_row(_done_and_todo))
             await cur.execute(sql.get("todo_complete_claim"), params)
-            rows = await cur.fetchall()
-        done = rows[0][0] if rows else 0
-        return done, [todo for _, todo in rows if todo is not None]
+            return _completed_and_claimed(await cur.fetchall())
 
     async def todo_complete(self, items: Sequence[Mapping[str, Any]]) -> int:
         return int(await self._scalar("todo_complete", {"items": _jsonb(list(items))}))
@@ -909,6 +916,54 @@ class Store:
                 row = await cur.fetchone()
                 await conn.set_autocommit(False)
         return _the_job(row)
+
+    async def claim(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        target: str,
+        owner: str,
+        limit: int,
+        lease_seconds: float = 60.0,
+        tenant_cap: int | None = None,
+    ) -> tuple[int, list[TodoRow]]:
+        """:meth:`Session.todo_complete_claim` (:meth:`Session.todo_claim` when ``items`` is
+        empty) as ``service_role``, in a transaction of its own and one round trip: the role
+        and the call as two statements of one pipeline on an autocommit connection, one
+        implicit transaction committed at the pipeline's Sync (as :meth:`submit`'s fallback).
+        A ``service()`` scope costs four trips (BEGIN, role, call, COMMIT), and the
+        dispatcher's claim loop waits on each: a dependent starts only after them."""
+        from psycopg import AsyncPipeline
+        from psycopg.rows import class_row, kwargs_row
+
+        if not AsyncPipeline.is_supported():  # a libpq without pipeline mode: four trips
+            async with self.service() as session:
+                if not items:
+                    claimed = await session.todo_claim(
+                        target=target, owner=owner, limit=limit,
+                        lease_seconds=lease_seconds, tenant_cap=tenant_cap,
+                    )  # fmt: skip
+                    return 0, claimed
+                return await session.todo_complete_claim(
+                    items, target=target, owner=owner, limit=limit,
+                    lease_seconds=lease_seconds, tenant_cap=tenant_cap,
+                )  # fmt: skip
+        await self.open()
+        params = _claim_params(target, owner, limit, lease_seconds, tenant_cap)
+        name, factory = "todo_claim", cast(Any, class_row(TodoRow))
+        if items:
+            params["items"] = _jsonb(list(items))
+            name, factory = "todo_complete_claim", kwargs_row(_done_and_todo)
+        with translate():
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                async with conn.pipeline():  # its end sends the Sync and reads every answer
+                    await conn.execute(sql.get("session_service_scope"))
+                    cur = conn.cursor(row_factory=factory)
+                    await cur.execute(sql.get(name), params)
+                await conn.set_autocommit(False)
+                rows: list[Any] = await cur.fetchall()
+        return _completed_and_claimed(rows) if items else (0, rows)
 
     def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``service_role`` (bypasses RLS)."""

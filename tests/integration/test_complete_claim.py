@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from cpa_scheduler import dispatch, executor, store
+import pytest
+from cpa_scheduler import dispatch, errors, executor, store
 
 from tests.conftest import JobFactory, MemberFactory
 from tests.integration.test_dispatch_safety import job_state
@@ -129,3 +130,83 @@ async def test_many_starting_jobs_do_not_deadlock_the_lanes(
             break
     for job in jobs:
         assert (await job_state(db, m, job.id))[0] == "done"
+
+
+async def test_store_claim_is_one_transaction_of_its_own(
+    db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """The dispatcher's one-trip claim (role and call in one pipeline, autocommit): the call
+    commits, its events are flushed, and the connection goes back to the pool as it was."""
+    m = await member_factory()
+    job = await job_factory(
+        m, [{"key": "a", "action": "noop"}, {"key": "b", "action": "noop", "depends_on": ["a"]}]
+    )
+    one = store.Store(db_url, max_size=1)
+    try:
+        done, rows = await one.claim([], target="cloud", owner="w", limit=10)
+        assert (done, [r.key for r in rows]) == (0, ["a"])
+        async with one.admin() as s:
+            cur = await s.conn.execute("select current_user as who")
+            row = await cur.fetchone()
+            assert not s.conn.autocommit and row is not None and row["who"] != "service_role"
+        [(a_id, a_attempt)] = [(r.id, r.attempts) for r in (await _rows(db_url, job.id, "a"))]
+        done, rows = await one.claim(
+            [{"id": str(a_id), "owner": "w", "attempt": a_attempt, "result": {}}],
+            target="cloud", owner="w", limit=10,
+        )  # fmt: skip
+        assert done == 1 and [r.key for r in rows] == ["b"]
+    finally:
+        await one.close()
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "select t.key, e.status from public.job_events e join public.todos t on t.id = e.todo_id"
+            " where e.job_id = %s and e.kind = 'todo.status' order by e.id",
+            (job.id,),
+        )
+        events = await cur.fetchall()
+    assert [e for e in events if e[1] in ("running", "done")] == [
+        ("a", "running"), ("a", "done"), ("b", "running")
+    ]  # fmt: skip
+
+
+async def test_store_claim_refused_changes_nothing_and_keeps_the_pool_usable(
+    db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    m = await member_factory()
+    job = await job_factory(m, [{"key": "a", "action": "noop"}, {"key": "c", "action": "noop"}])
+    one = store.Store(db_url, max_size=1)
+    try:
+        _, [a] = await one.claim([], target="cloud", owner="w", limit=1)
+        with pytest.raises(errors.CpaError):
+            await one.claim(
+                [{"id": "not-a-uuid", "owner": "w", "attempt": 1, "result": {}}],
+                target="cloud", owner="w", limit=10,
+            )  # fmt: skip
+        assert await job_state_of(db_url, job.id) == {"a": "running", "c": "ready"}
+        async with one.admin() as s:
+            assert not s.conn.autocommit
+        done, rows = await one.claim([_item(a)], target="cloud", owner="w", limit=10)
+        assert done == 1 and [r.key for r in rows] == ["c"]
+    finally:
+        await one.close()
+
+
+async def _rows(db_url: str, job_id: object, key: str) -> list[store.TodoRow]:
+    from psycopg.rows import class_row
+
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = conn.cursor(row_factory=class_row(store.TodoRow))
+        await cur.execute(
+            "select id, job_id, tenant_id, key, action, params, attempts, max_attempts,"
+            " timer_until, lease_expires_at, error from public.todos where job_id = %s and key = %s",
+            (job_id, key),
+        )
+        return await cur.fetchall()
+
+
+async def job_state_of(db_url: str, job_id: object) -> dict[str, str]:
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "select key, status from public.todos where job_id = %s", (job_id,)
+        )
+        return dict(await cur.fetchall())
