@@ -44,6 +44,8 @@ export interface RealtimeOptions {
   checkEveryMs?: number;
   /** The first reconnect delay of the socket, doubled per try up to 10 s (default 1 s). */
   reconnectAfterMs?: number;
+  /** More options for supabase-js's RealtimeClient (e.g. `vsn`, `heartbeatIntervalMs`). */
+  clientOptions?: Record<string, unknown>;
 }
 
 export interface ClientOptions {
@@ -158,7 +160,7 @@ export class CpaClient {
 
   private get realtimeOptions(): Required<RealtimeOptions> {
     const given = typeof this.options.realtime === "object" ? this.options.realtime : {};
-    return { joinTimeoutMs: 10_000, checkEveryMs: 30_000, reconnectAfterMs: 1_000, ...given };
+    return { joinTimeoutMs: 10_000, checkEveryMs: 30_000, reconnectAfterMs: 1_000, clientOptions: {}, ...given };
   }
 
   /** The supabase-js client Realtime (and a given session) go through. */
@@ -179,6 +181,7 @@ export class CpaClient {
         session: o.session,
         accessToken: o.session ? undefined : () => this.accessToken(),
         reconnectAfterMs: this.realtimeOptions.reconnectAfterMs,
+        clientOptions: this.realtimeOptions.clientOptions,
       });
       this.supabasePromise.catch(() => (this.supabasePromise = undefined));
     }

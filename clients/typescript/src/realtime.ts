@@ -49,13 +49,14 @@ export interface SupabaseSetup {
   /** A Supabase Auth session: supabase-js refreshes it and passes each new token on. */
   session?: { access_token: string; refresh_token: string };
   reconnectAfterMs?: number;
+  clientOptions?: Record<string, unknown>;
 }
 
 /** A supabase-js client for Realtime (and, with a session, for the token). */
 export async function createSupabase(setup: SupabaseSetup): Promise<SupabaseClient> {
   const { createClient } = await import("@supabase/supabase-js");
   const transport = await webSocketTransport(setup.transport);
-  const realtime: Record<string, unknown> = {};
+  const realtime: Record<string, unknown> = { ...setup.clientOptions };
   if (transport) realtime.transport = transport;
   if (setup.reconnectAfterMs !== undefined) {
     const ms = setup.reconnectAfterMs;
