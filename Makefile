@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: help install test test-slow test-pg17 lint typecheck check run bench supabase-check \
-	sam-check clean build-ApiFunction build-DispatcherFunction
+	sam-check clean build-ApiFunction build-DispatcherFunction ts-install ts-build ts-generate \
+	ts-check ts-test
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,8 +43,30 @@ typecheck: $(STAMP) ## mypy --strict on shared/ and functions/
 
 check: lint typecheck test ## everything CI runs
 
+# The TypeScript client (clients/typescript): Node.js 20+, dependencies from its lockfile.
+TS := clients/typescript
+$(TS)/node_modules/.package-lock.json: $(TS)/package-lock.json $(TS)/package.json
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' || \
+	  { echo "The TypeScript client needs Node.js 20 or newer (found $$(node --version))."; exit 1; }
+	cd $(TS) && npm ci --no-audit --no-fund
+
+ts-install: $(TS)/node_modules/.package-lock.json ## install the TypeScript client's dependencies (npm ci)
+
+ts-build: ts-install ## build the TypeScript client (tsc: ESM and declarations into its dist/)
+	cd $(TS) && npm run build
+
+ts-generate: $(STAMP) ts-install ## regenerate the TypeScript client's types from the server's schemas
+	cd $(TS) && npm run generate
+
+ts-check: $(STAMP) ts-install ## fail when the TypeScript client's generated types differ from the server's
+	cd $(TS) && npm run check-generated
+
+ts-test: $(STAMP) ts-build ## the TypeScript client's tests (node --test) against a real serve and the Realtime double
+	cd $(TS) && node --test --test-concurrency=1 test/
+
 clean: ## remove the virtual environments, caches and build output
-	rm -rf $(VENV) $(DEPLOY_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DEPLOY_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+	  $(TS)/node_modules $(TS)/dist
 
 # The AWS SAM CLI lives in a venv of its own: its pins must not move the project's.
 DEPLOY_VENV := .venv-deploy

@@ -16,9 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from cpa_scheduler import auth, embedded, settings  # noqa: E402
+from cpa_scheduler import auth, embedded, settings
 
-from tests.realtime_double import RealtimeDouble  # noqa: E402
+from tests.realtime_double import RealtimeDouble
+
+
+def _answer(value: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
 
 
 async def main() -> None:
@@ -26,7 +31,7 @@ async def main() -> None:
     url = embedded.EmbeddedPostgres(config.data_dir).url()
     secret = auth.local_secret(config.data_dir)
     async with RealtimeDouble(url, secret, auth.LOCAL_ISSUER) as rt:
-        print(json.dumps({"url": rt.url}), flush=True)
+        _answer({"url": rt.url})
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             command, *args = line.split()
@@ -36,7 +41,7 @@ async def main() -> None:
             else:
                 joins = [{"topic": j["topic"], "accepted": j["accepted"]} for j in rt.joins]
                 answer = {"joins": joins, "relayed": rt.relayed, "joined": rt.joined}
-            print(json.dumps(answer), flush=True)
+            _answer(answer)
 
 
 if __name__ == "__main__":
