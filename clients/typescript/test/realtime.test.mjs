@@ -43,7 +43,12 @@ describe("follow over Realtime", () => {
   test("joins the owner's private topic with the token and receives the job's events", async () => {
     const client = realtimeClient();
     try {
-      const job = await client.submit({ graph: chain(4, 150) });
+      // A timer first: the ToDos after it run once the follow has joined, so their events
+      // come over the socket (the join's fill brings what came before).
+      const graph = chain(3, 50);
+      graph.todos[0].depends_on = ["timer"];
+      graph.todos.unshift({ key: "timer", action: "wait", params: { seconds: 2 } });
+      const job = await client.submit({ graph });
       const before = (await realtime.stats()).relayed;
       const events = await collect(client.follow(job.id));
       assert.deepEqual(ids(events), ids(await storedEvents(client, job.id)));
