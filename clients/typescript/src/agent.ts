@@ -9,7 +9,7 @@
  */
 import type { RealtimeChannel } from "@supabase/supabase-js";
 import { type CpaClient, RealtimeUnavailable, joinPrivate } from "./client.js";
-import { CpaError, InvalidError } from "./errors.js";
+import { CpaError, InvalidError, RateLimitedError, UnavailableError } from "./errors.js";
 import type { ChannelItem } from "./realtime.js";
 import type { AssignMessage, Message } from "./types.js";
 import { Inbox, isAbort, jwtClaims, newId, sleep } from "./util.js";
@@ -98,10 +98,20 @@ export class Agent {
     const signal = this.stopper.signal;
     const o = this.options;
     const wait = Math.min(MAX_WAIT, Math.max(0, o.wait ?? MAX_WAIT));
-    await this.client.send(
-      this.message("offer", { agent_id: o.agentId, name: o.name ?? o.agentId, actions: this.actions }),
-      { signal },
-    );
+    // Offer the actions; a desktop may start offline: try again until the server answers.
+    for (let tries = 1; !signal.aborted; tries++) {
+      try {
+        const offer = { agent_id: o.agentId, name: o.name ?? o.agentId, actions: this.actions };
+        await this.client.send(this.message("offer", offer), { signal });
+        break;
+      } catch (error) {
+        if (isAbort(error, signal)) return;
+        if (!(error instanceof UnavailableError || error instanceof RateLimitedError)) throw error;
+        this.warn(error);
+        await sleep(Math.min(30_000, 500 * 2 ** tries), signal);
+      }
+    }
+    if (signal.aborted) return;
     const wake = await this.joinWake(signal);
     let supportsWait = true;
     let failures = 0;
@@ -155,8 +165,14 @@ export class Agent {
     if (o.push === "long-poll" || (o.push !== "realtime" && !this.client.realtimeEnabled)) return undefined;
     const claims = jwtClaims(await this.client.accessToken()) ?? {};
     const meta = (claims.app_metadata ?? {}) as Record<string, unknown>;
-    const tenant = o.tenantId ?? (typeof meta.tenant_id === "string" ? meta.tenant_id : undefined);
-    const user = typeof claims.sub === "string" ? claims.sub : undefined;
+    let tenant = o.tenantId ?? (typeof meta.tenant_id === "string" ? meta.tenant_id : undefined);
+    let user = typeof claims.sub === "string" ? claims.sub : undefined;
+    if (!tenant || !user) {
+      // The server names the caller's tenant and user (the topic's parts) in its agent list.
+      const listed = await this.client.agents(signal).catch(() => undefined);
+      tenant ??= listed?.tenant_id;
+      user ??= listed?.user_id;
+    }
     if (!tenant || !user) {
       this.warn(new CpaError("No tenant for the wake-up topic (pass `tenantId`); using the long-polling claim.", { code: "invalid" }));
       return undefined;

@@ -15,6 +15,7 @@ import {
 } from "./realtime.js";
 import { readSse } from "./sse.js";
 import {
+  type AgentList,
   type AssignMessage,
   type ClaimBody,
   type EventPage,
@@ -318,6 +319,11 @@ export class CpaClient {
       }
     }
     return rows as AssignMessage[];
+  }
+
+  /** The caller's desktop agents (a tenant's owners and admins: the tenant's). */
+  agents(signal?: AbortSignal): Promise<AgentList> {
+    return this.call<AgentList>("GET", "/v1/agents", { signal });
   }
 
   /** Send any protocol message; answers the scheduler's reply. `traceparent`: an assign's. */

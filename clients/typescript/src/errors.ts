@@ -42,6 +42,8 @@ export class CpaError extends Error {
 export class InvalidError extends CpaError {}
 /** Missing, expired or forged access token (401). */
 export class AuthError extends CpaError {}
+/** Authenticated, but the thing belongs to another user (403), e.g. another's agent id. */
+export class ForbiddenError extends CpaError {}
 /** No such job/schedule, or it is not visible to the caller (404). */
 export class NotFoundError extends CpaError {}
 /** The entity's state does not allow the change now (409), e.g. retrying a running job. */
@@ -70,6 +72,7 @@ const BY_CODE: Record<string, typeof CpaError> = {
   body_too_large: InvalidError,
   message_invalid: ProtocolError,
   unauthenticated: AuthError,
+  forbidden: ForbiddenError,
   not_found: NotFoundError,
   conflict: ConflictError,
   rate_limited: RateLimitedError,
@@ -79,6 +82,7 @@ const BY_CODE: Record<string, typeof CpaError> = {
 
 const BY_STATUS: Record<number, typeof CpaError> = {
   401: AuthError,
+  403: ForbiddenError,
   404: NotFoundError,
   409: ConflictError,
   413: InvalidError,

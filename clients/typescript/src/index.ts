@@ -10,6 +10,7 @@ export {
   AuthError,
   ConflictError,
   CpaError,
+  ForbiddenError,
   InvalidError,
   NotFoundError,
   PlannerError,

@@ -32,6 +32,22 @@ export type ScheduleCreate = S["ScheduleCreate"];
 /** The claim body; `wait` (seconds to long-poll, 0-20) is the push contract's. */
 export type ClaimBody = S["ClaimBody"] & { wait?: number };
 
+/** An agent as `GET /v1/agents` lists it. */
+export interface AgentInfo {
+  agent_id: string;
+  name?: string | null;
+  actions: string[];
+  last_seen_at: string;
+  online: boolean;
+  created_by?: string | null;
+}
+/** `GET /v1/agents`: the caller's agents, and the tenant and user that name the wake-up topic. */
+export interface AgentList {
+  tenant_id?: string;
+  user_id?: string;
+  agents: AgentInfo[];
+}
+
 type EventsGet = paths["/v1/jobs/{job_id}/events"]["get"];
 /** One JSON long-poll answer of `GET /v1/jobs/{id}/events?after=`. */
 export type EventPage = Omit<EventsGet["responses"][200]["content"]["application/json"], "events"> & {

@@ -5,6 +5,7 @@ import {
   ConflictError,
   CpaClient,
   CpaError,
+  ForbiddenError,
   InvalidError,
   NotFoundError,
   RateLimitedError,
@@ -45,6 +46,7 @@ test("problem+json codes map to error classes; the code and fields are kept", ()
   assert.deepEqual(cycle.errors[0].loc, ["body", "graph"]);
   assert.ok(problem(404, "not_found") instanceof NotFoundError);
   assert.ok(problem(409, "conflict") instanceof ConflictError);
+  assert.ok(problem(403, "forbidden") instanceof ForbiddenError);
   const limited = problem(429, "rate_limited");
   assert.ok(limited instanceof RateLimitedError);
   assert.equal(limited.retryAfter, 7);
