@@ -342,6 +342,13 @@ export class CpaClient {
    * id, and duplicates are dropped. Break out of the loop (or abort `signal`) to stop early.
    */
   async *follow(jobId: string, options: FollowOptions = {}): AsyncGenerator<ProgressEvent> {
+    for await (const event of this.followAny(jobId, options)) {
+      if (options.signal?.aborted) return; // nothing after an abort, even what was buffered
+      yield event;
+    }
+  }
+
+  private async *followAny(jobId: string, options: FollowOptions): AsyncGenerator<ProgressEvent> {
     const cursor: Cursor = { seen: new Set(), last: options.after ?? 0 };
     const via = options.via ?? "auto";
     if (via === "realtime" || (via === "auto" && this.realtimeEnabled)) {

@@ -105,6 +105,14 @@ describe("jobs", () => {
     assert.ok(more.every((e) => e.id > events.at(-1).id));
   });
 
+  test("aborting the signal ends a follow early, without an error", async () => {
+    const job = await client.submit({ graph: { todos: [{ key: "long", action: "wait", params: { seconds: 600 } }] } });
+    const stop = new AbortController();
+    const events = await collect(client.follow(job.id, { signal: stop.signal }), () => stop.abort());
+    assert.equal(events.length, 1);
+    await client.cancel(job.id);
+  });
+
   test("list with paging", async () => {
     for (let i = 0; i < 3; i++) await client.submit({ graph: chain(1, 0) });
     const first = await client.list({ limit: 2 });

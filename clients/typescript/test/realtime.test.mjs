@@ -84,6 +84,26 @@ describe("follow over Realtime", () => {
     }
   });
 
+  test("a caller's own supabase-js client carries the follow", async () => {
+    const { createClient } = await import("@supabase/supabase-js");
+    const { default: ws } = await import("ws");
+    const supabase = createClient(realtime.url, KEY, {
+      accessToken: async () => token,
+      realtime: { transport: ws, vsn: "1.0.0" },
+    });
+    const client = new CpaClient({ baseUrl: server.url, token, supabase });
+    try {
+      const joinsBefore = (await accepted()).length;
+      const job = await client.submit({ graph: chain(2, 20) });
+      const events = await collect(client.follow(job.id));
+      assert.deepEqual(ids(events), ids(await storedEvents(client, job.id)));
+      assert.equal((await accepted()).length, joinsBefore + 1);
+    } finally {
+      await supabase.removeAllChannels();
+      await supabase.realtime.disconnect();
+    }
+  });
+
   test("another tenant's job cannot be followed: 404 before any join", async () => {
     const client = realtimeClient();
     const other = new CpaClient({ baseUrl: server.url, token: await server.token("rt-other", "rt-other-tenant") });
