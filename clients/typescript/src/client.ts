@@ -196,7 +196,8 @@ export class CpaClient {
   }
 
   private url(path: string, query?: CallOptions["query"]): string {
-    const url = new URL(this.baseUrl + path);
+    // A relative baseUrl ("/api" on the page's own origin) resolves against the page.
+    const url = new URL(this.baseUrl + path, (globalThis as { location?: { href: string } }).location?.href);
     for (const [k, v] of Object.entries(query ?? {})) if (v !== undefined && v !== null) url.searchParams.set(k, String(v));
     return url.toString();
   }

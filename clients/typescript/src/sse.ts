@@ -22,7 +22,8 @@ export async function* readSse(body: ReadableStream<Uint8Array>): AsyncGenerator
       if (done) return; // an event without its blank line is incomplete: dropped, as the spec says
       buffer += decoder.decode(value, { stream: true });
       let nl: number;
-      while ((nl = buffer.search(/\r\n|\r|\n/)) >= 0) {
+      // A CR at the very end may be the first half of a CRLF split across chunks: wait for more.
+      while ((nl = buffer.search(/\r\n|\r(?!$)|\n/)) >= 0) {
         const line = buffer.slice(0, nl);
         buffer = buffer.slice(nl + (buffer.startsWith("\r\n", nl) ? 2 : 1));
         if (line === "") {

@@ -26,7 +26,7 @@ function stream(chunks) {
 
 test("SSE: fields split across chunks, comments, CRLF, multi-line data, an unfinished event dropped", async () => {
   const body = stream(["retry: 10", "00\n\n: heartbeat\n\nid: 7\nevent: job.st", "atus\ndata: {\"a\":\n",
-                       "data: 1}\r\n\r\nid: 8\ndata: {\"b\":2}\n\nid: 9\ndata: {\"c\""]);
+                       "data: 1}\r", "\n\r\nid: 8\ndata: {\"b\":2}\n\nid: 9\ndata: {\"c\""]);
   const got = [];
   for await (const f of readSse(body)) got.push(f);
   assert.deepEqual(got, [
