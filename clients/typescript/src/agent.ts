@@ -43,7 +43,7 @@ export interface AgentOptions {
   wait?: number;
   /** `auto` (default): Realtime wake-ups when configured, else the long-polling claim. */
   push?: "auto" | "realtime" | "long-poll";
-  /** The tenant of the wake-up topic; by default the token's `app_metadata.tenant_id`. */
+  /** The tenant of the wake-up topic; by default as `GET /v1/agents` names it. */
   tenantId?: string;
   /** Send `agree` before running each assignment (default true). */
   agree?: boolean;
@@ -57,6 +57,11 @@ export interface AgentOptions {
 
 const RECEIVER = "scheduler";
 const MAX_WAIT = 20;
+// After a failed join of the wake-up topic, long-poll this long before joining again.
+const REJOIN_AFTER_MS = 5 * 60_000;
+
+/** The delay before the n-th retry after an error: 1, 2, 4 ... 60 s. */
+const backoff = (n: number): number => Math.min(60_000, 1000 * 2 ** Math.max(0, n - 1));
 
 /** A running agent; `client.agent({...}).start()` or `new Agent(client, {...}).start()`. */
 export class Agent {
@@ -108,15 +113,21 @@ export class Agent {
         if (isAbort(error, signal)) return;
         if (!(error instanceof UnavailableError || error instanceof RateLimitedError)) throw error;
         this.warn(error);
-        await sleep(Math.min(30_000, 500 * 2 ** tries), signal);
+        await sleep(backoff(tries), signal);
       }
     }
     if (signal.aborted) return;
-    const wake = await this.joinWake(signal);
+    const wantsPush = o.push === "realtime" || (o.push !== "long-poll" && this.client.realtimeEnabled);
+    let wake = wantsPush ? await this.joinWake(signal) : undefined;
+    let joinAgainAt = Date.now() + REJOIN_AFTER_MS;
     let supportsWait = true;
     let failures = 0;
     try {
       while (!signal.aborted) {
+        if (wantsPush && !wake && Date.now() >= joinAgainAt) {
+          wake = await this.joinWake(signal); // Realtime may be back
+          joinAgainAt = Date.now() + REJOIN_AFTER_MS;
+        }
         wake?.drain();
         const joined = wake !== undefined && this.mode === "realtime";
         // Woken by Realtime: claim at once; without it the claim itself waits for work.
@@ -138,7 +149,7 @@ export class Agent {
           }
           if (error instanceof CpaError && error.status > 0 && error.status < 500 && error.status !== 429) throw error;
           this.warn(error);
-          await sleep(Math.min(30_000, 500 * 2 ** ++failures), signal);
+          await sleep(backoff(++failures), signal);
           continue;
         }
         if (signal.aborted) {
@@ -158,21 +169,17 @@ export class Agent {
     }
   }
 
-  /** Joins the wake-up topic when Realtime is configured; undefined: long-poll only. */
+  /** Joins the wake-up topic; undefined: it could not, the claim long-polls instead. */
   private async joinWake(signal: AbortSignal): Promise<Wake | undefined> {
     const o = this.options;
     this.mode = "long-poll";
-    if (o.push === "long-poll" || (o.push !== "realtime" && !this.client.realtimeEnabled)) return undefined;
+    // The server names the caller's tenant and user (the topic's parts) in its agent list,
+    // for the tenant the client acts in; an older server: the token's claims.
+    const listed = await this.client.agents(signal).catch(() => undefined);
     const claims = jwtClaims(await this.client.accessToken()) ?? {};
     const meta = (claims.app_metadata ?? {}) as Record<string, unknown>;
-    let tenant = o.tenantId ?? (typeof meta.tenant_id === "string" ? meta.tenant_id : undefined);
-    let user = typeof claims.sub === "string" ? claims.sub : undefined;
-    if (!tenant || !user) {
-      // The server names the caller's tenant and user (the topic's parts) in its agent list.
-      const listed = await this.client.agents(signal).catch(() => undefined);
-      tenant ??= listed?.tenant_id;
-      user ??= listed?.user_id;
-    }
+    const tenant = o.tenantId ?? listed?.tenant_id ?? (typeof meta.tenant_id === "string" ? meta.tenant_id : undefined);
+    const user = listed?.user_id ?? (typeof claims.sub === "string" ? claims.sub : undefined);
     if (!tenant || !user) {
       this.warn(new CpaError("No tenant for the wake-up topic (pass `tenantId`); using the long-polling claim.", { code: "invalid" }));
       return undefined;
