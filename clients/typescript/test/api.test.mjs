@@ -240,6 +240,31 @@ describe("agent helper", () => {
     assert.ok(Date.now() - t0 < 3000, `stopped in ${Date.now() - t0} ms`);
   });
 
+  test("stop() lets a running handler finish and answers it", async () => {
+    let started;
+    const began = new Promise((r) => (started = r));
+    const agent = new Agent(client, {
+      agentId: "ts-agent-3",
+      push: "long-poll",
+      wait: 2,
+      handlers: {
+        "desktop.open_app": async ({ app }, _assign, { signal }) => {
+          started();
+          await new Promise((r) => setTimeout(r, 400));
+          return { opened: app, stopping: signal.aborted };
+        },
+      },
+      onError: () => undefined,
+    });
+    const running = agent.start();
+    const job = await client.submit({ graph: { todos: [{ key: "open", action: "desktop.open_app", params: { app: "Calendar" } }] } });
+    await began;
+    await agent.stop();
+    await running;
+    assert.equal(agent.handled, 1);
+    assert.deepEqual((await client.get(job.id)).todos[0].result, { opened: "Calendar", stopping: true });
+  });
+
   test("a RetryableError answers a retryable failure", () => {
     assert.equal(new RetryableError("later").retryable, true);
   });

@@ -169,6 +169,28 @@ describe("agent woken over Realtime", () => {
   });
 });
 
+describe("agent ids belong to their user", () => {
+  test("another user's agent id: start() rejects with ForbiddenError (403 forbidden)", async (t) => {
+    if (!pushContract) {
+      t.skip("the server lacks the desktop push contract (agent ids bound to their user)");
+      return;
+    }
+    const mine = new CpaClient({ baseUrl: server.url, token });
+    const theirs = new CpaClient({ baseUrl: server.url, token: await server.token("rt-someone", "rt-tenant") });
+    const handlers = { "desktop.open_app": () => ({}) };
+    const first = new Agent(mine, { agentId: "rt-shared-id", push: "long-poll", wait: 1, handlers, onError: () => undefined });
+    const running = first.start();
+    await until(async () => (await mine.agents()).agents.some((a) => a.agent_id === "rt-shared-id"), 10_000, "the offer");
+    await first.stop();
+    await running;
+    const second = new Agent(theirs, { agentId: "rt-shared-id", push: "long-poll", handlers, onError: () => undefined });
+    const error = await second.start().catch((e) => e);
+    assert.equal(error?.name, "ForbiddenError", String(error));
+    assert.equal(error.status, 403);
+    assert.equal(error.code, "forbidden");
+  });
+});
+
 describe("token refresh through supabase-js", () => {
   test("an expired session token is refreshed before the API call", async () => {
     const expired = await server.token("rt-user", "rt-tenant", 1);
