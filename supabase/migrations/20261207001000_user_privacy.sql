@@ -177,9 +177,9 @@ comment on function cpa.agent_upsert_v1 is 'Register an agent (an offer): bound 
 revoke execute on function cpa.agent_upsert_v1(uuid, text, text, text[]) from public, anon;
 grant execute on function cpa.agent_upsert_v1(uuid, text, text, text[]) to authenticated, service_role;
 
--- The claim: the ready desktop ToDos of the agent's user's jobs (a null user: jobs nobody
--- owns), for the actions it offers, pinned ones only to it; otherwise as todo_claim_v2 did for
--- one tenant (reclaim expired leases first, lease, start pending jobs under SKIP LOCKED).
+-- The claim: the ready desktop ToDos of the agent's user's jobs, for the actions it offers,
+-- pinned ones only to it; otherwise as todo_claim_v2 did for one tenant (reclaim expired
+-- leases first, lease, start pending jobs under SKIP LOCKED).
 create or replace function cpa.agent_claim_v2(
   p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer,
   p_lease_seconds double precision default 300
@@ -188,9 +188,16 @@ language plpgsql security definer set search_path = ''
 as $$
 declare
   v_agent public.agents;
+  v_anyone boolean;
   v_owner constant text := private.agent_owner_v1(p_agent_key);
 begin
   v_agent := private.agent_bind_v1(p_tenant_id, p_agent_key, p_actions, null);
+  -- Jobs nobody owns (made by the service role) go to agents of those who see them: the
+  -- tenant's owners and admins, and agents the service registered.
+  v_anyone := v_agent.created_by is null or exists (
+    select 1 from public.memberships m
+     where m.tenant_id = p_tenant_id and m.user_id = v_agent.created_by
+       and m.role in ('owner', 'admin'));
   perform private.todo_expire_v1(100);
   return query
   with picked as materialized (
@@ -200,7 +207,9 @@ begin
        and (p_actions is null or t.action = any(p_actions))
        and (t.assigned_agent is null or t.assigned_agent = p_agent_key)
        and exists (select 1 from public.jobs j
-                    where j.id = t.job_id and j.created_by is not distinct from v_agent.created_by)
+                    where j.id = t.job_id
+                      and (j.created_by = v_agent.created_by
+                           or (j.created_by is null and v_anyone)))
      order by t.priority desc, t.run_after
      limit least(greatest(p_limit, 1), 50)
      for update of t skip locked

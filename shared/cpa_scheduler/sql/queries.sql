@@ -135,6 +135,14 @@ select * from cpa.agent_upsert_v1(%(tenant_id)s, %(agent_key)s, %(name)s, %(acti
 select * from cpa.agent_claim_v2(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
                                  %(lease_seconds)s);
 
+-- name: agent_list
+-- GET /v1/agents: row-level security keeps a member's own agents (owners and admins: all).
+select a.agent_key as agent_id, a.name, a.actions, a.last_seen_at, a.created_by,
+       a.last_seen_at > now() - make_interval(secs => %(seen_seconds)s) as online
+  from public.agents a
+ where a.tenant_id = %(tenant_id)s
+ order by a.agent_key;
+
 -- name: agent_complete
 -- An agent's reports on the ToDos it holds (complete, fail, release): the database derives the
 -- lease owner from the agent key (private.agent_owner_v1); the items carry no owner.
