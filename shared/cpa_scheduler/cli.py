@@ -403,7 +403,7 @@ def _agent(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with _client() as c:
-            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, poll=args.poll)
+            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, wait=args.wait)
 
     asyncio.run(run())
     return 0
@@ -477,7 +477,13 @@ def parser() -> argparse.ArgumentParser:
     ag = cmd("agent", "Run a desktop agent worker (the reference client).")
     ag.add_argument("--agent-id", default=f"agent-{socket.gethostname()}", help="this agent's id")
     ag.add_argument("--sandbox", default="~/cpa-agent-sandbox", help="the only folder files go to")
-    ag.add_argument("--poll", type=float, default=1.0, help="seconds between claims")
+    ag.add_argument(
+        "--wait",
+        type=float,
+        default=20.0,
+        help="seconds one claim long-polls for work (without Realtime; at most 20)",
+    )
+    ag.add_argument("--poll", type=float, help=argparse.SUPPRESS)  # replaced by push and --wait
     ag.add_argument("--once", action="store_true", help="claim once, handle it, exit")
     ag.set_defaults(run=_agent)
     cmd("migrate", "Apply the database migrations.").set_defaults(run=_migrate)

@@ -36,6 +36,8 @@ class AgentOut(BaseModel):
 
 
 class AgentList(BaseModel):
+    tenant_id: str = Field(description="The caller's tenant (its agents topic names it).")
+    user_id: str = Field(description="The caller: tenant:<tenant_id>:agents:<user_id> wakes them.")
     agents: list[AgentOut]
 
 
@@ -105,7 +107,11 @@ async def claim(
 async def list_agents(caller: CurrentCaller, session: UserSession) -> dict[str, Any]:
     """The caller's desktop agents (a tenant's owners and admins: all of the tenant's)."""
     rows = await session.agent_list(caller.tenant_id, ONLINE_SECONDS)
-    return {"agents": [_agent_view(r) for r in rows]}
+    return {
+        "tenant_id": str(caller.tenant_id),
+        "user_id": str(caller.claims.sub),
+        "agents": [_agent_view(r) for r in rows],
+    }
 
 
 def _agent_view(row: dict[str, Any]) -> dict[str, Any]:
