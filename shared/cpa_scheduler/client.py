@@ -516,7 +516,7 @@ class Client:
         try:
             try:
                 await asyncio.wait_for(
-                    channel.subscribe(lambda state, _e: inbox.put_nowait(("state", state))),
+                    channel.subscribe(lambda state, e: inbox.put_nowait(("state", (state, e)))),
                     config.join_timeout,
                 )
             except Exception as exc:  # the realtime client raises plain Exceptions
@@ -524,6 +524,7 @@ class Client:
                     f"Joining {channel.topic} failed: {_cause(exc, config.join_timeout)}."
                 ) from None
             lost_at: float | None = None
+            joined = False
             while True:
                 try:
                     kind, item = await asyncio.wait_for(
@@ -535,13 +536,18 @@ class Client:
                     ) from None
                 if kind == "wake":
                     yield dict(item)
-                elif item == RealtimeSubscribeStates.SUBSCRIBED:
-                    lost_at = None
+                    continue
+                state, error = item
+                if state == RealtimeSubscribeStates.SUBSCRIBED:
+                    lost_at, joined = None, True
                     yield {"joined": True}
-                elif item == RealtimeSubscribeStates.CHANNEL_ERROR:
+                elif state == RealtimeSubscribeStates.CHANNEL_ERROR and joined:
                     lost_at = lost_at or time.monotonic()  # the client rejoins by itself
-                else:
-                    raise errors.UnavailableError(f"{channel.topic}: {item}.")
+                else:  # refused at the first join (not this user's topic?), closed, timed out
+                    cause = f": {_cause(error, config.join_timeout)}" if error else ""
+                    raise errors.UnavailableError(
+                        f"Joining {channel.topic} failed ({state}){cause}."
+                    )
         finally:
             with contextlib.suppress(Exception):
                 await sb.remove_channel(channel)
