@@ -8,6 +8,8 @@ claim, and the reference agent's request count while idle (long-poll, and the Re
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +23,7 @@ from cpa_scheduler import desktop, service, store
 from fastapi import FastAPI
 
 from tests.conftest import Member, MemberFactory
-from tests.functions.conftest import ISSUER, SECRET, bearer, token_for
+from tests.functions.conftest import ISSUER, SECRET, bearer, free_port, token_for
 from tests.functions.test_api import is_problem
 from tests.functions.test_realtime_client import until
 from tests.realtime_double import RealtimeDouble
@@ -249,3 +251,51 @@ async def test_the_reference_agent_over_realtime_runs_alices_todo_at_once(
                     break
         refused = {j["topic"] for j in rt.joins if not j["accepted"]}
         assert refused == {f"tenant:{alice.tenant_id}:agents:{alice.user_id}"}
+
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+async def _run_example(script: str, *args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / script), *args,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return int(proc.returncode or 0), out.decode(), err.decode()
+
+
+async def test_the_agent_example_runs_alices_todo(
+    live_api: str, team: tuple[Member, Member, Member]
+) -> None:
+    _, alice, _ = team
+    env = {"CPA_API_URL": live_api, "CPA_TOKEN": token_for(alice)}
+    async with client_mod.Client(live_api, token_for(alice)) as c:
+        job = await c.submit(graph={"todos": [OPEN]})
+        code, out, err = await _run_example("desktop_agent.py", "--once", env=env)
+        assert code == 0, err
+        assert "open app 'x'" in out and "open -> done (agree)" in out
+        assert (await c.get(job["id"]))["status"] == "done"
+
+
+@pytest.mark.parametrize("realtime", ["unset", "unreachable"])
+async def test_the_follow_example_falls_back_to_the_api_with_a_one_line_reason(
+    live_api: str, db: store.Store, team: tuple[Member, Member, Member], realtime: str
+) -> None:
+    _, alice, _ = team
+    env = {"CPA_API_URL": live_api, "CPA_TOKEN": token_for(alice)}
+    if realtime == "unreachable":
+        env |= {"SUPABASE_URL": f"http://127.0.0.1:{free_port()}", "SUPABASE_PUBLISHABLE_KEY": "k"}
+    async with client_mod.Client(live_api, token_for(alice)) as c:
+        job = await c.submit(graph={"todos": [{"key": "a", "action": "noop"}]})
+    from cpa_scheduler import dispatch
+
+    await dispatch.Dispatcher(db).run_pass(10)
+    code, out, err = await _run_example("follow_job_realtime.py", job["id"], env=env)
+    assert code == 0, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Realtime unavailable ("), err
+    assert ("are not set" in lines[0]) is (realtime == "unset")
+    assert out.strip().splitlines()[-1].count('"job.status"') == 1
