@@ -2,7 +2,7 @@
 
 Usage: python -m tests.bench.bench_desktop [--todos 200] [--idle-calls 2000] [--repeats 3]
 
-1. Latency in local mode: the API under uvicorn on 127.0.0.1 (its LISTEN wake-ups on), one
+1. Latency in local mode: ``cpa-scheduler serve`` on 127.0.0.1 (its LISTEN wake-ups on), one
    agent long-polling ``POST /v1/agents/claim`` (``wait`` 20); a user creates ``--todos`` jobs of
    one desktop ToDo each, 20–50 ms apart. Latency = the agent holding the ``assign`` minus the
    creating transaction's commit (the ToDo is ready from then). The same through the Realtime
@@ -26,17 +26,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
-import uvicorn
-from cpa_scheduler import api, auth, service, settings, store
+from cpa_scheduler import auth, store
 from cpa_scheduler import client as client_mod
 
 from tests.bench import bench_dispatch as b
@@ -69,17 +73,20 @@ async def latency(srv: b.Server, todos: int, *, realtime: bool) -> list[float]:
     db = store.Store(url, max_size=6)
     try:
         t, u, claims = await _user(db)
-        config = settings.Settings(database_url=url, supabase_jwt_secret=SECRET,
-                                   supabase_url=ISSUER.removesuffix("/auth/v1"))  # fmt: skip
-        services = service.Services(
-            config, db, verifier=auth.Verifier(hs256_secret=SECRET, issuer=ISSUER)
-        )
+        # The API in its own process, as `cpa-scheduler serve` runs it (with its dispatcher).
         port = b_free_port()
-        server = uvicorn.Server(uvicorn.Config(api.create_app(services), host="127.0.0.1",
-                                               port=port, log_level="warning", lifespan="off"))  # fmt: skip
-        web = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - a bench's plain wait
-            await asyncio.sleep(0.02)
+        env = {**os.environ, "DATABASE_URL": url, "SUPABASE_JWT_SECRET": SECRET,
+               "SUPABASE_URL": ISSUER.removesuffix("/auth/v1"), "CPA_LOG_LEVEL": "WARNING"}  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        async with httpx.AsyncClient() as probe:
+            for _ in range(300):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
         token = auth.mint(SECRET, u, issuer=ISSUER)
         got: dict[str, float] = {}
         double = RealtimeDouble(url, SECRET, ISSUER) if realtime else None
@@ -115,6 +122,12 @@ async def latency(srv: b.Server, todos: int, *, realtime: bool) -> list[float]:
             runner = asyncio.create_task(agent())
             await joined.wait()
             await asyncio.sleep(0.5)
+            trips = []
+            for _ in range(20):  # a peer figure: an empty claim's round trip, same moment
+                t0 = time.monotonic()
+                await c.claim("peer", None, 5)
+                trips.append((time.monotonic() - t0) * 1000)
+            print(f"  empty claim round trip p50 {statistics.median(trips):.1f} ms", flush=True)
             ready: dict[str, float] = {}
             for _ in range(todos):
                 async with db.user(claims) as s:
@@ -128,9 +141,8 @@ async def latency(srv: b.Server, todos: int, *, realtime: bool) -> list[float]:
             await asyncio.gather(runner, return_exceptions=True)
         if double is not None:
             await double.__aexit__(None, None, None)
-        server.should_exit = True
-        await web
-        await services.wakeups.close()
+        proc.terminate()
+        proc.wait(10)
         missing = len(ready) - len(got)
         if missing:
             print(f"  {missing} ToDos not assigned within 10 s", flush=True)
