@@ -722,8 +722,9 @@ create trigger todos_agent_audit
   execute function private.todo_agent_audit_v1();
 
 -- policies -------------------------------------------------------------------------------------
+-- "The tenant's admins" in the names below: its members with role owner or admin.
 drop policy "Jobs are visible to members of their tenant" on public.jobs;
-create policy "Jobs are visible to their creator and to the tenant's owners and admins"
+create policy "Jobs are visible to their creator and the tenant's admins"
   on public.jobs for select to authenticated
   using (
     tenant_id in (select private.user_admin_tenant_ids_v1())
@@ -751,7 +752,7 @@ create policy "Job events are visible with their job"
   );
 
 drop policy "Schedules are visible to members of their tenant" on public.schedules;
-create policy "Schedules are visible to their creator and to the tenant's owners and admins"
+create policy "Schedules are visible to their creator and the tenant's admins"
   on public.schedules for select to authenticated
   using (
     tenant_id in (select private.user_admin_tenant_ids_v1())
@@ -759,7 +760,7 @@ create policy "Schedules are visible to their creator and to the tenant's owners
   );
 
 drop policy "Agents are visible to members of their tenant" on public.agents;
-create policy "Agents are visible to their user and to the tenant's owners and admins"
+create policy "Agents are visible to their user and the tenant's admins"
   on public.agents for select to authenticated
   using (
     tenant_id in (select private.user_admin_tenant_ids_v1())
@@ -768,7 +769,7 @@ create policy "Agents are visible to their user and to the tenant's owners and a
 
 -- The audit log holds requests and ToDo rows: a member reads the entries of what they did.
 drop policy "Audit entries are visible to members of their tenant" on public.audit_log;
-create policy "Audit entries are visible to the tenant's owners and admins and to the member who acted"
+create policy "Audit entries are visible to the actor and the tenant's admins"
   on public.audit_log for select to authenticated
   using (
     tenant_id in (select private.user_admin_tenant_ids_v1())
@@ -780,7 +781,7 @@ create policy "Audit entries are visible to the tenant's owners and admins and t
 -- 20261127000300_events_contract), and private.realtime_topic_allowed_v1 decides, once per
 -- statement.
 drop policy "Tenant members can receive their own tenant's broadcasts" on realtime.messages;
-create policy "Users receive the broadcasts of their own jobs and agents and admins their tenant's"
+create policy "Members receive their own topics, admins their tenant's"
   on realtime.messages for select to authenticated
   using (
     realtime.messages.extension = 'broadcast'

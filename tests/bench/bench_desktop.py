@@ -245,6 +245,9 @@ def _restore_before(url: str) -> None:
 async def flush_drain(srv: b.Server, *, before: bool, jobs: int, length: int) -> tuple[float, int]:
     name = srv.create_db(supabase=True)
     url = srv.url(name)
+    admin = b.conninfo_to_dict(srv.admin_url)["user"]
+    with psycopg.connect(srv.url(name, user=str(admin)), autocommit=True) as c:
+        c.execute(f"alter database \"{name}\" set track_functions = 'all'")
     if before:
         _restore_before(url)
     db = store.Store(url, max_size=4)
@@ -261,6 +264,11 @@ async def flush_drain(srv: b.Server, *, before: bool, jobs: int, length: int) ->
         async with db.admin() as s:
             cur = await s.conn.execute("select count(*) as n from realtime.messages")
             sends = int((await cur.fetchone() or {"n": 0})["n"])
+        flush_ms, _ = _stats(url, "job_events_flush_v4")
+        todos_ms, _ = _stats(url, "todos_events_v2")
+        print(
+            f"  database ms: flush {flush_ms:,.0f}, ToDo status trigger {todos_ms:,.0f}", flush=True
+        )
         return jobs * length / elapsed, sends
     finally:
         await db.close()
