@@ -212,9 +212,15 @@ def _token(args: argparse.Namespace) -> int:
         db = store.Store(url, max_size=1)
         try:
             async with db.admin() as session:
-                await session.membership_ensure(
-                    tenant_id, user_id, tenant_name=args.tenant, email=f"{user_id}@local.invalid"
+                # The tenant's first user owns it; later ones are members (who see only their
+                # own jobs) unless --role says otherwise. An existing membership keeps its role.
+                role = args.role or (
+                    "member" if await session.tenant_other_members(tenant_id, user_id) else "owner"
                 )
+                await session.membership_ensure(
+                    tenant_id, user_id, tenant_name=args.tenant, email=f"{user_id}@local.invalid",
+                    role=role,
+                )  # fmt: skip
         finally:
             await db.close()
 
@@ -431,6 +437,9 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--tenant", required=True, help="tenant name or UUID")
     tk.add_argument("--user", required=True, help="user name or UUID")
     tk.add_argument("--ttl", type=int, default=24 * 3600, help="seconds the token is valid")
+    tk.add_argument("--role", choices=["owner", "admin", "member"],
+                    help="a new membership's role (default: owner for the tenant's first user, "
+                    "member after; members see only their own jobs)")  # fmt: skip
     tk.set_defaults(run=_token)
     sb = cmd("submit", "Submit a request and show live progress until the job ends "
                        "(exit 0 when done).")  # fmt: skip

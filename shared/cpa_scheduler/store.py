@@ -776,6 +776,13 @@ class Session:
             {"tenant_id": str(tenant_id), "user_id": str(user_id), "role": role},
         )
 
+    async def tenant_other_members(
+        self, tenant_id: uuid.UUID | str, user_id: uuid.UUID | str
+    ) -> bool:
+        """Whether the tenant has members besides this user (admin scope)."""
+        params = {"tenant_id": str(tenant_id), "user_id": str(user_id)}
+        return bool(await self._scalar("tenant_other_members", params))
+
     async def my_tenants(self) -> list[uuid.UUID]:
         """The caller's tenants (user scope), oldest membership first."""
         rows = await self._all("membership_mine")

@@ -186,6 +186,12 @@ on conflict (id) do nothing;
 insert into public.memberships (tenant_id, user_id, role) values (%(tenant_id)s, %(user_id)s, %(role)s)
 on conflict (tenant_id, user_id) do nothing;
 
+-- name: tenant_other_members
+-- Whether anyone else is already a member (cpa-scheduler token: the first one is the owner).
+select exists (
+  select 1 from public.memberships m where m.tenant_id = %(tenant_id)s and m.user_id <> %(user_id)s
+) as others;
+
 -- name: tenant_of_user
 select tenant_id from public.memberships where user_id = %(user_id)s order by created_at limit 1;
 
