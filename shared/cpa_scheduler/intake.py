@@ -11,9 +11,10 @@ from zoneinfo import ZoneInfo
 
 from cpa_scheduler import errors, graph, intents, protocol, schedules, store, times, tracing
 
-# An agent seen this recently counts as online for optional desktop ToDos (agents poll every
-# few seconds while they run).
-ONLINE = 60.0
+# An agent seen this recently counts as online for optional desktop ToDos: an idle agent
+# checks in once a minute (Realtime) or every 20 s (long-poll), and the database records it
+# when the last record is older than 45 s (GET /v1/agents uses the same 90 s).
+ONLINE = 90.0
 
 
 def resolver(tz: ZoneInfo, now: datetime) -> intents.TimeResolver:

@@ -278,10 +278,12 @@ select least(
 select cpa.desktop_sweep_v3(%(seen_seconds)s) as n;
 
 -- name: agent_offering
--- Whether an agent of the tenant offering the action was seen recently.
+-- Whether an agent offering the action was seen recently: the caller's own (their desktop
+-- ToDos go only to them); any of the tenant's for the service role.
 select exists (
   select 1 from public.agents a
    where a.tenant_id = %(tenant_id)s and %(action)s = any(a.actions)
+     and (a.created_by = (select auth.uid()) or (select auth.uid()) is null)
      and a.last_seen_at > now() - make_interval(secs => %(seen_seconds)s)
 ) as online;
 
