@@ -299,3 +299,25 @@ async def test_the_follow_example_falls_back_to_the_api_with_a_one_line_reason(
     assert len(lines) == 1 and lines[0].startswith("Realtime unavailable ("), err
     assert ("are not set" in lines[0]) is (realtime == "unset")
     assert out.strip().splitlines()[-1].count('"job.status"') == 1
+
+
+async def test_without_a_listener_a_long_poll_probes_and_answers_within_a_poll(
+    api: httpx.AsyncClient, services: service.Services, team: tuple[Member, Member, Member]
+) -> None:
+    """As behind Lambda (no LISTEN connection): a cheap probe every 0.2 s, then the claim."""
+    from cpa_scheduler import wakeups
+
+    _, alice, _ = team
+    services._wakeups = wakeups.Listener(f"postgresql://nobody@127.0.0.1:{free_port()}/x")
+    body = {"agent_id": "alice-pc", "actions": None, "wait": 10}
+    waiting = asyncio.create_task(api.post("/v1/agents/claim", headers=bearer(alice), json=body))
+    await asyncio.sleep(1.5)  # the listener has failed to connect by now: the claim polls
+    assert not waiting.done()
+    job = (
+        await api.post("/v1/jobs", headers=bearer(alice), json={"graph": {"todos": [OPEN]}})
+    ).json()
+    ready = time.monotonic()
+    got = (await waiting).json()
+    assert [a["payload"]["job_id"] for a in got] == [job["id"]]
+    assert time.monotonic() - ready < 0.6
+    assert not services.wakeups.listening
