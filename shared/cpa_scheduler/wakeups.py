@@ -4,7 +4,8 @@ When a desktop ToDo becomes ready, ``private.agent_wake_v1`` NOTIFYs ``cpa_deskt
 with ``<tenant_id>:<user_id>`` (the job's owner). One LISTEN connection per process (long-running
 hosts: ``serve``, tests) sets the events of the claims waiting for that user; a claim then asks
 the database again at once. Without a live listener (Lambda, or while it reconnects) a waiting
-claim asks the database every :data:`POLL_SECONDS` instead.
+claim probes the database instead: every :data:`POLL_SECONDS` for :data:`POLL_FAST_FOR` s, then
+every :data:`POLL_SLOW_SECONDS`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from cpa_scheduler import store
 log = logging.getLogger("cpa.wakeups")
 
 CHANNEL = "cpa_desktop_ready"
-POLL_SECONDS = 0.2  # a claim without a listener asks the database this often
+POLL_SECONDS = 0.2  # a claim without a listener asks the database this often at first,
+POLL_FAST_FOR = 2.0  # for this long,
+POLL_SLOW_SECONDS = 1.0  # then this often
 BACKOFF_MAX = 30.0
 
 
