@@ -7,6 +7,7 @@ its sandbox folder (:class:`cpa_scheduler.sandbox.Sandbox`). ``cpa-scheduler age
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -126,29 +127,49 @@ class _Worker:
                 await asyncio.sleep(max(1.0, wait))
 
     async def pushed(self, heartbeat: float, *, clock: Callable[[], float]) -> None:
-        """Claim on each wake-up and once per ``heartbeat``; raises UnavailableError when the
-        channel cannot be (re)joined."""
+        """Claim on each (re)join, each wake-up and once per ``heartbeat``; raises
+        UnavailableError when the channel cannot be (re)joined."""
         me = await _retrying(lambda: self.c.agents())
-        wakes = self.c.wakeups(str(me["tenant_id"]), str(me["user_id"]))
-        due = clock()  # claim once as soon as joined: work may have been ready before
+        inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+
+        async def pump() -> None:
+            # The subscription runs on its own: waiting for the heartbeat with a timeout must
+            # never cancel (and so close) the channel's generator.
+            try:
+                async for item in self.c.wakeups(str(me["tenant_id"]), str(me["user_id"])):
+                    inbox.put_nowait(item)
+                inbox.put_nowait(errors.UnavailableError("The Realtime channel closed."))
+            except Exception as exc:
+                inbox.put_nowait(exc)
+
+        pumping = asyncio.create_task(pump())
         joined = False
+        due = clock()
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(
-                        anext(wakes), max(0.0, due - clock()) if joined else None
+                        inbox.get(), max(0.0, due - clock()) if joined else None
                     )
                 except TimeoutError:
-                    item = None  # the heartbeat is due
-                if item is not None and item.get("joined"):
-                    joined = True
-                if joined and (item is None or "todo_id" in item or clock() >= due):
-                    # Claim until empty: one wake-up may stand for several ToDos.
-                    while await self.claim_and_handle(wait=0) == 5:
-                        pass
-                    due = clock() + heartbeat
+                    item = {}  # the heartbeat is due
+                if isinstance(item, BaseException):
+                    raise item
+                joined = joined or bool(item.get("joined"))
+                if not joined:
+                    continue
+                while not inbox.empty():  # wake-ups this claim answers too
+                    more = inbox.get_nowait()
+                    if isinstance(more, BaseException):
+                        raise more
+                # Claim until empty: one wake-up may stand for several ToDos.
+                while await self.claim_and_handle(wait=0) == 5:
+                    pass
+                due = clock() + heartbeat
         finally:
-            await wakes.aclose()
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pumping
 
     async def handle(self, assign: protocol.Assign) -> None:
         c, trace = self.c, assign.payload.traceparent

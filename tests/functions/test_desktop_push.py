@@ -322,3 +322,30 @@ async def test_without_a_listener_a_long_poll_probes_and_answers_within_a_poll(
     assert [a["payload"]["job_id"] for a in got] == [job["id"]]
     assert time.monotonic() - ready < 1.4
     assert not services.wakeups.listening
+
+
+async def test_heartbeats_keep_the_realtime_channel_and_wake_ups_still_arrive(
+    app: FastAPI, api: httpx.AsyncClient, db_url: str, team: tuple[Member, Member, Member],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    _, alice, _ = team
+    async with RealtimeDouble(db_url, SECRET, ISSUER) as rt:
+        config = client_mod.RealtimeConfig(rt.url, "sb_publishable_test-double-key")
+        counting = Counting(app)
+        async with client_mod.Client("http://test", token_for(alice), realtime=config,
+                                     transport=counting) as c:  # fmt: skip
+            task = asyncio.create_task(
+                desktop.serve(c, "alice-pc", tmp_path, once=False, heartbeat=0.5)
+            )
+            await asyncio.sleep(2.0)  # joined, then about three heartbeats
+            claims = [p for _, p in counting.paths if p == "/v1/agents/claim"]
+            assert 3 <= len(claims) <= 6 and not task.done()
+            job = (await api.post("/v1/jobs", headers=bearer(alice),
+                                  json={"graph": {"todos": [OPEN]}})).json()  # fmt: skip
+            await until(lambda: any(p == "/v1/messages" for _, p in counting.paths[len(claims) :]))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert [j["accepted"] for j in rt.joins] == [True]  # one join: the channel stayed
+    got = (await api.get(f"/v1/jobs/{job['id']}", headers=bearer(alice))).json()
+    assert got["todos"][0]["status"] in ("running", "done")
