@@ -249,8 +249,28 @@ async def test_the_reference_agent_over_realtime_runs_alices_todo_at_once(
             with pytest.raises(Exception, match="(?i)join|unauthorized|error"):
                 async for _ in cb.wakeups(str(alice.tenant_id), str(alice.user_id)):
                     break
+            t = alice.tenant_id
+            assert not await _joins(cb, f"tenant:{t}:user:{alice.user_id}")  # Alice's events
+            assert not await _joins(cb, f"tenant:{t}")  # the tenant's: owners and admins only
+            assert await _joins(cb, f"tenant:{t}:user:{bob.user_id}")  # his own
         refused = {j["topic"] for j in rt.joins if not j["accepted"]}
-        assert refused == {f"tenant:{alice.tenant_id}:agents:{alice.user_id}"}
+        assert refused == {f"tenant:{t}:agents:{alice.user_id}", f"tenant:{t}:user:{alice.user_id}",
+                           f"tenant:{t}"}  # fmt: skip
+
+
+async def _joins(c: client_mod.Client, topic: str) -> bool:
+    """Whether the Realtime double lets this client's user join the private topic."""
+    from realtime import RealtimeSubscribeStates
+
+    sb = await c._realtime_client()
+    states: asyncio.Queue[Any] = asyncio.Queue()
+    channel = sb.channel(topic, {"config": {"private": True}})
+    await channel.subscribe(lambda state, _e: states.put_nowait(state))
+    try:
+        state = await asyncio.wait_for(states.get(), 10)
+        return bool(state == RealtimeSubscribeStates.SUBSCRIBED)
+    finally:
+        await sb.remove_channel(channel)
 
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
