@@ -635,10 +635,6 @@ class Session:
             "agent_list", {"tenant_id": str(tenant_id), "seen_seconds": seen_seconds}
         )
 
-    async def agent_work_ready(self, tenant_id: uuid.UUID | str) -> bool:
-        """Whether a desktop ToDo the caller may see is ready (a polling claim's probe)."""
-        return bool(await self._scalar("agent_work_probe", {"tenant_id": str(tenant_id)}))
-
     async def agent_offering(
         self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
     ) -> bool:

@@ -4,8 +4,8 @@ When a desktop ToDo becomes ready, ``private.agent_wake_v1`` NOTIFYs ``cpa_deskt
 with ``<tenant_id>:<user_id>`` (the job's owner). One LISTEN connection per process (long-running
 hosts: ``serve``, tests) sets the events of the claims waiting for that user; a claim then asks
 the database again at once. Without a live listener (Lambda, or while it reconnects) a waiting
-claim probes the database instead: every :data:`POLL_SECONDS` for :data:`POLL_FAST_FOR` s, then
-every :data:`POLL_SLOW_SECONDS`.
+claim asks again instead: every :data:`POLL_SECONDS` for :data:`POLL_FAST_FOR` s, then every
+:data:`POLL_SLOW_SECONDS`.
 """
 
 from __future__ import annotations

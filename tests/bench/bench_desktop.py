@@ -11,10 +11,9 @@ Usage: python -m tests.bench.bench_desktop [--todos 200] [--idle-calls 2000] [--
    the claim before this issue (an upsert of ``last_seen_at`` on every call, then
    ``todo_claim_v2``: recreated here from its migration's text) and of ``cpa.agent_claim_v2``
    now; the database time per call from ``pg_stat_user_functions`` (``track_functions = all``),
-   WAL bytes per call from ``pg_current_wal_lsn()``, and the probe a polling (Lambda) long-poll
-   runs (every 0.2 s for 2 s, then every second). Per idle agent per hour: before 3,600 claims
-   (one a second); after 180 (long-poll, 20 s), 60 (Realtime heartbeat), or 180 claims + 5,040
-   probes (Lambda).
+   WAL bytes per call from ``pg_current_wal_lsn()``. Per idle agent per hour: before 3,600
+   claims (one a second); after 180 (long-poll, 20 s), 60 (Realtime heartbeat), or 5,040 behind
+   Lambda (each 20 s long-poll claims again every 0.2 s for 2 s, then every second: 28).
 3. The events flush with per-user topics against the flush before (recreated from its
    migration's text, with the ToDo trigger before the wake-ups and no agent audit trigger):
    100 jobs × 50-ToDo chains owned by a user, drained by the dispatcher; ToDos/s, interleaved.
@@ -212,33 +211,10 @@ async def idle_cost(srv: b.Server, calls: int) -> dict[str, float]:
             out[f"{variant} db ms/call"] = (stats1 - stats0) / calls
             out[f"{variant} round trip ms/call"] = wall
             out[f"{variant} WAL bytes/call"] = (lsn1 - lsn0) / calls
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            async with db.user(claims) as s:
-                await s.agent_work_ready(t)
-        out["probe round trip ms/call"] = (time.perf_counter() - t0) / calls * 1000
-        # The probe's database time: the same query in a loop inside one statement.
-        async with db.user(claims) as s:
-            cur = await s.conn.execute(PROBE_LOOP, {"tenant_id": str(t), "n": calls})
-            row = await cur.fetchone()
-        out["probe db ms/call"] = float((row or {"ms": 0})["ms"]) / calls
     finally:
         await db.close()
         srv.drop_db(name)
     return out
-
-
-PROBE_LOOP = """
-select sum(ms) as ms from (
-  select extract(epoch from (clock_timestamp() - t0)) * 1000 as ms
-    from generate_series(1, %(n)s) g,
-         lateral (select clock_timestamp() as t0) s,
-         lateral (select exists (
-           select 1 from public.todos t
-            where t.status = 'ready' and t.target = 'desktop' and t.tenant_id = %(tenant_id)s
-              and t.run_after <= now() and g.g > 0) as ready) p
-) x
-"""
 
 
 def _stats(url: str, function: str) -> tuple[float, int]:
@@ -323,11 +299,7 @@ async def main() -> None:
                 "before (1 claim/s)": 3600 * cost["before db ms/call"],
                 "after, long-poll (180 claims)": 180 * cost["after db ms/call"],
                 "after, Realtime (60 claims)": 60 * cost["after db ms/call"],
-                "after, Lambda long-poll (180 claims, 5,040 probes)": 180 * cost["after db ms/call"]
-                + 5040 * cost["probe db ms/call"],
-                "after, Lambda long-poll probing every 0.2 s throughout (18,000 probes)": 180
-                * cost["after db ms/call"]
-                + 18000 * cost["probe db ms/call"],
+                "after, Lambda long-poll (5,040 claims)": 5040 * cost["after db ms/call"],
             }
             for k, v in per_hour.items():
                 print(f"db ms per idle agent per hour, {k}: {v:,.0f}", flush=True)

@@ -321,11 +321,11 @@ async def test_the_follow_example_falls_back_to_the_api_with_a_one_line_reason(
     assert out.strip().splitlines()[-1].count('"job.status"') == 1
 
 
-async def test_without_a_listener_a_long_poll_probes_and_answers_within_a_poll(
+async def test_without_a_listener_a_long_poll_polls_and_answers_within_a_poll(
     api: httpx.AsyncClient, services: service.Services, team: tuple[Member, Member, Member]
 ) -> None:
-    """As behind Lambda (no LISTEN connection): a cheap probe (every 0.2 s for 2 s, then every
-    second), then the claim."""
+    """As behind Lambda (no LISTEN connection): the claim asks again every 0.2 s for 2 s, then
+    every second."""
     from cpa_scheduler import wakeups
 
     _, alice, _ = team

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -83,6 +82,7 @@ async def claim(
     # Keyed by user alone: the tenant is known only inside the first attempt, and the waiter
     # must be registered before it (a user of two tenants is merely woken once too often).
     wake_key = str(claims.sub)
+    started = time.monotonic()
     while True:
         with contextlib.ExitStack() as stack:
             woken = stack.enter_context(listener.waiter(wake_key)) if listener else None
@@ -92,34 +92,24 @@ async def claim(
                     session, tenant_id=caller.tenant_id, agent_id=body.agent_id,
                     actions=body.actions, limit=body.limit,
                 )  # fmt: skip
-            if assigns or deadline - time.monotonic() <= 0:
+            left = deadline - time.monotonic()
+            if assigns or left <= 0:
                 return [protocol.dump(a) for a in assigns]
             if woken is not None and listener is not None and listener.listening:
                 try:
-                    await asyncio.wait_for(woken.wait(), deadline - time.monotonic())
+                    await asyncio.wait_for(woken.wait(), left)
                 except TimeoutError:
                     return []  # nothing became ready for this user: no last claim needed
-            elif not await _probe_until_ready(app, claims, caller.tenant_id, deadline):
-                return []
+            else:
+                # No LISTEN connection (Lambda): claim again every 0.2 s for the first 2 s (an
+                # agent answering a burst of work), then every second. An empty claim writes
+                # nothing and costs less than a probe under row-level security would
+                # (tests/bench/RESULTS.md, issue 21).
+                fast = time.monotonic() - started < wakeups.POLL_FAST_FOR
+                pause = wakeups.POLL_SECONDS if fast else wakeups.POLL_SLOW_SECONDS
+                await asyncio.sleep(min(pause, left))
         if await request.is_disconnected():
             return []
-
-
-async def _probe_until_ready(
-    app: AppState, claims: VerifiedClaims, tenant_id: uuid.UUID, deadline: float
-) -> bool:
-    """Without a LISTEN connection (Lambda): a cheap probe until a desktop ToDo the caller may
-    see is ready (True: claim again) or the deadline passes (False). Every 0.2 s for the first
-    2 s (an agent answering a burst of work), then every second: an idle long-poll then costs
-    28 probes per 20 s instead of 100 (tests/bench/RESULTS.md, issue 21)."""
-    started = time.monotonic()
-    while (left := deadline - time.monotonic()) > 0:
-        fast = time.monotonic() - started < wakeups.POLL_FAST_FOR
-        await asyncio.sleep(min(wakeups.POLL_SECONDS if fast else wakeups.POLL_SLOW_SECONDS, left))
-        async with app.store.user(claims.for_database()) as session:
-            if await session.agent_work_ready(tenant_id):
-                return True
-    return False
 
 
 @router.get("/v1/agents", response_model=AgentList)

@@ -143,15 +143,6 @@ select a.agent_key as agent_id, a.name, a.actions, a.last_seen_at, a.created_by,
  where a.tenant_id = %(tenant_id)s
  order by a.agent_key;
 
--- name: agent_work_probe
--- A polling long-poll's cheap check between claims (Lambda: no LISTEN): is a desktop ToDo the
--- caller may see ready now? Row-level security limits it to their jobs (admins: the tenant's).
-select exists (
-  select 1 from public.todos t
-   where t.status = 'ready' and t.target = 'desktop' and t.tenant_id = %(tenant_id)s
-     and t.run_after <= now()
-) as ready;
-
 -- name: agent_complete
 -- An agent's reports on the ToDos it holds (complete, fail, release): the database derives the
 -- lease owner from the agent key (private.agent_owner_v1); the items carry no owner.
