@@ -478,25 +478,25 @@ begin
      where v_gone is null or e.job_id <> all(v_gone)
      order by g.seq, e.ord
     returning *
-  ), ev as materialized (
+  ), ev as (
     select i.tenant_id, i.id, o.user_id,
            jsonb_build_object('id', i.id, 'job_id', i.job_id, 'todo_id', i.todo_id,
                               'kind', i.kind, 'status', i.status, 'data', i.data,
                               'created_at', i.created_at) as event
       from ins i left join unnest(v_owned, v_owners) o(job_id, user_id) on o.job_id = i.job_id
-  ), item as (
-    -- Each event goes to its tenant's topic and to its job owner's user topic.
-    select d.topic, e.id, e.event
-      from ev e
-      cross join lateral (values ('tenant:' || e.tenant_id::text),
-                                 ('tenant:' || e.tenant_id::text || ':user:' || e.user_id::text)) d(topic)
-     where d.topic is not null
   ), whole as (
-    -- Usually a topic's events fit one message: one aggregate, no per-event size and no
-    -- window. Only a topic whose events pass 100 kB is cut by size, as in _v2 (an event
-    -- starts a new message once the events before it reach another 100 kB).
-    select t.topic, jsonb_agg(t.event order by t.id) as events
-      from item t group by t.topic
+    -- Each event goes to its tenant's topic and to its job owner's user topic: one pass over
+    -- the events, aggregated per tenant and per (tenant, owner). Usually a topic's events fit
+    -- one message: no per-event size and no window. Only a topic whose events pass 100 kB is
+    -- cut by size, as in _v2 (an event starts a new message once the events before it reach
+    -- another 100 kB).
+    select 'tenant:' || e.tenant_id::text
+           || case when grouping(e.user_id) = 0 then ':user:' || e.user_id::text else '' end
+             as topic,
+           jsonb_agg(e.event order by e.id) as events
+      from ev e
+     group by grouping sets ((e.tenant_id), (e.tenant_id, e.user_id))
+    having grouping(e.user_id) = 1 or e.user_id is not null
   ), msg as (
     select w.topic, 0::bigint as chunk, w.events
       from whole w where pg_column_size(w.events) <= 100000
@@ -507,7 +507,14 @@ begin
              coalesce(sum(pg_column_size(t.event)) over (
                partition by t.topic order by t.id
                rows between unbounded preceding and 1 preceding), 0) / 100000 as chunk
-      from item t
+      from (select d.topic, e.id, e.event
+              from ev e
+              cross join lateral (values ('tenant:' || e.tenant_id::text),
+                                         ('tenant:' || e.tenant_id::text || ':user:'
+                                          || e.user_id::text)) d(topic)
+             -- A one-time filter: without a message over 100 kB nothing here runs.
+             where exists (select 1 from whole w where pg_column_size(w.events) > 100000)
+               and d.topic is not null) t
      where t.topic in (select w.topic from whole w where pg_column_size(w.events) > 100000)
     ) c
     group by c.topic, c.chunk
