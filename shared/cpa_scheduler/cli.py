@@ -183,6 +183,7 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
         failed = worker.done() and not stop.is_set()
         stop.set()
+        services.stopping()  # open long-polls answer now, so the server can exit
         server.should_exit = True
         await asyncio.gather(web, worker, return_exceptions=True)
         await services.close()

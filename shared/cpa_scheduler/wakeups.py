@@ -41,6 +41,7 @@ class Listener:
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
+        self.stopping = False  # the host is shutting down: waiting claims answer now
 
     @property
     def listening(self) -> bool:
@@ -58,6 +59,12 @@ class Listener:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._live.wait(), within)
         return self.listening
+
+    def stop(self) -> None:
+        """The host is stopping: wake every waiting claim, which then answers what it has (a
+        server waits for open requests before it exits)."""
+        self.stopping = True
+        self._wake_all()
 
     async def close(self) -> None:
         if self._task is not None:

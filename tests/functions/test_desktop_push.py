@@ -369,3 +369,17 @@ async def test_heartbeats_keep_the_realtime_channel_and_wake_ups_still_arrive(
         assert [j["accepted"] for j in rt.joins] == [True]  # one join: the channel stayed
     got = (await api.get(f"/v1/jobs/{job['id']}", headers=bearer(alice))).json()
     assert got["todos"][0]["status"] in ("running", "done")
+
+
+async def test_a_stopping_host_answers_its_waiting_long_polls_at_once(
+    api: httpx.AsyncClient, services: service.Services, team: tuple[Member, Member, Member]
+) -> None:
+    _, alice, _ = team
+    body = {"agent_id": "alice-pc", "actions": None, "wait": 20}
+    waiting = asyncio.create_task(api.post("/v1/agents/claim", headers=bearer(alice), json=body))
+    await asyncio.sleep(1.0)
+    assert not waiting.done()
+    stopped = time.monotonic()
+    services.stopping()  # serve does this before it waits for open requests
+    assert (await waiting).json() == []
+    assert time.monotonic() - stopped < 1.0

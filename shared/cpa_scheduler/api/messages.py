@@ -95,11 +95,15 @@ async def claim(
             left = deadline - time.monotonic()
             if assigns or left <= 0:
                 return [protocol.dump(a) for a in assigns]
+            if listener is not None and listener.stopping:
+                return []
             if woken is not None and listener is not None and listener.listening:
                 try:
                     await asyncio.wait_for(woken.wait(), left)
                 except TimeoutError:
                     return []  # nothing became ready for this user: no last claim needed
+                if listener.stopping:
+                    return []  # the server is shutting down
             else:
                 # No LISTEN connection (Lambda): claim again every 0.2 s for the first 2 s (an
                 # agent answering a burst of work), then every second. An empty claim writes
