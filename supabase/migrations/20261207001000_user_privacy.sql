@@ -320,6 +320,41 @@ comment on function cpa.todo_note_v1 is 'Record an agent''s note (agree, inform,
 revoke execute on function cpa.todo_note_v1(uuid, text, jsonb) from public, anon;
 grant execute on function cpa.todo_note_v1(uuid, text, jsonb) to authenticated, service_role;
 
+-- An Idempotency-Key replays its job only for a caller who may read that job: another member
+-- repeating a key gets 409, not the other user's job.
+create or replace function cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text)
+returns boolean
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_hash text;
+  v_job uuid;
+begin
+  perform private.tenant_authorize_v1(p_tenant_id);
+  insert into private.job_idempotency (tenant_id, key, body_hash)
+  values (p_tenant_id, p_key, p_body_hash)
+  on conflict (tenant_id, key) do nothing;
+  if found then
+    return true;
+  end if;
+  select i.body_hash into v_hash from private.job_idempotency i
+   where i.tenant_id = p_tenant_id and i.key = p_key;
+  if v_hash is distinct from p_body_hash then
+    raise exception 'The Idempotency-Key % was first used with a different body; send the original body to get that job again, or use a new key for a new job.', left(p_key, 200)
+      using errcode = '55000';
+  end if;
+  select j.id into v_job from public.jobs j where j.tenant_id = p_tenant_id and j.idempotency_key = p_key;
+  if v_job is not null and not private.job_visible_v1(v_job) then
+    raise exception 'The Idempotency-Key % belongs to another user''s job; use a new key.', left(p_key, 200)
+      using errcode = '55000';
+  end if;
+  return false;
+end;
+$$;
+comment on function cpa.idempotency_check_v1 is 'Record the body hash of a new Idempotency-Key; true when new, false for a replay, 55000 for a different body or another user''s job.';
+revoke execute on function cpa.idempotency_check_v1(uuid, text, text) from public, anon;
+grant execute on function cpa.idempotency_check_v1(uuid, text, text) to authenticated, service_role;
+
 -- The audit entry of a desktop ToDo's status change under an agent's lease: which agent and
 -- whose desktop ran it (slim: no params, no result).
 create function private.todo_agent_audit_v1()
@@ -569,6 +604,10 @@ begin
     v_todos := cpa.job_submit_v1(p_tenant_id, p_request, p_intent, p_todos, p_idempotency_key,
                                  p_priority, p_max_retries, p_run_at, p_time_zone, p_traceparent,
                                  p_rate_limit, p_rate_window);
+    if not private.job_visible_v1((v_todos ->> 'id')::uuid) then
+      raise exception 'The Idempotency-Key % belongs to another user''s job; use a new key.', left(p_idempotency_key, 200)
+        using errcode = '55000';
+    end if;
     return v_todos || jsonb_build_object(
       'created_by', (select j.created_by from public.jobs j where j.id = (v_todos ->> 'id')::uuid));
   end if;

@@ -383,3 +383,16 @@ async def test_a_stopping_host_answers_its_waiting_long_polls_at_once(
     services.stopping()  # serve does this before it waits for open requests
     assert (await waiting).json() == []
     assert time.monotonic() - stopped < 1.0
+
+
+async def test_bob_repeating_alices_idempotency_key_gets_409_not_her_job(
+    api: httpx.AsyncClient, team: tuple[Member, Member, Member]
+) -> None:
+    _, alice, bob = team
+    body = {"graph": {"todos": [OPEN]}}
+    key = {"Idempotency-Key": "same-key"}
+    first = await api.post("/v1/jobs", headers=bearer(alice) | key, json=body)
+    again = await api.post("/v1/jobs", headers=bearer(alice) | key, json=body)
+    assert first.status_code == 201 and again.json()["id"] == first.json()["id"]
+    theirs = await api.post("/v1/jobs", headers=bearer(bob) | key, json=body)
+    assert "another user" in is_problem(theirs, 409, "conflict")["detail"]
