@@ -183,6 +183,7 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
         failed = worker.done() and not stop.is_set()
         stop.set()
+        services.stopping()  # open long-polls answer now, so the server can exit
         server.should_exit = True
         await asyncio.gather(web, worker, return_exceptions=True)
         await services.close()
@@ -212,9 +213,15 @@ def _token(args: argparse.Namespace) -> int:
         db = store.Store(url, max_size=1)
         try:
             async with db.admin() as session:
-                await session.membership_ensure(
-                    tenant_id, user_id, tenant_name=args.tenant, email=f"{user_id}@local.invalid"
+                # The tenant's first user owns it; later ones are members (who see only their
+                # own jobs) unless --role says otherwise. An existing membership keeps its role.
+                role = args.role or (
+                    "member" if await session.tenant_other_members(tenant_id, user_id) else "owner"
                 )
+                await session.membership_ensure(
+                    tenant_id, user_id, tenant_name=args.tenant, email=f"{user_id}@local.invalid",
+                    role=role,
+                )  # fmt: skip
         finally:
             await db.close()
 
@@ -403,7 +410,7 @@ def _agent(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with _client() as c:
-            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, poll=args.poll)
+            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, wait=args.wait)
 
     asyncio.run(run())
     return 0
@@ -431,6 +438,9 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--tenant", required=True, help="tenant name or UUID")
     tk.add_argument("--user", required=True, help="user name or UUID")
     tk.add_argument("--ttl", type=int, default=24 * 3600, help="seconds the token is valid")
+    tk.add_argument("--role", choices=["owner", "admin", "member"],
+                    help="a new membership's role (default: owner for the tenant's first user, "
+                    "member after; members see only their own jobs)")  # fmt: skip
     tk.set_defaults(run=_token)
     sb = cmd("submit", "Submit a request and show live progress until the job ends "
                        "(exit 0 when done).")  # fmt: skip
@@ -477,7 +487,13 @@ def parser() -> argparse.ArgumentParser:
     ag = cmd("agent", "Run a desktop agent worker (the reference client).")
     ag.add_argument("--agent-id", default=f"agent-{socket.gethostname()}", help="this agent's id")
     ag.add_argument("--sandbox", default="~/cpa-agent-sandbox", help="the only folder files go to")
-    ag.add_argument("--poll", type=float, default=1.0, help="seconds between claims")
+    ag.add_argument(
+        "--wait",
+        type=float,
+        default=20.0,
+        help="seconds one claim long-polls for work (without Realtime; at most 20)",
+    )
+    ag.add_argument("--poll", type=float, help=argparse.SUPPRESS)  # replaced by push and --wait
     ag.add_argument("--once", action="store_true", help="claim once, handle it, exit")
     ag.set_defaults(run=_agent)
     cmd("migrate", "Apply the database migrations.").set_defaults(run=_migrate)

@@ -19,8 +19,8 @@ export type {
   Inform,
 } from "./generated/protocol.js";
 
-/** A job as `GET /v1/jobs/{id}` answers it. `created_by`: the owner's user id (newer servers). */
-export type Job = S["JobOut"] & { created_by?: string | null };
+/** A job as `GET /v1/jobs/{id}` answers it; `created_by` names its owner (and so its topic). */
+export type Job = S["JobOut"];
 export type Todo = S["TodoOut"];
 export type JobPage = Omit<S["JobPage"], "jobs"> & { jobs: Job[] };
 export type JobCreate = S["JobCreate"];
@@ -29,24 +29,13 @@ export type TodoSpec = S["TodoSpec"];
 export type JobStatus = Job["status"];
 export type Schedule = S["ScheduleOut"];
 export type ScheduleCreate = S["ScheduleCreate"];
-/** The claim body; `wait` (seconds to long-poll, 0-20) is the push contract's. */
-export type ClaimBody = S["ClaimBody"] & { wait?: number };
+/** The claim body; `wait`: seconds to long-poll (0-20). */
+export type ClaimBody = S["ClaimBody"];
 
 /** An agent as `GET /v1/agents` lists it. */
-export interface AgentInfo {
-  agent_id: string;
-  name?: string | null;
-  actions: string[];
-  last_seen_at: string;
-  online: boolean;
-  created_by?: string | null;
-}
+export type AgentInfo = S["AgentOut"];
 /** `GET /v1/agents`: the caller's agents, and the tenant and user that name the wake-up topic. */
-export interface AgentList {
-  tenant_id?: string;
-  user_id?: string;
-  agents: AgentInfo[];
-}
+export type AgentList = S["AgentList"];
 
 type EventsGet = paths["/v1/jobs/{job_id}/events"]["get"];
 /** One JSON long-poll answer of `GET /v1/jobs/{id}/events?after=`. */

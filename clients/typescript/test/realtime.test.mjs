@@ -55,7 +55,7 @@ describe("follow over Realtime", () => {
       assert.equal(events.at(-1).status, "done");
       const joins = await accepted();
       assert.equal(joins.at(-1).topic, CpaClient.jobTopic(await client.get(job.id)));
-      assert.match(joins.at(-1).topic, /^tenant:[0-9a-f-]{36}(:user:[0-9a-f-]{36})?$/);
+      assert.match(joins.at(-1).topic, /^tenant:[0-9a-f-]{36}:user:[0-9a-f-]{36}$/); // the owner's topic
       assert.ok((await realtime.stats()).relayed > before, "events came over the socket");
     } finally {
       await client.close();

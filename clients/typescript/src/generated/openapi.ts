@@ -42,6 +42,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/agents": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Agents
+         * @description The caller's desktop agents (a tenant's owners and admins: all of the tenant's).
+         */
+        get: operations["list_agents_v1_agents_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/agents/claim": {
         parameters: {
             query?: never;
@@ -53,7 +73,12 @@ export interface paths {
         put?: never;
         /**
          * Claim
-         * @description Claim desktop ToDos for an agent; answers ``assign`` messages.
+         * @description Claim desktop ToDos of the caller's jobs for an agent; answers ``assign`` messages.
+         *
+         *     With ``wait`` it long-polls: each attempt is a short transaction of its own (no connection
+         *     is held while waiting), woken by the database's ``cpa_desktop_ready`` notification on a
+         *     long-running host, or every 0.2 s behind a buffered host (Lambda), whose remaining time
+         *     bounds the wait as it does the events route's.
          */
         post: operations["claim_v1_agents_claim_post"];
         delete?: never;
@@ -249,6 +274,45 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** AgentList */
+        AgentList: {
+            /** Agents */
+            agents: components["schemas"]["AgentOut"][];
+            /**
+             * Tenant Id
+             * @description The caller's tenant (its agents topic names it).
+             */
+            tenant_id: string;
+            /**
+             * User Id
+             * @description The caller: tenant:<tenant_id>:agents:<user_id> wakes them.
+             */
+            user_id: string;
+        };
+        /** AgentOut */
+        AgentOut: {
+            /** Actions */
+            actions: string[];
+            /** Agent Id */
+            agent_id: string;
+            /**
+             * Created By
+             * @description The user the agent id belongs to.
+             */
+            created_by?: string | null;
+            /**
+             * Last Seen At
+             * Format: date-time
+             */
+            last_seen_at: string;
+            /** Name */
+            name?: string | null;
+            /**
+             * Online
+             * @description Seen in the last 90 s.
+             */
+            online: boolean;
+        };
         /** ClaimBody */
         ClaimBody: {
             /** Actions */
@@ -260,6 +324,12 @@ export interface components {
              * @default 10
              */
             limit?: number;
+            /**
+             * Wait
+             * @description Long-poll: seconds to wait for work (answers as soon as there is some).
+             * @default 0
+             */
+            wait?: number;
         };
         /**
          * GraphSpec
@@ -309,6 +379,11 @@ export interface components {
              * Format: date-time
              */
             created_at: string;
+            /**
+             * Created By
+             * @description The owner's user id: the job's events go to its user topic.
+             */
+            created_by?: string | null;
             /** Error */
             error?: string | null;
             /** Id */
@@ -550,6 +625,99 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+        };
+    };
+    list_agents_v1_agents_get: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Act for this tenant (optional). */
+                "x-cpa-tenant"?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AgentList"];
+                };
+            };
+            /** @description Missing, expired or invalid access token. */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such entity, or it belongs to another tenant. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The state does not allow this change. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body or the graph is too large. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is invalid; errors name the fields. */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Too many jobs created; see Retry-After. */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The database is unavailable; see Retry-After. */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Problem"];
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
             };
         };
     };
