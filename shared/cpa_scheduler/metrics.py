@@ -43,6 +43,7 @@ class Instruments:
     lease_expiries: Counter
     retries: Counter
     database_up: Gauge
+    a2a_requests: Counter
 
 
 @functools.cache
@@ -117,6 +118,12 @@ def instruments() -> Instruments:
         database_up=Gauge(
             "cpa_metrics_database_up",
             "1 when the last scrape could read the database gauges, else 0.",
+            registry=registry,
+        ),
+        a2a_requests=Counter(
+            "cpa_a2a_requests",
+            "A2A JSON-RPC calls, by method and outcome (ok, or the JSON-RPC error code).",
+            ["method", "outcome"],
             registry=registry,
         ),
     )

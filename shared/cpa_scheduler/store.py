@@ -644,6 +644,10 @@ class Session:
         params = {"job_id": _uuid(job_id, "job"), "after_id": after_id, "limit": limit}
         return await self._all("event_list", params)
 
+    async def event_last(self, job_id: uuid.UUID | str) -> int:
+        """The id of the job's latest visible event (0: none): a cursor to follow it from."""
+        return int(await self._scalar("event_last", {"job_id": _uuid(job_id, "job")}))
+
     async def event_append(
         self,
         *,

@@ -152,6 +152,9 @@ select * from public.job_events
  order by id
  limit %(limit)s;
 
+-- name: event_last
+select coalesce(max(id), 0) as last from public.job_events where job_id = %(job_id)s;
+
 -- name: event_append
 insert into public.job_events (tenant_id, job_id, todo_id, kind, status, data)
 values (%(tenant_id)s, %(job_id)s, %(todo_id)s, %(kind)s, %(status)s, %(data)s::jsonb)
