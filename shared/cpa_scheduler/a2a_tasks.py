@@ -239,9 +239,8 @@ def card_json(card: pb.AgentCard) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Ask:
-    """What a message asks for: a text or a graph, in a conversation."""
+    """What a message asks for: a text or a graph; ``key`` holds its conversation."""
 
-    context_id: str
     key: str
     text: str | None = None
     graph: protocol.GraphSpec | None = None
@@ -273,7 +272,9 @@ def context_of(job: store.JobRow) -> str:
     """The conversation of a job: the A2A caller's contextId, else the job id."""
     key = job.idempotency_key or ""
     if key.startswith(KEY_PREFIX) and ":" in key[len(KEY_PREFIX) :]:
-        return urllib.parse.unquote(key[len(KEY_PREFIX) :].split(":", 1)[0])
+        context = urllib.parse.unquote(key[len(KEY_PREFIX) :].split(":", 1)[0])
+        if context:
+            return context
     return str(job.id)
 
 
@@ -302,16 +303,16 @@ def ask_of(message: pb.Message) -> Ask:
             "Tee'), or one data part {'graph': {'todos': [...]}}."
         )
     zone = _metadata(message).get("timeZone") or _metadata(message).get("time_zone") or "UTC"
-    context_id = context_id or str(uuid.uuid4())
-    key = idempotency_key(context_id, message_id)
+    # Without a contextId the job's id names the conversation (see context_of).
+    key = idempotency_key(context_id or "", message_id)
     try:
         if graphs:
             spec = protocol.GraphSpec.model_validate(graphs[0]["graph"])
-            return Ask(context_id=context_id, key=key, graph=spec, time_zone=str(zone))
+            return Ask(key=key, graph=spec, time_zone=str(zone))
         payload = protocol.RequestPayload(text=texts[0].strip())
     except ValueError as exc:  # pydantic's ValidationError
         raise _invalid(f"The message is not a valid request: {exc}") from None
-    return Ask(context_id=context_id, key=key, text=payload.text, time_zone=str(zone))
+    return Ask(key=key, text=payload.text, time_zone=str(zone))
 
 
 def _plain_message(message: pb.Message) -> dict[str, Any]:
@@ -520,7 +521,7 @@ class Follower:
 
 def error_of(exc: errors.CpaError) -> a2a_errors.A2AError:
     """The A2A (JSON-RPC) error of a domain error the caller can act on."""
-    data = {"code": exc.code, **({"errors": exc.errors} if exc.errors else {})}
+    data = {"code": exc.code}  # google.rpc.ErrorInfo metadata: strings only
     if isinstance(exc, errors.NotFoundError):
         return a2a_errors.TaskNotFoundError(message=exc.message)
     if isinstance(exc, errors.InvalidError | errors.PlannerError | errors.ConflictError):

@@ -119,7 +119,11 @@ class JobTasks(RequestHandler):
         with _answering("CancelTask"):
             async with call.session() as session:
                 job_id = _job_id(params.id)
-                await session.job_get(job_id)
+                job = await session.job_get(job_id)
+                if job.status in events_mod.TERMINAL:  # the spec: a finished task is not
+                    raise a2a_errors.TaskNotCancelableError(  # cancelable (REST: idempotent)
+                        message=f"The task has ended ({job.status}); there is nothing to cancel."
+                    )
                 try:
                     await session.job_cancel(job_id)
                 except errors.ConflictError as exc:
