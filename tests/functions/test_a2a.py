@@ -176,9 +176,7 @@ def state(task: pb.Task) -> str:
     return pb.TaskState.Name(task.status.state)
 
 
-async def test_the_card_validates_and_names_the_endpoint(
-    live_api: str, recorder: Recorder
-) -> None:
+async def test_the_card_validates_and_names_the_endpoint(live_api: str, recorder: Recorder) -> None:
     async with httpx.AsyncClient(transport=recorder) as http:
         r = await http.get(f"{live_api}/.well-known/agent-card.json")
     assert r.status_code == 200 and "max-age" in r.headers["cache-control"]
@@ -394,7 +392,8 @@ async def test_bad_requests_get_the_specs_error_codes(
 
     send = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage"}
     assert (await rpc(b"{not json"))["code"] == -32700
-    assert (await rpc({"jsonrpc": "2.0", "id": 1, "method": "Nope", "params": {}}))["code"] == -32601
+    nope = {"jsonrpc": "2.0", "id": 1, "method": "Nope", "params": {}}
+    assert (await rpc(nope))["code"] == -32601
     no_parts = {"message": {"messageId": "m1", "role": "ROLE_USER", "parts": []}}
     assert (await rpc({**send, "params": no_parts}))["code"] == -32602
     two = {"message": {"messageId": "m2", "role": "ROLE_USER",
