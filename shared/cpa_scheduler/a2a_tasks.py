@@ -490,6 +490,8 @@ class Follower:
                     task_id=self.task_id, context_id=self.context_id, artifact=artifact(row),
                     last_chunk=True, metadata=_struct(meta),
                 )  # fmt: skip
+            if status == "running" and self.job_status == "pending":
+                self.job_status = "running"  # its job.status event follows in the same commit
             if status == "confirming":
                 self.asking[todo_id] = row
             else:
