@@ -464,3 +464,28 @@ def test_jobs_map_to_task_states() -> None:
         "failed": "TASK_STATE_FAILED",
         "cancelled": "TASK_STATE_CANCELED",
     }
+
+
+async def test_a_new_task_kicks_the_dispatcher(
+    a2a: ClientFactory, wire: Any, member_factory: MemberFactory
+) -> None:
+    kicked = asyncio.Event()
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        kicked.set()
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(receive, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    wire(dispatch_url=f"http://127.0.0.1:{port}/kick", dispatch_secret="s" * 24)
+    client = await a2a(await member_factory())
+    stream = client.send_message(graph_message([{"key": "a", "action": "noop"}]))
+    first = await anext(stream)  # the stream stays open: no dispatcher runs here
+    assert first.HasField("task")
+    await asyncio.wait_for(kicked.wait(), 5)  # before the stream's answer ends
+    await stream.aclose()
+    server.close()
+    await server.wait_closed()

@@ -74,3 +74,5 @@ async def test_handlers_run_from_the_artifact_alone(
     assert steps["create"]["job"]["intent"] == "timer"
     assert steps["dispatch"]["status"] == "done", steps["dispatch"]
     assert steps["dispatch"]["first"]["source"] == "scheduler"
+    assert steps["a2a"]["status"] == 200, steps["a2a"]
+    assert steps["a2a"]["body"]["result"]["status"]["state"] == "TASK_STATE_COMPLETED"

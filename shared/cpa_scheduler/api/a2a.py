@@ -8,10 +8,11 @@ imported on the first A2A request, not with the app.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from cpa_scheduler.api import jobs, problems
@@ -21,6 +22,7 @@ ENDPOINT = "/a2a"
 CARD_PATH = "/.well-known/agent-card.json"
 
 router = APIRouter(tags=["a2a"])
+_kicks: set[asyncio.Task[None]] = set()  # running dispatcher kicks (a task needs a reference)
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,7 +49,6 @@ async def a2a_endpoint(
     request: Request,
     app: AppState,
     claims: VerifiedClaims,
-    background: BackgroundTasks,
     x_cpa_tenant: TenantHeader = None,
 ) -> Response:
     """SendMessage, SendStreamingMessage, GetTask, CancelTask and SubscribeToTask (A2A 1.0;
@@ -59,15 +60,17 @@ async def a2a_endpoint(
     await request.body()  # read under the body limit before the SDK parses it
 
     def kick() -> None:
+        # Now, not after the answer: a stream's answer ends only with the job.
         if app.config.dispatch_url:
-            background.add_task(jobs._kick, app.config.dispatch_url, app.config.dispatch_secret)
+            task = asyncio.create_task(
+                jobs._kick(app.config.dispatch_url, app.config.dispatch_secret)
+            )
+            _kicks.add(task)
+            task.add_done_callback(_kicks.discard)
 
     bound = jobs._buffered_bound(request, app.config.events_bound)
     request.state.a2a_call = a2a_handler.Call(app, claims, x_cpa_tenant, bound, kick)
     try:
-        response = await a2a_handler.dispatcher().handle_requests(request)
+        return await a2a_handler.dispatcher().handle_requests(request)
     except a2a_handler.Refused as refused:
         raise refused.error from None
-    if response.background is None:
-        response.background = background
-    return response
