@@ -417,6 +417,9 @@ async def test_bad_requests_get_the_specs_error_codes(
     async with httpx.AsyncClient() as http:  # no token: the REST API's 401
         r = await http.post(f"{live_api}/a2a", json=get, headers={"A2A-Version": "1.0"})
     assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+    async with httpx.AsyncClient() as http:
+        scraped = (await http.get(f"{live_api}/metrics")).text
+    assert 'cpa_a2a_requests_total{method="GetTask",outcome="-32001"}' in scraped
 
 
 async def test_the_rate_limit_and_the_body_limit_apply(
