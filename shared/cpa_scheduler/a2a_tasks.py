@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic
 from a2a.types import a2a_pb2 as pb
 from a2a.utils import constants
 from a2a.utils import errors as a2a_errors
@@ -46,7 +47,8 @@ PROTOCOL_VERSION = constants.PROTOCOL_VERSION_1_0
 BINDING = constants.TransportProtocol.JSONRPC.value
 SECURITY = "supabase"  # the name of the bearer scheme in the card
 KEY_PREFIX = "a2a:"
-MAX_ID = 80  # contextId and messageId, so that the idempotency key stays within 200
+MAX_ID = 96  # characters of a contextId or messageId
+MAX_KEY = 200  # the idempotency key (KEY_PREFIX, the quoted contextId and messageId)
 
 STATES: dict[graph.JobStatus, pb.TaskState] = {
     "pending": pb.TASK_STATE_SUBMITTED,
@@ -305,13 +307,21 @@ def ask_of(message: pb.Message) -> Ask:
     zone = _metadata(message).get("timeZone") or _metadata(message).get("time_zone") or "UTC"
     # Without a contextId the job's id names the conversation (see context_of).
     key = idempotency_key(context_id or "", message_id)
+    if len(key) > MAX_KEY:
+        raise _invalid(f"The contextId and messageId are too long together ({len(key)} of "
+                       f"{MAX_KEY} characters once URL-quoted); use shorter ids.")  # fmt: skip
     try:
         if graphs:
             spec = protocol.GraphSpec.model_validate(graphs[0]["graph"])
             return Ask(key=key, graph=spec, time_zone=str(zone))
         payload = protocol.RequestPayload(text=texts[0].strip())
-    except ValueError as exc:  # pydantic's ValidationError
-        raise _invalid(f"The message is not a valid request: {exc}") from None
+    except pydantic.ValidationError as exc:
+        where = "graph" if graphs else "text"
+        said = "; ".join(
+            f"{'.'.join(str(p) for p in (where, *e['loc']))}: {e['msg']}"
+            for e in exc.errors(include_url=False)[:5]
+        )
+        raise _invalid(f"The message is not a valid request: {said}.") from None
     return Ask(key=key, text=payload.text, time_zone=str(zone))
 
 
