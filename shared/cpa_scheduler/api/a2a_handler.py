@@ -26,7 +26,18 @@ from a2a.utils import errors as a2a_errors
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
-from cpa_scheduler import a2a_tasks, auth, errors, intake, metrics, service, store, tracing
+from cpa_scheduler import (
+    a2a_tasks,
+    agent,
+    auth,
+    errors,
+    intake,
+    metrics,
+    protocol,
+    service,
+    store,
+    tracing,
+)
 from cpa_scheduler import events as events_mod
 from cpa_scheduler.api import deps
 
@@ -251,8 +262,16 @@ async def _answer(call: Call, message: pb.Message) -> tuple[pb.Task, list[Any], 
                 "taskId to start a new task."
             )
         approved = a2a_tasks.approval_of(message)
-        for todo in a2a_tasks.awaiting(todos):
-            await session.todo_confirm(todo["id"], approved=approved)
+        caller = await deps.get_caller(call.claims, session, call.tenant)
+        sender = agent.Context(session, caller.tenant_id,
+                               call.services.config.planner_configured, call.services.limiter)  # fmt: skip
+        for todo in a2a_tasks.awaiting(todos):  # exactly the ToDos the question named
+            confirm = protocol.Confirm(
+                sender=f"a2a:{call.claims.sub}", receiver=agent.SCHEDULER,
+                conversation_id=str(job_id),
+                payload=protocol.ConfirmPayload(todo_id=str(todo["id"]), approved=approved),
+            )  # fmt: skip
+            await agent.answer(confirm, sender)
         snapshot, todos = await _snapshot(session, job_id)
     call.kick()
     return snapshot, todos, after
