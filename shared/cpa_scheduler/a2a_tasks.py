@@ -15,6 +15,7 @@ imports no web framework.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -526,6 +527,53 @@ class Follower:
             status=pb.TaskStatus(state=state, message=message, timestamp=_timestamp(when)),
             metadata=_struct(meta),
         )  # fmt: skip
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+PAGE_SIZE, MAX_PAGE_SIZE = 50, 100
+JOB_STATUS = {state: status for status, state in STATES.items()}
+
+
+def page_token(created_at: datetime, job_id: uuid.UUID) -> str:
+    """The ListTasks cursor after this job (newest first)."""
+    raw = f"{created_at.isoformat()}|{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, _, ident = raw.partition("|")
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError("naive")
+        return when, uuid.UUID(ident)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid(f"The pageToken {token!r} is not one this agent issued.") from None
+
+
+def listing(params: pb.ListTasksRequest) -> dict[str, Any]:
+    """The filters and page of a ListTasks request, as :meth:`store.Session.task_list` takes
+    them. A state no job has without its ToDos (input-required) cannot be filtered on."""
+    size = params.page_size or PAGE_SIZE
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise _invalid(f"pageSize must be 1 to {MAX_PAGE_SIZE}, not {size}.")
+    status = None
+    if params.status != pb.TASK_STATE_UNSPECIFIED:
+        if params.status not in JOB_STATUS:
+            name = pb.TaskState.Name(params.status)
+            raise _invalid(f"Tasks cannot be listed by the state {name}; leave status out or "
+                           f"use one of {', '.join(pb.TaskState.Name(s) for s in JOB_STATUS)}.")  # fmt: skip
+        status = JOB_STATUS[params.status]
+    prefix = None
+    if params.context_id:
+        prefix = idempotency_key(_checked_id(params.context_id, "contextId"), "")
+    changed = params.status_timestamp_after.ToDatetime(tzinfo=UTC) if params.HasField(
+        "status_timestamp_after") else None  # fmt: skip
+    before = _after_token(params.page_token) if params.page_token else None
+    return {"status": status, "key_prefix": prefix, "changed_after": changed, "before": before,
+            "limit": size}  # fmt: skip
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -374,6 +374,24 @@ class Session:
             JobRow,
         )
 
+    async def task_list(
+        self,
+        *,
+        tenant_id: uuid.UUID | str,
+        status: graph.JobStatus | None = None,
+        key_prefix: str | None = None,
+        changed_after: datetime | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        limit: int = 50,
+    ) -> tuple[list[JobRow], int]:
+        """A page of the tenant's jobs for A2A's ListTasks, and how many match in all."""
+        params = {"tenant_id": str(tenant_id), "status": status, "key_prefix": key_prefix,
+                  "changed_after": changed_after}  # fmt: skip
+        total = int(await self._scalar("task_count", params))
+        page = params | {"before_created": before[0] if before else None,
+                         "before_id": before[1] if before else None, "limit": limit}  # fmt: skip
+        return await self._typed("task_list", page, JobRow), total
+
     async def job_todos(self, job_id: uuid.UUID | str) -> list[Row]:
         return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
 

@@ -51,7 +51,7 @@ async def a2a_endpoint(
     claims: VerifiedClaims,
     x_cpa_tenant: TenantHeader = None,
 ) -> Response:
-    """SendMessage, SendStreamingMessage, GetTask, CancelTask and SubscribeToTask (A2A 1.0;
+    """SendMessage, SendStreamingMessage, GetTask, ListTasks, CancelTask and SubscribeToTask (A2A 1.0;
     send the header ``A2A-Version: 1.0``). Errors are JSON-RPC errors with the specification's
     codes; a missing token, an oversized body and the rate limit are HTTP answers, as on the
     REST routes."""

@@ -179,12 +179,22 @@ class JobTasks(RequestHandler):
         async for event in _follow(call, snapshot, todos, after):
             yield event
 
+    @validate_request_params
     async def on_list_tasks(
         self, params: pb.ListTasksRequest, context: ServerCallContext
     ) -> pb.ListTasksResponse:
-        raise a2a_errors.UnsupportedOperationError(
-            message="ListTasks is not offered; list jobs with GET /v1/jobs."
-        )
+        call: Call = context.state["call"]
+        with _answering("ListTasks"):
+            query = a2a_tasks.listing(params)
+            async with call.session() as session:
+                caller = await deps.get_caller(call.claims, session, call.tenant)
+                jobs, total = await session.task_list(tenant_id=caller.tenant_id, **query)
+                tasks = [a2a_tasks.task(j, await session.job_todos(j.id)) for j in jobs]
+            last = jobs[-1] if len(jobs) == query["limit"] else None
+            return pb.ListTasksResponse(
+                tasks=tasks, page_size=query["limit"], total_size=total,
+                next_page_token=a2a_tasks.page_token(last.created_at, last.id) if last else "",
+            )  # fmt: skip
 
     async def on_create_task_push_notification_config(
         self, params: pb.TaskPushNotificationConfig, context: ServerCallContext

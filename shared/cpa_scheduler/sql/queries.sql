@@ -54,6 +54,32 @@ select id, tenant_id, created_by, request, intent, status, priority, idempotency
  order by created_at desc, id desc
  limit %(limit)s;
 
+-- name: task_list
+-- A2A ListTasks: job_list's keyset page, optionally of one conversation (the prefix of the
+-- idempotency key, a2a_tasks.idempotency_key) and changed since a time.
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from public.jobs
+ where tenant_id = %(tenant_id)s::uuid
+   and (%(status)s::text is null or status = %(status)s::text)
+   and (%(key_prefix)s::text is null or starts_with(idempotency_key, %(key_prefix)s::text))
+   and (%(changed_after)s::timestamptz is null
+        or coalesce(completed_at, started_at, created_at) > %(changed_after)s::timestamptz)
+   and (%(before_created)s::timestamptz is null
+        or (created_at, id) < (%(before_created)s::timestamptz, %(before_id)s::uuid))
+ order by created_at desc, id desc
+ limit %(limit)s;
+
+-- name: task_count
+select count(*) as total
+  from public.jobs
+ where tenant_id = %(tenant_id)s::uuid
+   and (%(status)s::text is null or status = %(status)s::text)
+   and (%(key_prefix)s::text is null or starts_with(idempotency_key, %(key_prefix)s::text))
+   and (%(changed_after)s::timestamptz is null
+        or coalesce(completed_at, started_at, created_at) > %(changed_after)s::timestamptz);
+
 -- name: job_todos
 select t.*,
        coalesce((select array_agg(p.key order by p.key)
