@@ -137,3 +137,17 @@ def test_domain_errors_become_the_specs() -> None:
     assert isinstance(a2a_tasks.error_of(errors.NotFoundError("x")), a2a_errors.TaskNotFoundError)
     bad = a2a_tasks.error_of(errors.ActionError("no such action"))
     assert isinstance(bad, a2a_errors.InvalidParamsError) and bad.data == {"code": "action_invalid"}
+
+
+def test_a_listing_request_as_filters() -> None:
+    request = pb.ListTasksRequest(context_id="chat/1", status=pb.TASK_STATE_WORKING, page_size=7)
+    request.status_timestamp_after.FromDatetime(NOW)
+    token = a2a_tasks.page_token(NOW, BASE.id)
+    request.page_token = token
+    assert a2a_tasks.listing(request) == {
+        "status": "running", "key_prefix": "a2a:chat%2F1:", "changed_after": NOW,
+        "before": (NOW, BASE.id), "limit": 7,
+    }  # fmt: skip
+    assert a2a_tasks.listing(pb.ListTasksRequest())["limit"] == 50
+    with pytest.raises(a2a_errors.InvalidParamsError, match="INPUT_REQUIRED"):
+        a2a_tasks.listing(pb.ListTasksRequest(status=pb.TASK_STATE_INPUT_REQUIRED))
