@@ -4,8 +4,9 @@ import { h, put, badge, clear, fmtTime, fmtClock, fmtDuration, showAnswer } from
 import { GraphView, duration } from "./graph.js";
 import { follow, isTerminal } from "./live.js";
 
-const TIMELINE_MAX = 300; // rows kept in the DOM; the count says how many there were
+const TIMELINE_MAX = 200; // rows kept in the DOM; the count says how many there were
 const CRIT_EVERY_MS = 1000;
+const DRAW_EVERY_MS = 100;
 const UNCONFIRMED = new Set(["confirming", "waiting"]);
 
 export async function show(main, jobId, me, prefetched) {
@@ -25,6 +26,7 @@ export async function show(main, jobId, me, prefetched) {
       h("p", {}, h("a", { href: "/ui/" }, "Back to the jobs")));
     return;
   }
+  document.body.dataset.fetchedAt = String(Math.round(performance.now()));
   new JobPage(main, job, me).mount();
   // Drawn: the frame after the graph was built has painted (ms since navigation started).
   requestAnimationFrame(() => setTimeout(() => {
@@ -44,6 +46,7 @@ class JobPage {
     this.pendingEvents = [];
     this.eventCount = 0;
     this.frame = 0;
+    this.lastDraw = 0;
     this.lastCrit = 0;
   }
 
@@ -187,6 +190,7 @@ class JobPage {
       t.finished_at = null;
     }
     if (["done", "failed", "cancelled"].includes(e.status)) t.finished_at = e.created_at;
+    if (t.requires_confirmation) this.approvalsChanged = true;
     t.status = e.status;
     if (d.attempts !== undefined) t.attempts = d.attempts;
     if (d.error !== undefined) t.error = d.error;
@@ -194,13 +198,20 @@ class JobPage {
     this.dirty.add(t.key);
   }
 
+  /** Draw at the next frame, but at most every DRAW_EVERY_MS: under a flood of events (100
+   *  ToDos changing per second) each draw takes many changes at once, so the fixed cost of
+   *  a draw (style, layout of the timeline) is paid ten times a second, not sixty. */
   schedule() {
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.draw());
+    if (this.frame) return;
+    const wait = Math.max(0, DRAW_EVERY_MS - (performance.now() - this.lastDraw));
+    this.frame = setTimeout(() => requestAnimationFrame(() => this.draw()), wait);
   }
 
   /** One frame's drawing: the changed ToDos, the new timeline rows, the critical path. */
   draw() {
+    const began = performance.now();
     this.frame = 0;
+    this.lastDraw = began;
     const now = Date.now();
     for (const key of this.dirty) this.graph.update(key, now);
     const any = this.dirty.size > 0;
@@ -217,7 +228,8 @@ class JobPage {
       this.timelineNote.textContent = this.eventCount > TIMELINE_MAX
         ? `${this.eventCount} events; the newest ${TIMELINE_MAX} are shown.` : `${this.eventCount} events.`;
       this.renderMeta();
-      this.renderApprovals();
+      if (this.approvalsChanged) this.renderApprovals();
+      this.approvalsChanged = false;
       if (this.selected) this.renderDetails();
     }
     if (this.jobChanged) {
@@ -230,6 +242,7 @@ class JobPage {
         this.reconcile(0);
       }
     }
+    performance.measure("cpa:draw", { start: began });
   }
 
   /** After the job's last event, read the job once (and again while a ToDo still runs: an
