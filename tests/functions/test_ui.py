@@ -19,9 +19,7 @@ PAGES = ["/ui/", "/ui/jobs/00000000-0000-0000-0000-000000000000", "/ui/schedules
 
 
 def policy(header: str) -> dict[str, list[str]]:
-    return {
-        d.split()[0]: d.split()[1:] for d in (p.strip() for p in header.split(";")) if d
-    }
+    return {d.split()[0]: d.split()[1:] for d in (p.strip() for p in header.split(";")) if d}
 
 
 @pytest.mark.parametrize("path", PAGES)
@@ -42,7 +40,9 @@ async def test_every_page_is_the_shell_under_a_strict_csp(
     # Nothing inline and nothing from elsewhere: every script and style is a file of /ui.
     assert "<style" not in r.text and " style=" not in r.text
     scripts = re.findall(r"<script([^>]*)>(.*?)</script>", r.text, re.S)
-    assert scripts and all('src="/ui/assets/' in attrs and not body.strip() for attrs, body in scripts)
+    assert scripts and all(
+        'src="/ui/assets/' in attrs and not body.strip() for attrs, body in scripts
+    )
     for ref in re.findall(r'(?:src|href)="([^"]+)"', r.text):
         assert ref.startswith("/ui/") or ref == "#main", ref
 
@@ -70,8 +70,10 @@ async def test_the_files_are_served_with_their_types_and_nothing_else(
         r = await client.get(f"/ui/assets/{name}")
         assert r.status_code == 200, name
         assert "content-security-policy" in r.headers
-    assert (await client.get("/ui/assets/app.js")).headers["content-type"].startswith(
-        "text/javascript"
+    assert (
+        (await client.get("/ui/assets/app.js"))
+        .headers["content-type"]
+        .startswith("text/javascript")
     )
     assert (await client.get("/ui/assets/app.css")).headers["content-type"].startswith("text/css")
     for bad in ["nope.js", "..%2Fapi%2Fui.py", ".hidden.js", "ui.py", "%2e%2e/__init__.py"]:

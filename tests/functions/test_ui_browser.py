@@ -28,7 +28,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)"
+    ),
     pytest.mark.filterwarnings(
         "ignore:ConnectionClosed.code is deprecated:DeprecationWarning",
         "ignore:ConnectionClosed.reason is deprecated:DeprecationWarning",
@@ -148,7 +150,9 @@ async def test_sign_in_through_the_fragment_and_watch_a_diamond_turn_done(
         "els => els.map(e => e.dataset.key)"
     )
     assert sorted(crit) == ["a", "b", "d"]
-    await expect(page.locator('g.node[data-key="b"] text.s')).to_contain_text(re.compile(r"done · \d"))
+    await expect(page.locator('g.node[data-key="b"] text.s')).to_contain_text(
+        re.compile(r"done · \d")
+    )
     await page.locator('g.node[data-key="b"]').focus()
     await page.keyboard.press("Enter")
     await expect(page.locator("#details")).to_contain_text("duration_ms")
@@ -181,7 +185,9 @@ async def test_cancel_a_running_job_after_a_refused_retry(
     await page.click("#cancel")
     await expect(page.locator("#answer")).to_contain_text("Cancel: the job is cancelled")
     await expect(page.locator("#job-status")).to_contain_text("cancelled")
-    await expect(page.locator('g.node[data-key="next"]')).to_have_attribute("data-status", "cancelled")
+    await expect(page.locator('g.node[data-key="next"]')).to_have_attribute(
+        "data-status", "cancelled"
+    )
     await expect(page.locator(".live")).to_contain_text("job ended")
     await shots(page, "cancelled")
     await runner
@@ -195,16 +201,24 @@ async def test_approve_a_todo_that_waits_for_confirmation(
         noop("gate", requires_confirmation=True), noop("after", ["gate"]),
     ]})  # fmt: skip
     await open_job(page, live_api, a, job["id"])
-    await expect(page.locator('g.node[data-key="gate"]')).to_have_attribute("data-status", "confirming")
+    await expect(page.locator('g.node[data-key="gate"]')).to_have_attribute(
+        "data-status", "confirming"
+    )
     await expect(page.locator('[data-approve="gate"]')).to_contain_text("waits for your approval")
     await shots(page, "waiting-for-approval")
     await page.get_by_role("button", name="Approve gate").click()
-    await expect(page.locator("#answer")).to_contain_text("Approve gate: inform: 1 ToDo(s) approved")
+    await expect(page.locator("#answer")).to_contain_text(
+        "Approve gate: inform: 1 ToDo(s) approved"
+    )
     await expect(page.locator('[data-approve="gate"]')).to_have_count(0)
     await dispatch.Dispatcher(db).run_pass(20)
     await expect(nodes(page, "done")).to_have_count(2)
     await expect(page.locator("#job-status")).to_contain_text("done")
     await shots(page, "approved-done")
+    await page.emulate_media(color_scheme="dark")
+    await page.locator('g.node[data-key="gate"]').click()
+    await expect(page.locator("#details")).to_contain_text("ToDo gate")
+    await shots(page, "approved-done-dark")
 
 
 async def test_another_tenants_job_is_not_found(
@@ -235,7 +249,9 @@ async def test_a_1000_todo_job_renders_within_a_second_and_stays_responsive(
     a = await member_factory("Big")
     # The API takes 500 ToDos per graph; the database holds 1,000 (what the page must draw).
     async with db.user(a.claims) as s:
-        row = await s.job_create(tenant_id=a.tenant_id, todos=big_graph(1000), request="1,000 ToDos")
+        row = await s.job_create(
+            tenant_id=a.tenant_id, todos=big_graph(1000), request="1,000 ToDos"
+        )
     job = {"id": str(row.id)}
     began = time.monotonic()
     await open_job(page, live_api, a, job["id"])
@@ -248,8 +264,10 @@ async def test_a_1000_todo_job_renders_within_a_second_and_stays_responsive(
     drawn = float(await page.evaluate("document.body.dataset.drawnAt"))
     timing = await page.evaluate("""performance.getEntriesByType('resource').map(
         e => [e.name.split('/').pop().slice(0, 12), Math.round(e.startTime), Math.round(e.duration)])""")
-    print(f"1,000 ToDos: job in hand at {fetched:.0f} ms, drawn at {drawn:.0f} ms "
-          f"(render {drawn - fetched:.0f} ms; to the count check {wall * 1000:.0f} ms); {timing}")
+    print(
+        f"1,000 ToDos: job in hand at {fetched:.0f} ms, drawn at {drawn:.0f} ms "
+        f"(render {drawn - fetched:.0f} ms; to the count check {wall * 1000:.0f} ms); {timing}"
+    )
     assert drawn - fetched < 1000
     assert drawn < 3000
     await shots(page, "big-rendered")
@@ -298,8 +316,13 @@ async def realtime(db_url: str) -> AsyncIterator[RealtimeDouble]:
 
 
 async def test_realtime_follows_the_job_and_resumes_after_a_drop_without_losing_events(
-    live_api: str, db: store.Store, member_factory: MemberFactory, page: Page, shots: Shots,
-    realtime: RealtimeDouble, wire: Callable[..., service.Services],
+    live_api: str,
+    db: store.Store,
+    member_factory: MemberFactory,
+    page: Page,
+    shots: Shots,
+    realtime: RealtimeDouble,
+    wire: Callable[..., service.Services],
 ) -> None:
     wire(supabase_url=realtime.url, supabase_publishable_key="sb_publishable_test-double-key")
     a = await member_factory("Acme")
@@ -332,3 +355,66 @@ async def test_realtime_follows_the_job_and_resumes_after_a_drop_without_losing_
     assert ws in watch.csp[f"{live_api}/ui/jobs/{job['id']}"]
     await shots(page, "realtime-done")
 
+
+async def test_sign_in_with_supabase_auth_email_and_password(
+    live_api: str, member_factory: MemberFactory, page: Page, shots: Shots,
+    wire: Callable[..., service.Services],
+) -> None:
+    # Hosted Supabase Auth, mocked at the HTTP layer (the browser's request never leaves).
+    project = "http://127.0.0.1:9"
+    wire(supabase_url=project, supabase_publishable_key="sb_publishable_test")
+    a = await member_factory("Acme")
+    asked: list[dict[str, Any]] = []
+
+    async def auth(route: Any) -> None:
+        req = route.request
+        asked.append({"url": req.url, "apikey": req.headers.get("apikey"), "body": req.post_data_json})
+        await route.fulfill(json={"access_token": token_for(a), "refresh_token": "r1",
+                                  "token_type": "bearer", "expires_in": 3600})  # fmt: skip
+
+    await page.route(f"{project}/auth/v1/token**", auth)
+    await page.goto(f"{live_api}/ui/")
+    await expect(page.get_by_role("heading", name="Sign in with your account")).to_be_visible()
+    await expect(page.get_by_label("Access token")).to_have_count(0)  # no pasting on Supabase
+    await page.get_by_label("Email").fill("ann@acme.test")
+    await page.get_by_label("Password").fill("secret")
+    await shots(page, "sign-in-form")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#who")).to_contain_text("in tenant Acme")
+    assert asked == [{"url": f"{project}/auth/v1/token?grant_type=password",
+                      "apikey": "sb_publishable_test",
+                      "body": {"email": "ann@acme.test", "password": "secret"}}]  # fmt: skip
+    assert await page.evaluate("sessionStorage.getItem('cpa.refresh_token')") == "r1"
+    await shots(page, "signed-in-with-supabase")
+
+
+async def test_schedules_pause_resume_delete_and_agents_without_the_route(
+    live_api: str, member_factory: MemberFactory, page: Page, shots: Shots
+) -> None:
+    a = await member_factory("Acme")
+    async with httpx.AsyncClient(base_url=live_api) as c:
+        r = await c.post("/v1/schedules", headers={"Authorization": f"Bearer {token_for(a)}"},
+                         json={"cron": "0 8 * * 1", "time_zone": "Europe/Berlin",
+                               "graph": {"todos": [noop("x")]}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+    await page.goto(f"{live_api}/ui/schedules#access_token={token_for(a)}")
+    row = page.locator(f'tr[data-schedule="{sid}"]')
+    await expect(row).to_contain_text("active")
+    await row.get_by_role("button", name="Pause").click()
+    await expect(row).to_contain_text("paused")
+    await expect(page.locator(".answer")).to_contain_text("Pause 0 8 * * 1: paused")
+    await shots(page, "paused")
+    await row.get_by_role("button", name="Resume").click()
+    await expect(row).to_contain_text("active")
+    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await row.get_by_role("button", name="Delete").click()
+    await expect(row).to_have_count(0)
+    await expect(page.locator(".answer")).to_contain_text("deleted")
+    await shots(page, "deleted")
+    await page.get_by_role("link", name="Agents").click()
+    await expect(page.get_by_role("heading", name="Agents")).to_be_visible()
+    listed = page.locator("tr[data-agent]")
+    missing = page.get_by_text("GET /v1/agents answered 404")
+    await expect(listed.or_(missing).or_(page.get_by_text("No agents yet")).first).to_be_visible()
+    await shots(page, "agents")

@@ -151,6 +151,7 @@ class Follower {
       onRefused: (why) => {
         // Not allowed on the topic (or no Realtime): SSE still works with the same token.
         this.channel.close();
+        clearInterval(this.quiet);
         this.onState(`Realtime refused (${why}); using SSE`);
         this.sse();
       },

@@ -5,6 +5,7 @@
 
 const HEARTBEAT_MS = 25_000;
 const BACKOFF_MS = [500, 1000, 2000, 5000, 10_000];
+const GIVE_UP_AFTER = 3; // failed connections without a single join: the caller falls back
 
 export class RealtimeChannel {
   /**
@@ -105,6 +106,7 @@ export class RealtimeChannel {
     if (msg.event === "phx_reply" && msg.ref === this.joinRef) {
       if (msg.payload.status === "ok") {
         this.joined = true;
+        this.everJoined = true;
         this.attempt = 0;
         this.h.onJoin();
       } else {
@@ -130,6 +132,12 @@ export class RealtimeChannel {
     this.joined = false;
     this.ws = null;
     if (this.closed) return;
+    if (!this.everJoined && this.attempt >= GIVE_UP_AFTER) {
+      // Never joined: Realtime is unreachable from here (a firewall, a wrong URL).
+      this.closed = true;
+      this.h.onRefused(`cannot connect (${reason})`);
+      return;
+    }
     if (was || this.attempt === 0) this.h.onDrop(reason);
     this.schedule(() => this.connect());
   }
