@@ -357,7 +357,10 @@ async def test_realtime_follows_the_job_and_resumes_after_a_drop_without_losing_
 
 
 async def test_sign_in_with_supabase_auth_email_and_password(
-    live_api: str, member_factory: MemberFactory, page: Page, shots: Shots,
+    live_api: str,
+    member_factory: MemberFactory,
+    page: Page,
+    shots: Shots,
     wire: Callable[..., service.Services],
 ) -> None:
     # Hosted Supabase Auth, mocked at the HTTP layer (the browser's request never leaves).
@@ -368,7 +371,9 @@ async def test_sign_in_with_supabase_auth_email_and_password(
 
     async def auth(route: Any) -> None:
         req = route.request
-        asked.append({"url": req.url, "apikey": req.headers.get("apikey"), "body": req.post_data_json})
+        asked.append(
+            {"url": req.url, "apikey": req.headers.get("apikey"), "body": req.post_data_json}
+        )
         await route.fulfill(json={"access_token": token_for(a), "refresh_token": "r1",
                                   "token_type": "bearer", "expires_in": 3600})  # fmt: skip
 
@@ -418,3 +423,31 @@ async def test_schedules_pause_resume_delete_and_agents_without_the_route(
     missing = page.get_by_text("GET /v1/agents answered 404")
     await expect(listed.or_(missing).or_(page.get_by_text("No agents yet")).first).to_be_visible()
     await shots(page, "agents")
+
+
+async def test_layout_and_critical_path_in_the_page_module(
+    live_api: str, member_factory: MemberFactory, page: Page
+) -> None:
+    await page.goto(f"{live_api}/ui/")  # an origin whose CSP allows the module
+    got = await page.evaluate("""async () => {
+        const g = await import("/ui/assets/graph.js");
+        const t = (key, deps, start, end, status = "done") => ({key, depends_on: deps, status,
+            started_at: start === undefined ? null : new Date(start).toISOString(),
+            finished_at: end === undefined ? null : new Date(end).toISOString()});
+        const diamond = [t("d", ["b", "c"]), t("b", ["a"]), t("c", ["a"]), t("a", [])];
+        const geo = g.layout(diamond);
+        const x = Object.fromEntries([...geo.pos].map(([k, p]) => [k, p.x]));
+        // z took 1 s, x 0.1 s: the critical path into y runs through z, though x → w → y is longer.
+        const timed = [t("x", [], 0, 100), t("w", ["x"], 100, 200), t("z", [], 0, 1000),
+                       t("y", ["w", "z"], 1000, 1100), t("alone", ["missing"], 0, 10)];
+        const crit = g.criticalPath(g.topo(timed), 5000);
+        const untimed = g.criticalPath(g.topo([t("p", []), t("q", ["p"]), t("r", [])]));
+        return {order: geo.order.map((o) => o.key), x, crit: [...crit.nodes].sort(),
+                edges: [...crit.edges], untimed: [...untimed.nodes].sort(),
+                running: g.duration({status: "running", started_at: new Date(1000).toISOString()}, 3500)};
+    }""")
+    assert got["order"][0] == "a" and got["order"][-1] == "d"
+    assert got["x"]["a"] < got["x"]["b"] == got["x"]["c"] < got["x"]["d"]
+    assert got["crit"] == ["y", "z"] and got["edges"] == ["z>y"]
+    assert got["untimed"] == ["p", "q"]  # before anything ran: the longest chain
+    assert got["running"] == 2500

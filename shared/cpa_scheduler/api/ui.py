@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import RedirectResponse
 
 from cpa_scheduler import errors, settings
@@ -31,12 +31,21 @@ _TYPES = {
 
 
 @functools.cache
+def _files() -> dict[str, bytes]:
+    """Every file of the page, read once: a request can only pick one of these names, so
+    nothing outside ``ui/`` is reachable."""
+    folder = resources.files("cpa_scheduler").joinpath("ui")
+    if not folder.is_dir():
+        return {}
+    return {
+        f.name: f.read_bytes()
+        for f in folder.iterdir()
+        if f.is_file() and _suffix(f.name) in _TYPES and not f.name.startswith(".")
+    }
+
+
 def _asset(name: str) -> bytes | None:
-    """A file of the page by its bare name (no folders: nothing outside ``ui/`` is reachable)."""
-    if "/" in name or "\\" in name or name.startswith(".") or _suffix(name) not in _TYPES:
-        return None
-    path = resources.files("cpa_scheduler").joinpath("ui", name)
-    return path.read_bytes() if path.is_file() else None
+    return _files().get(name)
 
 
 def _suffix(name: str) -> str:
@@ -114,7 +123,7 @@ async def ui_asset(name: str, app: AppState) -> Response:
 
 
 @router.get("/config.json")
-async def ui_config(request: Request, app: AppState) -> dict[str, Any]:
+async def ui_config(app: AppState) -> dict[str, Any]:
     """What the page needs before sign-in: where Supabase is (the publishable key is public)."""
     url, key = app.config.supabase_url, app.config.supabase_publishable_key
     realtime = bool(url and key and _origins(url))
