@@ -97,12 +97,14 @@ async def main() -> None:
                 ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
                 page = await ctx.new_page()
                 await page.goto(f"{base}/ui/jobs/{job.id}#access_token={token}")
-                await page.wait_for_function("document.body.dataset.drawnAt", timeout=30_000)
+                await page.wait_for_function("() => document.body.dataset.drawnAt", timeout=30_000)
                 marks = await page.evaluate(
-                    "[+document.body.dataset.fetchedAt, +document.body.dataset.drawnAt]"
+                    "[+document.body.dataset.fetchedAt, +document.body.dataset.drawnAt,"
+                    " performance.getEntriesByName('cpa:graph-build')[0].duration]"
                 )
                 run = await asyncio.wait_for(page.evaluate(PROBE), 60)
                 rows.append({"in_hand": marks[0], "drawn": marks[1], "render": marks[1] - marks[0],
+                             "graph_build": marks[2],
                              "worst_gap": run["worst"], "draw_median": run["drawMedian"],
                              "draw_max": run["drawMax"],
                              "todos_per_s": run["finished"] / run["seconds"]})  # fmt: skip

@@ -114,7 +114,7 @@ async def open_job(page: Page, api: str, member: Member, job_id: str) -> None:
 
 
 def nodes(page: Page, status: str | None = None) -> Any:
-    sel = "svg.graph g.node" + (f'[data-status="{status}"]' if status else "")
+    sel = ".graph g.node" + (f'[data-status="{status}"]' if status else "")
     return page.locator(sel)
 
 
@@ -146,7 +146,7 @@ async def test_sign_in_through_the_fragment_and_watch_a_diamond_turn_done(
     await expect(page.locator("#job-status")).to_contain_text("done")
     await runner
     # The critical path is a → b → d (b takes longest); each node shows its duration.
-    crit = await page.locator("svg.graph g.node.crit").evaluate_all(
+    crit = await page.locator(".graph g.node.crit").evaluate_all(
         "els => els.map(e => e.dataset.key)"
     )
     assert sorted(crit) == ["a", "b", "d"]

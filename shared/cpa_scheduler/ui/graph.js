@@ -8,6 +8,7 @@ export const NODE_H = 50;
 const COL_GAP = 56;
 const ROW_GAP = 12;
 const PAD = 12;
+const CENTRE_UP_TO = 10; // rows
 
 /** Columns and rows for `todos` (each with key, depends_on). */
 export function layout(todos) {
@@ -40,12 +41,14 @@ export function layout(todos) {
   for (const t of order) {
     const c = col.get(t.key);
     const r = row.get(t.key);
-    // Short columns are centred vertically against the tallest one.
-    const offset = ((rows - columns[c].length) * (NODE_H + ROW_GAP)) / 2;
-    pos.set(t.key, { x: PAD + c * (NODE_W + COL_GAP), y: PAD + offset + r * (NODE_H + ROW_GAP) });
+    // A small graph's short columns are centred against the tallest one; a large graph's stay
+    // at the top, where the view opens.
+    const offset = rows <= CENTRE_UP_TO ? ((rows - columns[c].length) * (NODE_H + ROW_GAP)) / 2 : 0;
+    pos.set(t.key, { c, x: PAD + c * (NODE_W + COL_GAP), y: PAD + offset + r * (NODE_H + ROW_GAP) });
   }
   return {
     pos,
+    columns: columns.length,
     width: PAD * 2 + columns.length * NODE_W + Math.max(0, columns.length - 1) * COL_GAP,
     height: PAD * 2 + rows * NODE_H + (rows - 1) * ROW_GAP,
     order,
@@ -142,7 +145,10 @@ function clip(s, n) {
   return s.length > n ? `${s.slice(0, n - 1)}…` : s;
 }
 
-/** Draws the graph into a new <svg>; `onSelect(key)` on click, Enter or Space. */
+/** Draws the graph; `onSelect(key)` on click, Enter or Space. The edges are one <svg> under
+ *  the nodes, and each column of ToDos an <svg> of its own with `content-visibility: auto`,
+ *  so the browser lays out and paints only the columns in view (a 1,000-ToDo job is tens of
+ *  columns, of which a few show). */
 export class GraphView {
   constructor(todos, onSelect) {
     this.todos = new Map(todos.map((t) => [t.key, t]));
@@ -150,16 +156,12 @@ export class GraphView {
     this.nodes = new Map();
     this.edges = new Map(); // "from>to" -> path
     this.crit = new Set();
-    const svg = el("svg", {
-      class: "graph", width: this.geo.width, height: this.geo.height,
-      viewBox: `0 0 ${this.geo.width} ${this.geo.height}`, role: "group",
-      "aria-label": `Graph of ${todos.length} ToDos, left to right by dependency`,
-    });
+    const { width, height } = this.geo;
     // One markup string parsed once: for 1,000 ToDos about five times faster than creating
     // the 6,000 elements one by one. Every text is escaped (esc), so a key stays text.
     const now = Date.now();
     const edges = [];
-    const nodes = [];
+    const columns = Array.from({ length: this.geo.columns }, () => []);
     for (const t of this.geo.order) {
       const p = this.geo.pos.get(t.key);
       for (const d of t.depends_on) {
@@ -170,26 +172,33 @@ export class GraphView {
         edges.push(`<path class="edge" data-edge="${esc(`${d}>${t.key}`)}" d="M${x1} ${y1}C${x1 + dx} ${y1} ${x2 - dx} ${y2} ${x2} ${y2}"/>`);
       }
       const key = esc(t.key);
-      nodes.push(`<g class="node st-${esc(t.status)}" transform="translate(${p.x},${p.y})" tabindex="0" role="button" ` +
+      columns[p.c].push(`<g class="node st-${esc(t.status)}" transform="translate(2,${p.y})" tabindex="0" role="button" ` +
         `data-key="${key}" data-status="${esc(t.status)}" aria-label="${key}, ${esc(t.action)}: ${esc(t.status)}">` +
         `<title>${key} (${esc(t.action)}): ${esc(t.status)}</title>` +
         `<rect width="${NODE_W}" height="${NODE_H}" rx="6"/><rect class="bar" width="5" height="${NODE_H}" rx="2"/>` +
         `<text class="k" x="12" y="19">${esc(clip(`${t.key} · ${t.action}`, 28))}</text>` +
         `<text class="s" x="12" y="38">${esc(label(t, now))}</text></g>`);
     }
-    svg.innerHTML = `<g class="edges" aria-hidden="true">${edges.join("")}</g><g class="nodes">${nodes.join("")}</g>`;
-    for (const path of svg.querySelectorAll("path.edge")) this.edges.set(path.dataset.edge, path);
-    for (const g of svg.querySelectorAll("g.node")) {
+    const root = document.createElement("div");
+    root.className = "graph";
+    root.setAttribute("role", "group");
+    root.setAttribute("aria-label", `Graph of ${todos.length} ToDos, left to right by dependency`);
+    root.innerHTML =
+      `<svg class="edges" xmlns="${SVG}" width="${width}" height="${height}" aria-hidden="true">${edges.join("")}</svg>` +
+      `<div class="cols">${columns.map((c) =>
+        `<svg class="col" xmlns="${SVG}" width="${NODE_W + 4}" height="${height}">${c.join("")}</svg>`).join("")}</div>`;
+    for (const path of root.querySelectorAll("path.edge")) this.edges.set(path.dataset.edge, path);
+    for (const g of root.querySelectorAll("g.node")) {
       this.nodes.set(g.dataset.key, { g, title: g.firstElementChild, s: g.lastElementChild });
     }
     const pick = (ev) => ev.target.closest?.("g.node")?.dataset.key;
-    svg.addEventListener("click", (ev) => { const k = pick(ev); if (k !== undefined) onSelect(k); });
-    svg.addEventListener("keydown", (ev) => {
+    root.addEventListener("click", (ev) => { const k = pick(ev); if (k !== undefined) onSelect(k); });
+    root.addEventListener("keydown", (ev) => {
       if (ev.key !== "Enter" && ev.key !== " ") return;
       const k = pick(ev);
       if (k !== undefined) { ev.preventDefault(); onSelect(k); }
     });
-    this.svg = svg;
+    this.svg = root;
     this.highlight();
   }
 

@@ -62,7 +62,9 @@ class JobPage {
     this.timelineNote = h("p", { class: "muted" });
     this.details = h("div", { class: "details panel", id: "details", "aria-live": "polite" },
       h("h2", {}, "ToDo"), h("p", { class: "muted" }, "Select a ToDo in the graph (click, or Tab and Enter)."));
+    const built = performance.now();
     this.graph = new GraphView(job.todos, (key) => this.select(key));
+    performance.measure("cpa:graph-build", { start: built }); // layout, markup, parse
     this.meta = h("div", { class: "jobmeta" });
     this.renderMeta();
     this.main.append(
