@@ -451,3 +451,35 @@ async def test_layout_and_critical_path_in_the_page_module(
     assert got["crit"] == ["y", "z"] and got["edges"] == ["z>y"]
     assert got["untimed"] == ["p", "q"]  # before anything ran: the longest chain
     assert got["running"] == 2500
+
+
+async def test_retry_a_failed_job_and_follow_its_new_events(
+    live_api: str, db: store.Store, member_factory: MemberFactory, page: Page, shots: Shots
+) -> None:
+    a = await member_factory("Acme")
+    # A loopback target is refused at once and for good: the ToDo and the job fail.
+    job = await submit(live_api, a, {"todos": [
+        {"key": "fetch", "action": "http.request", "params": {"url": "http://127.0.0.1:9/"},
+         "max_attempts": 1},
+    ]})  # fmt: skip
+    await open_job(page, live_api, a, job["id"])
+    await dispatch.Dispatcher(db).run_pass(10)
+    await expect(page.locator("#job-status")).to_contain_text("failed")
+    await expect(page.locator('g.node[data-key="fetch"]')).to_have_attribute(
+        "data-status", "failed"
+    )
+    await page.locator('g.node[data-key="fetch"]').click()
+    await expect(page.locator("#details")).to_contain_text("127.0.0.1")
+    first = await page.locator("#timeline li").count()
+    await shots(page, "failed")
+    await page.click("#retry")
+    await expect(page.locator("#answer")).to_contain_text("Retry: the job is")
+    await dispatch.Dispatcher(db).run_pass(10)
+    # The page follows again after the retry: the new attempt's events arrive and end it.
+    async with db.user(a.claims) as s:
+        stored = [e["id"] for e in await s.event_list(job["id"], 0, 1000)]
+    assert len(stored) > first
+    await expect(page.locator("#timeline li")).to_have_count(len(stored))
+    await expect(page.locator("#timeline li").first).to_contain_text("job.status job → failed")
+    await expect(page.locator("#job-status")).to_contain_text("failed")
+    await shots(page, "retried-failed-again")
