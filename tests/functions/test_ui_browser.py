@@ -302,7 +302,7 @@ async def test_a_1000_todo_job_renders_within_a_second_and_stays_responsive(
     # Bounds with room for a loaded CI machine (2 shared cores): the page's own work per draw
     # is a few tens of ms; a frame gap is its draws, the browser's style and layout, and waits.
     assert stats["drawMedian"] < 50, stats
-    assert stats["worst"] < 500, stats
+    assert stats["worst"] < 1000, stats
     await runner
     await expect(nodes(page, "done")).to_have_count(1000, timeout=30_000)
     await expect(page.locator("#job-status")).to_contain_text("done")

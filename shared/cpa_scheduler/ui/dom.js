@@ -31,15 +31,17 @@ export function badge(status) {
   return h("span", { class: `badge st-${status}`, "data-status": status }, status);
 }
 
+// Formatters made once: toLocaleString builds one per call, a cost that shows when a
+// flood of events becomes timeline rows.
+const DATE_TIME = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" });
+const CLOCK = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+
 export function fmtTime(iso) {
-  if (!iso) return "—";
-  const d = new Date(iso);
-  return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+  return iso ? DATE_TIME.format(new Date(iso)) : "—";
 }
 
 export function fmtClock(iso) {
-  if (!iso) return "";
-  return new Date(iso).toLocaleTimeString(undefined, { hour12: false });
+  return iso ? CLOCK.format(new Date(iso)) : "";
 }
 
 export function fmtDuration(ms) {
