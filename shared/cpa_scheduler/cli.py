@@ -179,6 +179,8 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
         print(f"CPA Scheduler on http://{args.host}:{args.port} ({mode}).", file=sys.stderr)
         print("Get a token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)",
               file=sys.stderr)  # fmt: skip
+        print(f"Jobs page: http://{args.host}:{args.port}/ui/ (signed in: cpa-scheduler ui --open)",
+              file=sys.stderr)  # fmt: skip
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
         failed = worker.done() and not stop.is_set()
@@ -195,6 +197,26 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
 
 
 def _token(args: argparse.Namespace) -> int:
+    print(_mint(args.tenant, args.user, args.ttl))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """The jobs page's address, signed in: the token rides in the fragment, which the browser
+    never sends to the server; the page moves it to session storage and drops it."""
+    base = settings.client_from_env().api_url.rstrip("/")
+    url = f"{base}/ui/#access_token={_mint(args.tenant, args.user, args.ttl)}"
+    print(url)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print("No browser could be started here; open the address above.", file=sys.stderr)
+    return 0
+
+
+def _mint(tenant: str, user: str, ttl: int) -> str:
+    """A local access token for ``user`` in ``tenant``; creates both and the membership."""
     from cpa_scheduler import auth
 
     config = settings.from_env()
@@ -206,22 +228,21 @@ def _token(args: argparse.Namespace) -> int:
         raise errors.ConfigError(
             "token mints local tokens; with DATABASE_URL set it needs SUPABASE_JWT_SECRET."
         )
-    tenant_id, user_id = _ident(args.tenant, "tenant"), _ident(args.user, "user")
+    tenant_id, user_id = _ident(tenant, "tenant"), _ident(user, "user")
 
     async def ensure(url: str) -> None:
         db = store.Store(url, max_size=1)
         try:
             async with db.admin() as session:
                 await session.membership_ensure(
-                    tenant_id, user_id, tenant_name=args.tenant, email=f"{user_id}@local.invalid"
+                    tenant_id, user_id, tenant_name=tenant, email=f"{user_id}@local.invalid"
                 )
         finally:
             await db.close()
 
     with database.prepared(config, migrate=True) as url:
         asyncio.run(ensure(url))
-    print(auth.mint(secret, user_id, issuer=issuer, tenant_id=tenant_id, ttl=args.ttl))
-    return 0
+    return auth.mint(secret, user_id, issuer=issuer, tenant_id=tenant_id, ttl=ttl)
 
 
 def _client() -> client_mod.Client:
@@ -432,6 +453,12 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--user", required=True, help="user name or UUID")
     tk.add_argument("--ttl", type=int, default=24 * 3600, help="seconds the token is valid")
     tk.set_defaults(run=_token)
+    ui = cmd("ui", "Print the jobs page's address, signed in (local mode); --open opens it.")
+    ui.add_argument("--tenant", default="demo", help="tenant name or UUID")
+    ui.add_argument("--user", default="me", help="user name or UUID")
+    ui.add_argument("--ttl", type=int, default=8 * 3600, help="seconds the sign-in is valid")
+    ui.add_argument("--open", action="store_true", help="open it in the default browser")
+    ui.set_defaults(run=_ui)
     sb = cmd("submit", "Submit a request and show live progress until the job ends "
                        "(exit 0 when done).")  # fmt: skip
     sb.add_argument("text", help="the request, e.g. 'Erinnere mich in 10 Minuten an den Tee'")

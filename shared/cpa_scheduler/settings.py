@@ -32,6 +32,8 @@ class Settings(BaseModel):
     # The supabase/ folder to migrate from; None: the copy shipped in the package.
     supabase_dir: Path | None = None
     supabase_url: str | None = None
+    # The project's publishable (anon) key: the jobs page (/ui) joins Realtime with it.
+    supabase_publishable_key: str | None = None
     supabase_jwt_secret: str | None = None
     supabase_jwks_url: str | None = None
     openai_api_key: str | None = None
@@ -161,6 +163,7 @@ _ENV = {
     "data_dir": "CPA_DATA_DIR",
     "supabase_dir": "CPA_SUPABASE_DIR",
     "supabase_url": "SUPABASE_URL",
+    "supabase_publishable_key": "SUPABASE_PUBLISHABLE_KEY",
     "supabase_jwt_secret": "SUPABASE_JWT_SECRET",
     "supabase_jwks_url": "SUPABASE_JWKS_URL",
     "openai_api_key": "OPENAI_API_KEY",
@@ -205,6 +208,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     values = _present(_ENV, source)
     allow = values.get("http_allow", "")
     values["http_allow"] = tuple(a.strip() for a in str(allow).split(",") if a.strip())
+    anon = source.get("SUPABASE_ANON_KEY", "").strip()  # older projects' name for the key
+    if anon and "supabase_publishable_key" not in values:
+        values["supabase_publishable_key"] = anon
     return _validate(Settings, _ENV, values, source)
 
 

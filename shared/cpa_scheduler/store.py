@@ -787,6 +787,10 @@ class Session:
         rows = await self._all("membership_mine")
         return [uuid.UUID(str(r["tenant_id"])) for r in rows]
 
+    async def my_memberships(self) -> list[Row]:
+        """The caller's tenants with their names and the caller's role (user scope)."""
+        return await self._all("membership_mine_named")
+
     async def tenant_of_user(self, user_id: uuid.UUID | str) -> uuid.UUID | None:
         row = await self._one("tenant_of_user", {"user_id": str(user_id)})
         return None if row is None else uuid.UUID(str(row["tenant_id"]))

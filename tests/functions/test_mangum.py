@@ -47,6 +47,21 @@ async def test_function_url_healthz(db_url: str, config: settings.Settings) -> N
     assert answer["statusCode"] == 200 and json.loads(answer["body"]) == {"status": "ok"}
 
 
+async def test_function_url_serves_the_jobs_page_with_its_csp(
+    db_url: str, config: settings.Settings
+) -> None:
+    event = json.loads((EVENTS / "function_url_get_healthz.json").read_text())
+    for path, kind in (("/ui/", "text/html"), ("/ui/assets/graph.js", "text/javascript")):
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path
+        answer = await asyncio.to_thread(invoke, event, db_url, config)
+        assert answer["statusCode"] == 200, answer
+        headers = {k.lower(): v for k, v in answer["headers"].items()}
+        assert headers["content-type"].startswith(kind)
+        assert "default-src 'self'" in headers["content-security-policy"]
+        body = base64.b64decode(answer["body"]) if answer["isBase64Encoded"] else answer["body"]
+        assert len(body) > 100
+
+
 async def test_bad_environment_is_an_http_answer_naming_the_variable(
     db_url: str, monkeypatch: Any
 ) -> None:

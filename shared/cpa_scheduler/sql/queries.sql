@@ -356,3 +356,9 @@ select cpa.todo_reclaim_dead_v1(%(owners)s) as n;
 
 -- name: retention_prune
 select cpa.retention_prune_v1(%(job_days)s, %(audit_days)s, %(batch)s) as pruned;
+
+-- name: membership_mine_named
+select m.tenant_id, t.name, m.role
+from public.memberships m join public.tenants t on t.id = m.tenant_id
+where m.user_id = (select auth.uid())
+order by m.created_at, m.tenant_id;
