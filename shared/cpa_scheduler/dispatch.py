@@ -664,7 +664,7 @@ class Dispatcher:
         ]
         await session.todo_fail(items, backoff_base=self.backoff_base)
         for row, o in failed:
-            again = o.retryable and row.attempts < row.max_attempts
+            again = o.retryable and row.failed_attempts < row.max_attempts
             if again:
                 summary.retried += 1
             else:
@@ -672,7 +672,7 @@ class Dispatcher:
             metrics.observe_finished(row.action, "retry" if again else "failed")
             log.warning(
                 "ToDo %r (%s) failed on attempt %s of %s%s: %s",
-                row.key, row.action, row.attempts, row.max_attempts,
+                row.key, row.action, row.failed_attempts, row.max_attempts,
                 "; it will be retried" if again else "", o.error,
                 extra={"tenant_id": str(row.tenant_id), "job_id": str(row.job_id),
                        "todo_id": str(row.id), "action": row.action, "retry": again},

@@ -85,6 +85,13 @@ class TodoRow:
     timer_until: datetime | None  # set once the ToDo has snoozed
     lease_expires_at: datetime | None
     error: str | None  # the last attempt's, e.g. that its lease expired
+    # Leases of earlier attempts lost with their worker: not counted against max_attempts.
+    lost_leases: int = 0
+
+    @property
+    def failed_attempts(self) -> int:
+        """Attempts that count against ``max_attempts``, this one included."""
+        return self.attempts - self.lost_leases
 
 
 @contextlib.contextmanager
@@ -794,7 +801,13 @@ class Store:
     """A connection pool and the three transaction scopes."""
 
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 2.0
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 2.0,
+        lost_lease_limit: int = 5,
     ) -> None:
         import psycopg
         from psycopg.rows import DictRow, dict_row
@@ -802,6 +815,8 @@ class Store:
 
         self.url = url
         self.timeout = timeout
+        # Every scope sets it for the lease expiry its claims run (CPA_LOST_LEASE_LIMIT).
+        self._limits = {"lost_lease_limit": str(lost_lease_limit)}
         # While the database is down a request must get its 503 in about `timeout` seconds,
         # not the pool's default 30: the wait for a connection and each new connection are
         # bounded. The pool's background reconnect backs off exponentially without a cap (1, 2,
@@ -864,7 +879,7 @@ class Store:
 
     def user(self, claims: Mapping[str, Any]) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``authenticated`` with these verified claims."""
-        return self._scope("session_user_scope", {"claims": _jsonb(dict(claims))})
+        return self._scope("session_user_scope", {"claims": _jsonb(dict(claims)), **self._limits})
 
     async def submit(self, claims: Mapping[str, Any], submission: Submission) -> str:
         """:meth:`Session.job_submit` as ``authenticated`` with these verified claims, in a
@@ -905,7 +920,7 @@ class Store:
         if not AsyncPipeline.is_supported():  # a libpq without pipeline mode: three trips
             async with self.user(claims) as session:
                 return await session.submit(submission)
-        scope = {"claims": _jsonb(dict(claims))}
+        scope = {"claims": _jsonb(dict(claims)), **self._limits}
         params = submission.params()
         with rate_limited():
             async with self._pool.connection() as conn:
@@ -958,7 +973,7 @@ class Store:
             async with self._pool.connection() as conn:
                 await conn.set_autocommit(True)
                 async with conn.pipeline():  # its end sends the Sync and reads every answer
-                    await conn.execute(sql.get("session_service_scope"))
+                    await conn.execute(sql.get("session_service_scope"), self._limits)
                     cur = conn.cursor(row_factory=factory)
                     await cur.execute(sql.get(name), params)
                 await conn.set_autocommit(False)
@@ -967,7 +982,7 @@ class Store:
 
     def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``service_role`` (bypasses RLS)."""
-        return self._scope("session_service_scope", {})
+        return self._scope("session_service_scope", self._limits)
 
     def admin(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as the login role (local set-up)."""
