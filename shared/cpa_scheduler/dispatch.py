@@ -581,6 +581,21 @@ class Dispatcher:
         self.health.ok()
 
     async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
+        # A failure may end its job, and a job ends with every ToDo final: its running ones
+        # are cancelled (migration 20261207002100_terminal_event_last). The results this batch
+        # has for such a job are stored first, in a transaction of their own, so they count.
+        failing = {f.row.job_id for f in finished if isinstance(f.outcome, executor.Fail)}
+        first = [
+            f for f in finished
+            if isinstance(f.outcome, executor.Done) and f.row.job_id in failing
+        ]  # fmt: skip
+        if first and len(first) < len(finished):
+            await self._flush_together(first, summary)
+            taken = {id(f) for f in first}
+            finished = [f for f in finished if id(f) not in taken]
+        await self._flush_together(finished, summary)
+
+    async def _flush_together(self, finished: list[_Finished], summary: Summary) -> None:
         counted = Summary()  # added to the pass's summary only once the transaction commits
         async with self.store.service() as session:
             exclusive, shared = _gates(finished)
