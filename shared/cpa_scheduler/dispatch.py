@@ -32,6 +32,8 @@ from cpa_scheduler import bounds, errors, executor, graph, metrics, store, traci
 Session = store.Session
 TodoRow = store.TodoRow  # by this name in the class, whose field ``store`` hides the module
 log = logging.getLogger("cpa.dispatch")
+# Seconds a LISTEN connection may stay quiet before the dispatcher asks it whether it lives.
+LISTEN_CHECK = 5.0
 
 
 @dataclass
@@ -355,17 +357,25 @@ class Dispatcher:
         """Passes woken by ``NOTIFY cpa_todo_ready``, plus a periodic sweep for timers, backoff
         and expired leases. Raises when a pass or the LISTEN connection fails."""
         wake = asyncio.Event()
-        import psycopg
 
         with store.translate():
-            conn = await psycopg.AsyncConnection.connect(
-                listen_url, autocommit=True, connect_timeout=max(2, int(self.store.timeout))
+            conn = await store.connection_class().connect(
+                listen_url, autocommit=True, **store.connect_options(self.store.timeout)
             )
             await conn.execute("listen cpa_todo_ready")
+        bounded = cast(Any, conn)
 
         async def listen() -> None:
-            async for _ in conn.notifies():
-                wake.set()
+            while True:
+                async for _ in conn.notifies(timeout=LISTEN_CHECK):
+                    wake.set()
+                # A dead network (no reset) keeps a LISTEN connection quiet for good: ask it
+                # now and then, so such a connection fails like a dropped one.
+                bounded.deadline = self.store.timeout + store.DEADLINE_MARGIN
+                try:
+                    await conn.execute("select 1")
+                finally:
+                    bounded.deadline = None
 
         listener = asyncio.create_task(listen())
         alarm = asyncio.create_task(self._alarm(wake, stop))

@@ -2,11 +2,12 @@
 -- Parameters are psycopg placeholders; nothing here is built with string formatting.
 
 -- name: session_user_scope
--- Impersonate an end user for this transaction, as PostgREST does. cpa.lost_lease_limit is
--- CPA_LOST_LEASE_LIMIT for the lease expiry every claim runs (private.lost_lease_limit_v1).
+-- Impersonate an end user for this transaction, as PostgREST does. Request work runs with
+-- statement_timeout = CPA_DB_TIMEOUT. cpa.lost_lease_limit is CPA_LOST_LEASE_LIMIT for the
+-- lease expiry every claim runs (private.lost_lease_limit_v1).
 select set_config('role', 'authenticated', true),
        set_config('request.jwt.claims', %(claims)s, true),
-       set_config('statement_timeout', '8s', true),
+       set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('cpa.lost_lease_limit', %(lost_lease_limit)s, true);
 
 -- name: session_service_scope
