@@ -586,8 +586,17 @@ class Dispatcher:
             # outcomes one by one, so only the offending ToDo fails.
             log.warning("dispatcher: a completion batch of %d was refused (%s); storing "
                         "each ToDo alone", len(finished), exc.message)  # fmt: skip
-            for f in finished:
-                await self._flush_one(f, summary)
+            # Results first, failures last: a ToDo failing for good ends its job, and with it
+            # the job's ToDos still running, whose results this batch may hold.
+            refused: list[tuple[_Finished, errors.InvalidError]] = []
+            for f in sorted(finished, key=lambda f: isinstance(f.outcome, executor.Fail)):
+                try:
+                    await self._flush_batch([f], summary)
+                except errors.InvalidError as alone:
+                    refused.append((f, alone))
+            for f, alone in refused:
+                error = f"The outcome of {f.row.action!r} cannot be stored: {alone.message}"
+                await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
         self.health.ok()
 
     async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
@@ -622,13 +631,6 @@ class Dispatcher:
                     settled.append((f.row, f.outcome))
             await self._commit(session, settled, counted)
         summary.add(counted)
-
-    async def _flush_one(self, f: _Finished, summary: Summary) -> None:
-        try:
-            await self._flush_batch([f], summary)
-        except errors.InvalidError as exc:
-            error = f"The outcome of {f.row.action!r} cannot be stored: {exc.message}"
-            await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
 
     async def _attach(
         self, session: Session, row: TodoRow, attach: executor.Attach
