@@ -588,14 +588,14 @@ class Dispatcher:
                         "each ToDo alone", len(finished), exc.message)  # fmt: skip
             # Results first, failures last: a ToDo failing for good ends its job, and with it
             # the job's ToDos still running, whose results this batch may hold.
-            refused: list[tuple[_Finished, errors.InvalidError]] = []
+            refused: list[tuple[_Finished, str]] = []
             for f in sorted(finished, key=lambda f: isinstance(f.outcome, executor.Fail)):
                 try:
                     await self._flush_batch([f], summary)
                 except errors.InvalidError as alone:
-                    refused.append((f, alone))
-            for f, alone in refused:
-                error = f"The outcome of {f.row.action!r} cannot be stored: {alone.message}"
+                    refused.append((f, alone.message))
+            for f, why in refused:
+                error = f"The outcome of {f.row.action!r} cannot be stored: {why}"
                 await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
         self.health.ok()
 
