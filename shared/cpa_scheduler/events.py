@@ -32,6 +32,16 @@ def is_terminal(event: dict[str, Any]) -> bool:
     return event.get("kind") == "job.status" and event.get("status") in TERMINAL
 
 
+def ends(batch: list[dict[str, Any]], *, terminal: bool, complete: bool) -> bool:
+    """Whether a read of a job's events reached its end: the job's status (read before the
+    events) was final, the read was not cut by its page size, and its last event is the job's
+    terminal one (or there was none left after the reader's position). A terminal event
+    followed by more (the job was retried) is not the end."""
+    if not terminal or not complete:
+        return False
+    return not batch or is_terminal(batch[-1])
+
+
 def topic(tenant_id: object) -> str:
     """The tenant-private Realtime topic (without the client's ``realtime:`` prefix)."""
     return f"tenant:{tenant_id}"

@@ -3,7 +3,10 @@
 Process metrics (requests, ToDo run time, finished ToDos, claims, lease expiries, retries) live
 in :func:`instruments` (made on first use) and count what this process did. Queue gauges are computed from the
 database each time ``/metrics`` is scraped (:func:`render`), so they are true however many
-processes or Lambda invocations do the work. No metric has a tenant label by default;
+processes or Lambda invocations do the work. Every process with ``/metrics`` (serve, the API
+function, the dispatcher worker) exports them, as the contract has it, each the same
+database-wide value: dashboards and alerts aggregate them across processes with ``max``, never
+``sum`` (``infra/observability/``), while the process counters are summed. No metric has a tenant label by default;
 ``CPA_METRICS_TOP_TENANTS=N`` adds ``cpa_tenant_todos_ready`` for the N busiest tenants only.
 
 On Lambda a process lives for a few invocations, so its counters go out as CloudWatch Embedded

@@ -95,6 +95,10 @@ def build_services(config: settings.Settings, *, url: str | None = None) -> Serv
     """
     if url is None:
         url = database.prepare(config, migrate=config.local)
-    return Services(
-        config, store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
+    db = store.Store(
+        url,
+        max_size=config.pool_max_size,
+        timeout=config.db_timeout,
+        lost_lease_limit=config.lost_lease_limit,
     )
+    return Services(config, db)

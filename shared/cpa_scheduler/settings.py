@@ -60,6 +60,9 @@ class Settings(BaseModel):
     # Running cloud ToDos one tenant may hold at once (0: no cap), so one cannot fill the
     # dispatcher.
     tenant_running_cap: int = Field(default=64, ge=0)
+    # Lost leases (the worker running the ToDo died or stopped answering) a ToDo may cost
+    # before it fails for good; they do not count against its max_attempts.
+    lost_lease_limit: int = Field(default=5, ge=1, le=1000)
     # Days job_events and finished jobs are kept, and audit_log entries.
     retention_days: int = Field(default=30, ge=1)
     audit_retention_days: int = Field(default=365, ge=1)
@@ -181,6 +184,7 @@ _ENV = {
     "dispatch_budget": "CPA_DISPATCH_BUDGET",
     "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
     "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
+    "lost_lease_limit": "CPA_LOST_LEASE_LIMIT",
     "retention_days": "CPA_RETENTION_DAYS",
     "audit_retention_days": "CPA_AUDIT_RETENTION_DAYS",
     "log_level": "CPA_LOG_LEVEL",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import uuid
@@ -37,6 +38,16 @@ _T = TypeVar("_T")
 
 # Attempts of an API operation that PostgreSQL aborted to break a deadlock (Session.job_cancel).
 DEADLOCK_ATTEMPTS = 3
+# A dead network (packets dropped, no reset) answers nothing: without a bound a call waits for
+# good. A request's statements run with statement_timeout = CPA_DB_TIMEOUT, and each wait for
+# an answer gives up DEADLINE_MARGIN later (the server's own timeout error comes first when it
+# is alive); the dispatcher's work (no statement timeout) waits up to SERVICE_DEADLINE seconds.
+# A call that gives up closes its connection, which the pool then replaces.
+DEADLINE_MARGIN = 0.5
+SERVICE_DEADLINE = 15.0
+# /readyz answers within 3 s: its ping waits this long for a connection, and as long again for
+# the answer.
+PING_WAIT = 1.25
 # How long a claim that fails a ToDo it holds waits for the ToDo's job
 # (Session.todo_fail_unless_job_held): well below PostgreSQL's deadlock_timeout (1 s by
 # default), so a cancel that holds the job and waits for the ToDo is never the one aborted.
@@ -85,6 +96,13 @@ class TodoRow:
     timer_until: datetime | None  # set once the ToDo has snoozed
     lease_expires_at: datetime | None
     error: str | None  # the last attempt's, e.g. that its lease expired
+    # Leases of earlier attempts lost with their worker: not counted against max_attempts.
+    lost_leases: int = 0
+
+    @property
+    def failed_attempts(self) -> int:
+        """Attempts that count against ``max_attempts``, this one included."""
+        return self.attempts - self.lost_leases
 
 
 @contextlib.contextmanager
@@ -809,6 +827,56 @@ def _uuid(value: uuid.UUID | str, what: str) -> str:
         raise errors.NotFoundError(f"The {what} id {value!r} is not a valid id.") from None
 
 
+def connect_options(timeout: float) -> dict[str, Any]:
+    """libpq options of every connection: TCP keepalives (an idle connection whose peer is gone
+    is noticed within ~20 s) and tcp_user_timeout (data left unacknowledged that long breaks
+    the connection), so a dropped network ends in an error, not a hang."""
+    return {
+        "connect_timeout": max(2, math.ceil(timeout)),
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(max(timeout + DEADLINE_MARGIN, 5.0) * 1000),
+    }
+
+
+@functools.cache
+def connection_class() -> type[psycopg.AsyncConnection[DictRow]]:
+    """AsyncConnection whose waits for the server honour :attr:`deadline` (made on first use:
+    psycopg stays out of the Lambda cold import)."""
+    import psycopg
+    from psycopg import errors as pgerrors
+
+    class BoundedConnection(psycopg.AsyncConnection[Any]):
+        """A connection with an optional deadline (seconds) for each wait for the server. Past
+        it the connection is closed (its state is unknown: a query may be in flight) and the
+        call raises OperationalError, which :func:`translate` makes a 503."""
+
+        deadline: float | None = None
+
+        # psycopg's own signature, overridden: its timeout parameter is psycopg's.
+        async def wait(
+            self,
+            gen: Any,
+            interval: float = 0.1,
+            timeout: float | None = None,  # noqa: ASYNC109
+        ) -> Any:
+            if timeout is not None or self.deadline is None:
+                return await super().wait(gen, interval, timeout)
+            try:
+                return await super().wait(gen, interval, self.deadline)
+            except pgerrors._WaitTimeout:
+                self.pgconn.finish()
+                raise psycopg.OperationalError(
+                    f"the database did not answer within {self.deadline:g} s (a dead network?); "
+                    "the connection was closed"
+                ) from None
+
+    found: type[psycopg.AsyncConnection[DictRow]] = BoundedConnection
+    return found
+
+
 async def _transactional(conn: psycopg.AsyncConnection[DictRow]) -> None:
     """The pool's reset: every connection goes back to the pool out of autocommit (which only
     :meth:`Store.submit` turns on, for one call), so every scope is one transaction."""
@@ -820,14 +888,22 @@ class Store:
     """A connection pool and the three transaction scopes."""
 
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 2.0
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 2.0,
+        lost_lease_limit: int = 5,
     ) -> None:
-        import psycopg
-        from psycopg.rows import DictRow, dict_row
+        from psycopg.rows import dict_row
         from psycopg_pool import AsyncConnectionPool
 
         self.url = url
         self.timeout = timeout
+        # Every scope sets it for the lease expiry its claims run (CPA_LOST_LEASE_LIMIT).
+        self._limits = {"lost_lease_limit": str(lost_lease_limit)}
+        self._user_limits = {**self._limits, "statement_timeout": f"{int(timeout * 1000)}ms"}
         # While the database is down a request must get its 503 in about `timeout` seconds,
         # not the pool's default 30: the wait for a connection and each new connection are
         # bounded. The pool's background reconnect backs off exponentially without a cap (1, 2,
@@ -845,11 +921,12 @@ class Store:
                 "prepare_threshold": None,
                 "row_factory": dict_row,
                 "autocommit": False,
-                "connect_timeout": max(2, int(timeout + 0.999)),
+                **connect_options(timeout),
             },
-            connection_class=psycopg.AsyncConnection[DictRow],
+            connection_class=connection_class(),
             reset=_transactional,
         )
+        self._request_deadline = timeout + DEADLINE_MARGIN
         self._opened = False
         self._opening: asyncio.Lock | None = None
         self._submit_as = True  # see submit: False once the login role may not call it
@@ -867,7 +944,9 @@ class Store:
             with translate():
                 # One direct connection first: a wrong URL fails now, with the server's reason.
                 probe = await asyncio.wait_for(
-                    psycopg.AsyncConnection.connect(self.url, connect_timeout=10),
+                    psycopg.AsyncConnection.connect(
+                        self.url, **{**connect_options(self.timeout), "connect_timeout": 10}
+                    ),
                     timeout=max(self.timeout, 2.0),
                 )
                 await probe.close()
@@ -880,17 +959,40 @@ class Store:
             self._opened = False
 
     @contextlib.asynccontextmanager
-    async def _scope(self, first: str | None, params: Mapping[str, Any]) -> AsyncIterator[Session]:
+    async def _connection(
+        self, deadline: float, wait: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        """A pooled connection whose waits for the server give up after ``deadline`` s
+        (``wait``: how long to wait for the connection, default ``timeout``)."""
+        async with self._pool.connection(timeout=wait) as conn:
+            bounded = cast(Any, conn)
+            bounded.deadline = deadline
+            try:
+                yield conn
+            finally:
+                bounded.deadline = None
+
+    @contextlib.asynccontextmanager
+    async def _scope(
+        self,
+        first: str | None,
+        params: Mapping[str, Any],
+        deadline: float = SERVICE_DEADLINE,
+        wait: float | None = None,
+    ) -> AsyncIterator[Session]:
         await self.open()
         with translate():
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._connection(deadline, wait) as conn, conn.transaction():
                 if first is not None:
                     await conn.execute(sql.get(first), params)
                 yield Session(conn)
 
     def user(self, claims: Mapping[str, Any]) -> contextlib.AbstractAsyncContextManager[Session]:
-        """A transaction as ``authenticated`` with these verified claims."""
-        return self._scope("session_user_scope", {"claims": _jsonb(dict(claims))})
+        """A transaction as ``authenticated`` with these verified claims: request work, its
+        statements bounded by ``statement_timeout`` = ``timeout`` and each answer by
+        ``timeout`` plus a margin (a dead network is a 503 in about ``timeout`` s)."""
+        params = {"claims": _jsonb(dict(claims)), **self._user_limits}
+        return self._scope("session_user_scope", params, self._request_deadline)
 
     async def submit(self, claims: Mapping[str, Any], submission: Submission) -> str:
         """:meth:`Session.job_submit` as ``authenticated`` with these verified claims, in a
@@ -918,7 +1020,7 @@ class Store:
     async def _submit_as_one(self, claims: Mapping[str, Any], submission: Submission) -> str:
         params = {"claims": _jsonb(dict(claims)), **submission.params()}
         with rate_limited():
-            async with self._pool.connection() as conn:
+            async with self._connection(self._request_deadline) as conn:
                 await conn.set_autocommit(True)
                 cur = await conn.execute(sql.get("job_submit_as"), params)
                 row = await cur.fetchone()
@@ -931,10 +1033,10 @@ class Store:
         if not AsyncPipeline.is_supported():  # a libpq without pipeline mode: three trips
             async with self.user(claims) as session:
                 return await session.submit(submission)
-        scope = {"claims": _jsonb(dict(claims))}
+        scope = {"claims": _jsonb(dict(claims)), **self._user_limits}
         params = submission.params()
         with rate_limited():
-            async with self._pool.connection() as conn:
+            async with self._connection(self._request_deadline) as conn:
                 await conn.set_autocommit(True)
                 async with conn.pipeline():  # its end sends the Sync and reads every answer
                     await conn.execute(sql.get("session_user_scope"), scope)
@@ -981,10 +1083,10 @@ class Store:
             params["items"] = _jsonb(list(items))
             name, factory = "todo_complete_claim", kwargs_row(_done_and_todo)
         with translate():
-            async with self._pool.connection() as conn:
+            async with self._connection(SERVICE_DEADLINE) as conn:
                 await conn.set_autocommit(True)
                 async with conn.pipeline():  # its end sends the Sync and reads every answer
-                    await conn.execute(sql.get("session_service_scope"))
+                    await conn.execute(sql.get("session_service_scope"), self._limits)
                     cur = conn.cursor(row_factory=factory)
                     await cur.execute(sql.get(name), params)
                 await conn.set_autocommit(False)
@@ -993,15 +1095,16 @@ class Store:
 
     def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``service_role`` (bypasses RLS)."""
-        return self._scope("session_service_scope", {})
+        return self._scope("session_service_scope", self._limits)
 
     def admin(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as the login role (local set-up)."""
         return self._scope(None, {})
 
     async def ping(self) -> bool:
+        """Whether the database answers, within about 2 * PING_WAIT seconds."""
         try:
-            async with self.admin() as session:
+            async with self._scope(None, {}, PING_WAIT, wait=PING_WAIT) as session:
                 await session.conn.execute("select 1")
         except errors.UnavailableError:
             return False

@@ -330,6 +330,7 @@ class EventPage(BaseModel):
 
 BOUND_SECONDS = 20.0  # a buffered answer (Lambda) closes after at most this long
 POLL_SECONDS = 0.2
+PAGE = 500  # events per read
 RETRY_MS = 1000
 MAX_ID = 2**63 - 1  # job_events.id is a bigint
 _EVENTS_DOC = {
@@ -395,31 +396,32 @@ async def job_events(
     bound = _buffered_bound(request, app.config.events_bound)
 
     async def poll(last: int) -> tuple[list[dict[str, Any]], bool]:
-        """Events after ``last``, and whether the job had ended with none left."""
+        """Events after ``last``, and whether the job has ended with them: nothing follows."""
         async with app.store.user(claims) as session:
             # The status first: a job's final status commits with its last events, so a job
             # already ended here has all its events visible to the read after it. Read the
             # other way round, an end committing in between would close the stream without them.
             terminal = (await session.job_get(job_id)).status in events_mod.TERMINAL
-            rows = await session.event_list(job_id, last, 500)
-        return [events_mod.view(r) for r in rows], terminal and not rows
+            rows = await session.event_list(job_id, last, PAGE)
+        batch = [events_mod.view(r) for r in rows]
+        return batch, events_mod.ends(batch, terminal=terminal, complete=len(rows) < PAGE)
 
     first, ended = await poll(after if after is not None else start)  # 404 unless visible
     if after is not None:
         return await _long_poll(poll, after, first, ended, min(wait, bound or wait))
-    if ended:
+    if ended and not first:
         return Response(status_code=204)  # EventSource stops reconnecting on 204
 
     async def stream() -> AsyncIterator[str]:
         yield f"retry: {RETRY_MS}\n\n"
-        batch, gone, last, beat = first, False, start, time.monotonic()
+        batch, gone, last, beat = first, ended, start, time.monotonic()
         deadline = None if bound is None else time.monotonic() + bound
         while True:
             for event in batch:
                 last = event["id"]
                 yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
-                if events_mod.is_terminal(event):
-                    return
+            # The job's terminal event ends the stream only as its last event: an earlier run's
+            # end (before a retry) is followed by the next run's events.
             if gone or (deadline is not None and (batch or time.monotonic() >= deadline)):
                 return  # buffered: deliver what there is; the client resumes from `last`
             if not batch:
@@ -447,7 +449,7 @@ async def _long_poll(
         await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         batch, ended = await poll(after)
     last = batch[-1]["id"] if batch else after
-    done = ended or any(events_mod.is_terminal(e) for e in batch)
+    done = ended
     page = EventPage(events=batch, last_event_id=last, done=done, retry_ms=RETRY_MS)
     return JSONResponse(page.model_dump(), headers={"Cache-Control": "no-cache"})
 

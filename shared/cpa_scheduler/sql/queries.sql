@@ -2,13 +2,17 @@
 -- Parameters are psycopg placeholders; nothing here is built with string formatting.
 
 -- name: session_user_scope
--- Impersonate an end user for this transaction, as PostgREST does.
+-- Impersonate an end user for this transaction, as PostgREST does. Request work runs with
+-- statement_timeout = CPA_DB_TIMEOUT. cpa.lost_lease_limit is CPA_LOST_LEASE_LIMIT for the
+-- lease expiry every claim runs (private.lost_lease_limit_v1).
 select set_config('role', 'authenticated', true),
        set_config('request.jwt.claims', %(claims)s, true),
-       set_config('statement_timeout', '8s', true);
+       set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('cpa.lost_lease_limit', %(lost_lease_limit)s, true);
 
 -- name: session_service_scope
-select set_config('role', 'service_role', true);
+select set_config('role', 'service_role', true),
+       set_config('cpa.lost_lease_limit', %(lost_lease_limit)s, true);
 
 -- name: job_create
 -- The job queries select the columns of store.JobRow, which their rows are built as.
@@ -113,7 +117,7 @@ select * from public.todos where id = %(todo_id)s;
 -- name: todo_claim
 -- The columns of store.TodoRow, which the rows are built as.
 select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer_until,
-       lease_expires_at, error
+       lease_expires_at, error, lost_leases
   from cpa.todo_claim_v3(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
                          %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
@@ -122,7 +126,7 @@ select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer
 -- claimed: the call's single row).
 select c.done, (c.todo).id, (c.todo).job_id, (c.todo).tenant_id, (c.todo).key, (c.todo).action,
        (c.todo).params, (c.todo).attempts, (c.todo).max_attempts, (c.todo).timer_until,
-       (c.todo).lease_expires_at, (c.todo).error
+       (c.todo).lease_expires_at, (c.todo).error, (c.todo).lost_leases
   from cpa.todo_complete_claim_v4(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
                                   %(lease_seconds)s, %(tenant_id)s, %(actions)s,
                                   %(tenant_cap)s) c;
