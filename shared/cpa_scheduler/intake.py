@@ -53,6 +53,7 @@ async def submit(
     time_zone: str = "UTC",
     run_at: datetime | None = None,
     now: datetime | None = None,
+    schedule_cap: int = store.SCHEDULE_CAP,
 ) -> store.JobRow:
     """Validate and create the job in one transaction; a repeated key returns the same job.
 
@@ -84,7 +85,7 @@ async def submit(
         cron, rest = recurring
         sched = await schedules.create(
             session, tenant_id=tenant_id, cron=cron, time_zone=tz.key, request=rest, spec=None,
-            planner_configured=planner_configured, now=now,
+            planner_configured=planner_configured, now=now, cap=schedule_cap,
         )  # fmt: skip
         note = schedules.announcement(sched)
         return await session.job_create(

@@ -58,6 +58,10 @@ class Settings(BaseModel):
     # Running cloud ToDos one tenant may hold at once (0: no cap), so one cannot fill the
     # dispatcher.
     tenant_running_cap: int = Field(default=64, ge=0)
+    # Active (unpaused) schedules per tenant, and the jobs a tenant's schedules may start in one
+    # minute: an occurrence past that budget is skipped (a cancelled job without ToDos).
+    schedule_cap: int = Field(default=100, ge=1)
+    schedule_jobs_per_minute: int = Field(default=60, ge=1)
     # Days job_events and finished jobs are kept, and audit_log entries.
     retention_days: int = Field(default=30, ge=1)
     audit_retention_days: int = Field(default=365, ge=1)
@@ -178,6 +182,8 @@ _ENV = {
     "dispatch_budget": "CPA_DISPATCH_BUDGET",
     "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
     "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
+    "schedule_cap": "CPA_SCHEDULE_CAP",
+    "schedule_jobs_per_minute": "CPA_SCHEDULE_JOBS_PER_MINUTE",
     "retention_days": "CPA_RETENTION_DAYS",
     "audit_retention_days": "CPA_AUDIT_RETENTION_DAYS",
     "log_level": "CPA_LOG_LEVEL",

@@ -269,7 +269,7 @@ async def _create_in_steps(
         session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
         idempotency_key=idempotency_key, priority=body.priority,
         planner_configured=app.config.planner_configured, force_planner=body.plan,
-        time_zone=body.time_zone, run_at=body.run_at,
+        time_zone=body.time_zone, run_at=body.run_at, schedule_cap=app.config.schedule_cap,
     )  # fmt: skip
     await intake.keep_trace(session, job, span)
     # Counted last: the tenant's counter row stays locked only until this transaction
