@@ -164,11 +164,15 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
 
     async def main() -> None:
         from cpa_scheduler import api  # FastAPI: only the commands that serve HTTP import it
+        from cpa_scheduler.api import problems
 
         app = api.create_app(services, dispatcher=dispatcher.health)
+        # h11 would refuse a request head over 16 KiB with a text/plain 400 or a reset; let
+        # it buffer more, so the API's own limit answers (431 problem+json).
         server = uvicorn.Server(
-            uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="off")
-        )
+            uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="off",
+                           h11_max_incomplete_event_size=problems.H11_MAX_HEAD)
+        )  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

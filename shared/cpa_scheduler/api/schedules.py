@@ -22,7 +22,10 @@ class ScheduleCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cron: str = Field(
-        min_length=9, max_length=200, description="5 fields: minute hour day month weekday."
+        min_length=1,
+        max_length=200,
+        description="5 standard fields: minute hour day month weekday (ASCII digits, '*', ',', "
+        "'-', '/'; month and weekday may be 3-letter names). No macros (@daily), L, W or #.",
     )
     time_zone: str = Field(
         default="UTC", min_length=1, max_length=64, description="IANA zone the cron is read in."
