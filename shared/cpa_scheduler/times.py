@@ -41,10 +41,39 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b(heute|morgen|übermorgen)\s+(?:nachmittag|nachmittags)\b", re.I), r"\1 15:00"),
     (re.compile(r"\b(heute|morgen|übermorgen)\s+(?:mittag|mittags)\b", re.I), r"\1 12:00"),
     (re.compile(r"\b(heute|morgen|übermorgen)\s+(?:früh|vormittag|morgens)\b", re.I), r"\1 08:00"),
-    (re.compile(r"\bthis\s+evening\b", re.I), "today 19:00"),
+    (re.compile(r"\b(?:this\s+evening|tonight)\b", re.I), "today 19:00"),
+    (re.compile(r"\bthis\s+afternoon\b", re.I), "today 15:00"),
+    (re.compile(r"\bthis\s+morning\b", re.I), "today 08:00"),
     (re.compile(r"\btomorrow\s+evening\b", re.I), "tomorrow 19:00"),
     (re.compile(r"\bam\s+(?=\w)", re.I), ""),
 ]
+
+
+# A part of today ("heute Abend", "tonight") names its usual hour (the rewrites above); said
+# when that hour has passed but the part of the day has not, it means "later on": one hour
+# from now, rounded up to the quarter hour. The value is the hour the part ends.
+_TODAY_PART = re.compile(
+    r"^(?:heute\s+(?P<de>abends?|nachmittags?|mittags?|früh|vormittags?|morgens)"
+    r"|(?:this\s+(?P<en>evening|afternoon|morning))|(?P<tonight>tonight))$",
+    re.IGNORECASE,
+)
+_PART_ENDS = {"abend": 24, "evening": 24, "tonight": 24, "nachmittag": 18, "afternoon": 18,
+              "mittag": 14, "früh": 12, "vormittag": 12, "morgens": 12, "morning": 12}  # fmt: skip
+
+
+def _later_today(raw: str, now: datetime) -> datetime | None:
+    """"heute Abend" said at 21:30: the time it then means, or None (not such a phrase, or
+    that part of the day is over)."""
+    match = _TODAY_PART.match(raw)
+    if match is None:
+        return None
+    part = (match["de"] or match["en"] or match["tonight"]).lower()
+    end = _PART_ENDS.get(part) or _PART_ENDS[part.removesuffix("s")]
+    if now.hour >= end:
+        return None
+    later = now + timedelta(hours=1)
+    later = later.replace(second=0, microsecond=0) + timedelta(minutes=-later.minute % 15)
+    return later
 
 
 _CLOCK_TEXT = re.compile(r"\b(\d{1,2}):(\d{2})\b(?!\s*[ap]\.?m)", re.I)
@@ -123,6 +152,8 @@ def resolve(text: str, *, tz: ZoneInfo, now: datetime | None = None) -> datetime
             errors=[{"loc": ["body", "request"], "msg": "unreadable time"}],
         )
     when = parsed.replace(tzinfo=UTC).astimezone(tz) if relative else localize(parsed, tz)
+    if when < now - timedelta(seconds=1) and (later := _later_today(raw, now)) is not None:
+        when = later
     if when < now - timedelta(seconds=1):
         raise errors.InvalidError(
             f"The time {text!r} is in the past ({when.isoformat(timespec='minutes')} in "
