@@ -62,7 +62,7 @@ _PART_ENDS = {"abend": 24, "evening": 24, "tonight": 24, "nachmittag": 18, "afte
 
 
 def _later_today(raw: str, now: datetime) -> datetime | None:
-    """"heute Abend" said at 21:30: the time it then means, or None (not such a phrase, or
+    """The time "heute Abend" said at 21:30 means, or None (not such a phrase, or
     that part of the day is over)."""
     match = _TODAY_PART.match(raw)
     if match is None:

@@ -15,6 +15,7 @@ CLOCK = datetime(2026, 12, 7, 9, 0, tzinfo=times.zone("Europe/Berlin"))
 def at_clock(when: str) -> str:
     return times.resolve(when, tz=CLOCK.tzinfo, now=CLOCK).isoformat()  # type: ignore[arg-type]
 
+
 POSITIVE = [(i.name, s) for i in ROUTER.intents for s in i.examples.get("positive", [])]
 NEGATIVE = [(i.name, s) for i in ROUTER.intents for s in i.examples.get("negative", [])]
 
