@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install test test-slow test-clock test-pg17 lint typecheck check run bench supabase-check \
+.PHONY: help install test test-slow test-clock schemathesis test-pg17 lint typecheck check run bench supabase-check \
 	sam-check clean build-ApiFunction build-DispatcherFunction
 
 help: ## list the targets
@@ -30,6 +30,9 @@ test-slow: $(STAMP) ## run the slow suites (crash safety, large concurrency)
 # the year, and both DST changes (libfaketime: apt-get install faketime).
 CLOCKS := "Europe/Berlin|2026-12-07 21:30:00" "UTC|2026-12-31 23:59:00" \
 	"Europe/Berlin|2026-03-29 01:59:00" "Europe/Berlin|2026-10-25 02:59:00"
+schemathesis: $(STAMP) ## schemathesis (every check but positive data acceptance, bounded examples) against a local serve
+	$(BIN)/python scripts/schemathesis_run.py --max-examples 25
+
 test-clock: $(STAMP) ## run tests/unit under faketime at the CLOCKS above
 	@command -v faketime >/dev/null || { echo "faketime is missing: apt-get install faketime"; exit 1; }
 	@for clock in $(CLOCKS); do zone=$${clock%%|*}; at=$${clock#*|}; \

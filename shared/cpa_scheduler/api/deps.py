@@ -83,7 +83,8 @@ TenantHeader = Annotated[
 def wanted_tenant(claims: auth.Claims, x_cpa_tenant: uuid.UUID | str | None) -> uuid.UUID | None:
     """The tenant the caller asks for (header, else the token's app_metadata), unchecked;
     None: their oldest membership."""
-    wanted = x_cpa_tenant or claims.app_metadata.get("tenant_id")
+    # An empty header is a wrong tenant id, not an absent one.
+    wanted = claims.app_metadata.get("tenant_id") if x_cpa_tenant is None else x_cpa_tenant
     if wanted is None:
         return None
     try:

@@ -346,6 +346,11 @@ _EVENTS_DOC = {
 }
 
 
+def _event_id_schema(schema: dict[str, Any]) -> None:
+    schema.pop("anyOf", None)
+    schema.update(type="string", pattern="^[0-9]{1,19}$")
+
+
 def _buffered_bound(request: Request, configured: float | None) -> float | None:
     """How long a buffered host lets one answer take, or None where the response streams.
 
@@ -368,7 +373,13 @@ async def job_events(
     request: Request,
     app: AppState,
     verified: VerifiedClaims,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            description="SSE: resume after this event id.",
+            json_schema_extra=_event_id_schema,
+        ),
+    ] = None,
     after: Annotated[
         int | None,
         Query(ge=0, le=MAX_ID, description="JSON long-poll: the events after this id."),
