@@ -89,7 +89,16 @@ LAMBDA_ARCH ?= x86_64
 LAMBDA_PIP := --no-compile --only-binary=:all: --implementation cp --python-version $(LAMBDA_PY) \
 	--platform manylinux2014_$(LAMBDA_ARCH) --platform manylinux_2_28_$(LAMBDA_ARCH)
 
-build-ApiFunction build-DispatcherFunction:
+# What the dispatcher never imports: the web framework and its tracing, token verification, the
+# Supabase client (Realtime, for the CLI and the desktop) and what only those need.
+# scripts/lambda_prune.py refuses to drop one that a kept distribution requires.
+DISPATCHER_DROP := fastapi annotated-doc starlette mangum asgiref \
+	opentelemetry-instrumentation-fastapi opentelemetry-instrumentation-asgi \
+	pyjwt cryptography cffi pycparser \
+	supabase supabase-auth supabase-functions postgrest realtime storage3 websockets \
+	deprecation h2 hpack hyperframe yarl multidict propcache
+
+define lambda_artifact
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (sam build sets it)"; exit 1; }
 	rm -rf "$(ARTIFACTS_DIR)/.wheel"
 	$(PY) -m pip wheel -q --no-deps -w "$(ARTIFACTS_DIR)/.wheel" .
@@ -99,3 +108,11 @@ build-ApiFunction build-DispatcherFunction:
 	cp functions/__init__.py "$(ARTIFACTS_DIR)/functions/"
 	cp functions/api/__init__.py "$(ARTIFACTS_DIR)/functions/api/"
 	cp functions/dispatcher/__init__.py "$(ARTIFACTS_DIR)/functions/dispatcher/"
+endef
+
+build-ApiFunction:
+	$(lambda_artifact)
+
+build-DispatcherFunction:
+	$(lambda_artifact)
+	$(PY) scripts/lambda_prune.py "$(ARTIFACTS_DIR)" $(DISPATCHER_DROP)
