@@ -19,10 +19,9 @@ BODY = {"cron": "* * * * *", "time_zone": "UTC", "request": "check my email"}
 CLOCK = datetime(2030, 1, 7, 9, 0, tzinfo=UTC)  # a fixed clock: no test depends on the hour
 
 
-async def test_150_concurrent_creations_stop_at_the_cap(
-    client: httpx.AsyncClient, wire: Callable[..., service.Services], member_factory: MemberFactory
+async def test_150_concurrent_creations_stop_at_the_default_cap(
+    client: httpx.AsyncClient, member_factory: MemberFactory
 ) -> None:
-    wire(schedule_cap=25, rate_limit=1000)
     m = await member_factory()
     sem = asyncio.Semaphore(8)
 
@@ -32,12 +31,12 @@ async def test_150_concurrent_creations_stop_at_the_cap(
 
     answers = await asyncio.gather(*(one() for _ in range(150)))
     codes = Counter(r.status_code for r in answers)
-    assert codes == {201: 25, 409: 125}, codes
+    assert codes == {201: 100, 409: 50}, codes
     refusal = next(r for r in answers if r.status_code == 409)
     assert refusal.headers["content-type"] == "application/problem+json"
-    assert "CPA_SCHEDULE_CAP = 25" in refusal.json()["detail"]
+    assert "CPA_SCHEDULE_CAP = 100" in refusal.json()["detail"]
     listed = (await client.get("/v1/schedules", headers=bearer(m))).json()["schedules"]
-    assert len(listed) == 25
+    assert len(listed) == 100
     # A paused schedule does not count; resuming it past the cap is refused the same way.
     sid = listed[0]["id"]
     assert (await client.post(f"/v1/schedules/{sid}/pause", headers=bearer(m))).status_code == 200
@@ -46,15 +45,16 @@ async def test_150_concurrent_creations_stop_at_the_cap(
     assert again.status_code == 409 and "CPA_SCHEDULE_CAP" in again.json()["detail"]
 
 
-async def test_the_default_cap_is_100(
-    client: httpx.AsyncClient, member_factory: MemberFactory
+async def test_a_configured_cap(
+    client: httpx.AsyncClient, wire: Callable[..., service.Services], member_factory: MemberFactory
 ) -> None:
+    wire(schedule_cap=3)
     m = await member_factory()
     codes = Counter(
         [(await client.post("/v1/schedules", headers=bearer(m), json=BODY)).status_code
-         for _ in range(101)]
+         for _ in range(5)]
     )  # fmt: skip
-    assert codes == {201: 100, 409: 1}
+    assert codes == {201: 3, 409: 2}
 
 
 async def test_schedule_creation_counts_against_the_rate_limit(
