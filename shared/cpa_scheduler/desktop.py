@@ -16,6 +16,9 @@ from cpa_scheduler import client as client_mod
 from cpa_scheduler import errors, protocol
 
 ACTIONS = ["desktop.open_app", "file.write", "file.read", "notes.create", "reminder.create"]
+# The agent answers every assignment within this long: an action stuck in the file system
+# (a hung network drive) is reported as failed and the agent goes on.
+ACTION_SECONDS = 30.0
 
 
 def perform(assign: protocol.Assign, sandbox: Path) -> Any:
@@ -41,6 +44,17 @@ def perform(assign: protocol.Assign, sandbox: Path) -> Any:
     raise errors.PermanentError(f"This agent cannot perform {assign.payload.action!r}.")
 
 
+async def perform_bounded(assign: protocol.Assign, sandbox: Path) -> Any:
+    """:func:`perform` off the event loop, given up after ACTION_SECONDS."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(perform, assign, sandbox), ACTION_SECONDS)
+    except TimeoutError:
+        raise errors.PermanentError(
+            f"The action {assign.payload.action!r} did not finish within {ACTION_SECONDS:g} s "
+            "on this computer."
+        ) from None
+
+
 async def serve(
     c: client_mod.Client, agent_id: str, sandbox: Path, *, once: bool, poll: float
 ) -> int:
@@ -58,7 +72,7 @@ async def serve(
                 traceparent=trace,
             )
             try:
-                result = perform(assign, sandbox)
+                result = await perform_bounded(assign, sandbox)
                 reply = protocol.reply_to(
                     assign, "done", {"todo_id": assign.payload.todo_id, "result": result}
                 )

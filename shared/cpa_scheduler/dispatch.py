@@ -201,6 +201,8 @@ class Dispatcher:
     concurrency: int = 256
     # Running cloud ToDos one tenant may hold (None: no cap); CPA_TENANT_RUNNING_CAP.
     tenant_cap: int | None = 64
+    # Jobs one tenant's schedules may start per minute (CPA_SCHEDULE_JOBS_PER_MINUTE).
+    schedule_budget: int = 60
     # Retention (CPA_RETENTION_DAYS, CPA_AUDIT_RETENTION_DAYS), pruned at most this often.
     retention_days: int = 30
     audit_retention_days: int = 365
@@ -408,7 +410,7 @@ class Dispatcher:
         from cpa_scheduler import schedules  # imports intake and times, only needed here
 
         try:
-            await schedules.fire_due(self.store)
+            await schedules.fire_due(self.store, budget=self.schedule_budget)
             async with self.store.service() as session:
                 await session.desktop_sweep(self.agent_seen_seconds)
         except errors.UnavailableError:

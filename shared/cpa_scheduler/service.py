@@ -76,6 +76,7 @@ class Services:
             self.store,
             registry=self.registry,
             tenant_cap=self.config.tenant_cap,
+            schedule_budget=self.config.schedule_jobs_per_minute,
             retention_days=self.config.retention_days,
             audit_retention_days=self.config.audit_retention_days,
             **tuning,

@@ -63,6 +63,10 @@ class Settings(BaseModel):
     # Lost leases (the worker running the ToDo died or stopped answering) a ToDo may cost
     # before it fails for good; they do not count against its max_attempts.
     lost_lease_limit: int = Field(default=5, ge=1, le=1000)
+    # Active (unpaused) schedules per tenant, and the jobs a tenant's schedules may start in one
+    # minute: an occurrence past that budget is skipped (a cancelled job without ToDos).
+    schedule_cap: int = Field(default=100, ge=1)
+    schedule_jobs_per_minute: int = Field(default=60, ge=1)
     # Days job_events and finished jobs are kept, and audit_log entries.
     retention_days: int = Field(default=30, ge=1)
     audit_retention_days: int = Field(default=365, ge=1)
@@ -185,6 +189,8 @@ _ENV = {
     "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
     "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
     "lost_lease_limit": "CPA_LOST_LEASE_LIMIT",
+    "schedule_cap": "CPA_SCHEDULE_CAP",
+    "schedule_jobs_per_minute": "CPA_SCHEDULE_JOBS_PER_MINUTE",
     "retention_days": "CPA_RETENTION_DAYS",
     "audit_retention_days": "CPA_AUDIT_RETENTION_DAYS",
     "log_level": "CPA_LOG_LEVEL",

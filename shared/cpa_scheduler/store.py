@@ -52,6 +52,10 @@ PING_WAIT = 1.25
 # (Session.todo_fail_unless_job_held): well below PostgreSQL's deadlock_timeout (1 s by
 # default), so a cancel that holds the job and waits for the ToDo is never the one aborted.
 CLAIM_LOCK_WAIT = "200ms"
+# Defaults of CPA_SCHEDULE_CAP (active schedules per tenant) and CPA_SCHEDULE_JOBS_PER_MINUTE
+# (jobs a tenant's schedules may start in one minute); the settings hand in the configured ones.
+SCHEDULE_CAP = 100
+SCHEDULE_JOBS_PER_MINUTE = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,11 +731,14 @@ class Session:
     async def schedule_create(
         self, *, tenant_id: uuid.UUID | str, cron: str, time_zone: str, request: str | None,
         graph: Any, intent: str, todos: Sequence[Mapping[str, Any]], next_run_at: datetime,
+        cap: int = SCHEDULE_CAP,
     ) -> Row:  # fmt: skip
+        """A new schedule; a :class:`errors.ConflictError` when the tenant already has
+        ``cap`` active schedules."""
         params = {
             "tenant_id": str(tenant_id), "cron": cron, "time_zone": time_zone, "request": request,
             "graph": None if graph is None else _jsonb(graph), "intent": intent,
-            "todos": _jsonb(list(todos)), "next_run_at": next_run_at,
+            "todos": _jsonb(list(todos)), "next_run_at": next_run_at, "cap": cap,
         }  # fmt: skip
         return await self._first("schedule_create", params)
 
@@ -747,12 +754,20 @@ class Session:
         return await self._all("schedule_list", {"tenant_id": str(tenant_id), "limit": limit})
 
     async def schedule_pause(
-        self, schedule_id: uuid.UUID | str, *, paused: bool, next_run_at: datetime | None = None
+        self,
+        schedule_id: uuid.UUID | str,
+        *,
+        paused: bool,
+        next_run_at: datetime | None = None,
+        cap: int = SCHEDULE_CAP,
     ) -> Row:
+        """Pause or resume; resuming past the tenant's ``cap`` of active schedules is a
+        :class:`errors.ConflictError`."""
         params = {
             "schedule_id": _uuid(schedule_id, "schedule"),
             "paused": paused,
             "next_run_at": next_run_at,
+            "cap": cap,
         }
         return await self._first("schedule_pause", params)
 
@@ -763,12 +778,19 @@ class Session:
         return await self._all("schedule_due", {"now": now, "limit": limit})
 
     async def schedule_fire(
-        self, schedule_id: uuid.UUID | str, occurrence: datetime, next_run_at: datetime
+        self,
+        schedule_id: uuid.UUID | str,
+        occurrence: datetime,
+        next_run_at: datetime,
+        budget: int | None = SCHEDULE_JOBS_PER_MINUTE,
     ) -> JobRow:
+        """The occurrence's job; past the tenant's ``budget`` of scheduled jobs in the
+        occurrence's minute it is created cancelled, without ToDos (a skip)."""
         params = {
             "schedule_id": str(schedule_id),
             "occurrence": occurrence,
             "next_run_at": next_run_at,
+            "budget": budget,
         }
         return await self._job("schedule_fire", params)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -42,6 +43,7 @@ from cpa_scheduler.api.deps import (
     wanted_tenant,
 )
 
+log = logging.getLogger("cpa.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
 
 
@@ -269,7 +271,7 @@ async def _create_in_steps(
         session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
         idempotency_key=idempotency_key, priority=body.priority,
         planner_configured=app.config.planner_configured, force_planner=body.plan,
-        time_zone=body.time_zone, run_at=body.run_at,
+        time_zone=body.time_zone, run_at=body.run_at, schedule_cap=app.config.schedule_cap,
     )  # fmt: skip
     await intake.keep_trace(session, job, span)
     # Counted last: the tenant's counter row stays locked only until this transaction
@@ -345,6 +347,11 @@ _EVENTS_DOC = {
 }
 
 
+def _event_id_schema(schema: dict[str, Any]) -> None:
+    schema.pop("anyOf", None)
+    schema.update(type="string", pattern="^[0-9]{1,19}$")
+
+
 def _buffered_bound(request: Request, configured: float | None) -> float | None:
     """How long a buffered host lets one answer take, or None where the response streams.
 
@@ -367,7 +374,13 @@ async def job_events(
     request: Request,
     app: AppState,
     verified: VerifiedClaims,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            description="SSE: resume after this event id.",
+            json_schema_extra=_event_id_schema,
+        ),
+    ] = None,
     after: Annotated[
         int | None,
         Query(ge=0, le=MAX_ID, description="JSON long-poll: the events after this id."),
@@ -413,28 +426,60 @@ async def job_events(
         return Response(status_code=204)  # EventSource stops reconnecting on 204
 
     async def stream() -> AsyncIterator[str]:
-        yield f"retry: {RETRY_MS}\n\n"
         batch, gone, last, beat = first, ended, start, time.monotonic()
         deadline = None if bound is None else time.monotonic() + bound
-        while True:
-            for event in batch:
-                last = event["id"]
-                yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
-            # The job's terminal event ends the stream only as its last event: an earlier run's
-            # end (before a retry) is followed by the next run's events.
-            if gone or (deadline is not None and (batch or time.monotonic() >= deadline)):
-                return  # buffered: deliver what there is; the client resumes from `last`
-            if not batch:
-                if time.monotonic() - beat > 15:
+        chunk = f"retry: {RETRY_MS}\n\n"
+        done = False
+        try:
+            while True:
+                # One write per poll, not one per event: a client that has left makes the
+                # first write fail, and every further write of the same batch would log
+                # asyncio's "socket.send() raised exception." before the server notices.
+                for event in batch:
+                    last = event["id"]
+                    chunk += f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
+                # The job's terminal event ends the stream only as its last event: an earlier
+                # run's end (before a retry) is followed by the next run's events. Buffered:
+                # deliver what there is; the client resumes from `last`.
+                done = bool(
+                    gone or (deadline is not None and (batch or time.monotonic() >= deadline))
+                )
+                if not batch and not done and time.monotonic() - beat > 15:
                     beat = time.monotonic()
-                    yield ": heartbeat\n\n"
-                await asyncio.sleep(POLL_SECONDS)
-            if await request.is_disconnected():
-                return
-            batch, gone = await poll(last)
+                    chunk += ": heartbeat\n\n"
+                if chunk:
+                    yield chunk
+                    chunk = ""
+                if done:
+                    return
+                if not batch:
+                    await asyncio.sleep(POLL_SECONDS)
+                if await request.is_disconnected():
+                    done = True
+                    _hung_up(job_id, last)
+                    return
+                # Shielded: a hang-up cancels the stream at once, but a query cut off midway
+                # would close its pooled connection (and log two warnings); it finishes alone.
+                polled = asyncio.ensure_future(poll(last))
+                polled.add_done_callback(_retrieved)
+                batch, gone = await asyncio.shield(polled)
+        except (asyncio.CancelledError, GeneratorExit):
+            # Starlette cancels the stream as soon as the client disconnects.
+            if not done:
+                _hung_up(job_id, last)
+            raise
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # the stream that awaited it is gone: nobody else will ask
+
+
+def _hung_up(job_id: uuid.UUID, last: int) -> None:
+    log.debug("events stream of job %s: the client left after event %s", job_id, last)
 
 
 async def _long_poll(

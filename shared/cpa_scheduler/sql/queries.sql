@@ -296,9 +296,9 @@ select exists (
 ) as online;
 
 -- name: schedule_create
-select * from cpa.schedule_create_v1(%(tenant_id)s, %(cron)s, %(time_zone)s, %(request)s,
+select * from cpa.schedule_create_v2(%(tenant_id)s, %(cron)s, %(time_zone)s, %(request)s,
                                      %(graph)s::jsonb, %(intent)s, %(todos)s::jsonb,
-                                     %(next_run_at)s);
+                                     %(next_run_at)s, %(cap)s);
 
 -- name: schedule_get
 select * from public.schedules where id = %(schedule_id)s;
@@ -310,7 +310,7 @@ select * from public.schedules
  limit %(limit)s;
 
 -- name: schedule_pause
-select * from cpa.schedule_pause_v1(%(schedule_id)s, %(paused)s, %(next_run_at)s);
+select * from cpa.schedule_pause_v2(%(schedule_id)s, %(paused)s, %(next_run_at)s, %(cap)s);
 
 -- name: schedule_delete
 select cpa.schedule_delete_v1(%(schedule_id)s) as ok;
@@ -327,7 +327,7 @@ select * from public.schedules
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
        time_zone, schedule_id, scheduled_for, traceparent
-  from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_at)s);
+  from cpa.schedule_fire_v2(%(schedule_id)s, %(occurrence)s, %(next_run_at)s, %(budget)s);
 
 -- name: job_by_idempotency_key
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
