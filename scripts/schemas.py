@@ -218,9 +218,8 @@ SUBJECTS: list[dict[str, object]] = [
         "file": "50_schedules.sql",
         "title": "Schedules: recurring jobs",
         "invariants": [
-            "A schedule belongs to a tenant and fires one job per occurrence (a unique",
-            "(schedule_id, scheduled_for) on jobs); a firing claims the due row with SKIP LOCKED",
-            "so two dispatchers never fire it twice.",
+            "A schedule belongs to a tenant and fires at most one job per occurrence: jobs carry",
+            "(schedule_id, scheduled_for), unique together.",
         ],
         "tables": ["public.schedules"],
         "functions": [
@@ -236,7 +235,9 @@ SUBJECTS: list[dict[str, object]] = [
         "title": "Audit: who changed what",
         "invariants": [
             "`audit_log` is written only by triggers (who, what, which entity, before and",
-            "after); an update, delete or truncate of it raises for every role.",
+            "after); an update, delete or truncate of it raises for every role, except the",
+            "retention prune's own delete (`cpa.audit_prune`, set inside",
+            "`cpa.retention_prune_v1`), which is itself audited.",
         ],
         "tables": ["public.audit_log"],
         "functions": ["private.audit_write", "private.audit_forbid_change"],
@@ -255,8 +256,9 @@ SUBJECTS: list[dict[str, object]] = [
         "file": "80_retention.sql",
         "title": "Retention: pruning finished jobs and old audit rows",
         "invariants": [
-            "Only finished jobs older than the window go (with their ToDos, edges and events),",
-            "in batches, so a prune never holds long locks.",
+            "One bounded batch each: events older than the job window (of any job), finished",
+            "jobs older than it with their ToDos, edges and events, idempotency keys, and audit",
+            "rows older than the audit window; run it again until it prunes nothing.",
         ],
         "functions": ["cpa.retention_prune"],
     },

@@ -1,8 +1,7 @@
 -- Schedules: recurring jobs
 --
--- A schedule belongs to a tenant and fires one job per occurrence (a unique
--- (schedule_id, scheduled_for) on jobs); a firing claims the due row with SKIP LOCKED
--- so two dispatchers never fire it twice.
+-- A schedule belongs to a tenant and fires at most one job per occurrence: jobs carry
+-- (schedule_id, scheduled_for), unique together.
 --
 -- Generated from supabase/migrations by scripts/schemas.py; edit a migration (and
 -- the header in that script), then run `python scripts/schemas.py write`.

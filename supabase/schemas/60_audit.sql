@@ -1,7 +1,9 @@
 -- Audit: who changed what
 --
 -- `audit_log` is written only by triggers (who, what, which entity, before and
--- after); an update, delete or truncate of it raises for every role.
+-- after); an update, delete or truncate of it raises for every role, except the
+-- retention prune's own delete (`cpa.audit_prune`, set inside
+-- `cpa.retention_prune_v1`), which is itself audited.
 --
 -- Generated from supabase/migrations by scripts/schemas.py; edit a migration (and
 -- the header in that script), then run `python scripts/schemas.py write`.

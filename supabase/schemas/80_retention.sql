@@ -1,7 +1,8 @@
 -- Retention: pruning finished jobs and old audit rows
 --
--- Only finished jobs older than the window go (with their ToDos, edges and events),
--- in batches, so a prune never holds long locks.
+-- One bounded batch each: events older than the job window (of any job), finished
+-- jobs older than it with their ToDos, edges and events, idempotency keys, and audit
+-- rows older than the audit window; run it again until it prunes nothing.
 --
 -- Generated from supabase/migrations by scripts/schemas.py; edit a migration (and
 -- the header in that script), then run `python scripts/schemas.py write`.
