@@ -399,6 +399,8 @@ def _anchor(entry: Entry, indexes: dict[str, str]) -> str | None:
     on), so a reader finds a table's keys and indexes, a function's grants, right after it.
     None for an entry that stands alone (a function, a table, a policy, a trigger)."""
     keyword, _, rest = entry.name.partition(" ")
+    if entry.kind in ("ACL", "COMMENT") and keyword == "SCHEMA":
+        return f"schema {rest}"
     if entry.kind in ("ACL", "COMMENT") and keyword == "FUNCTION":
         return f"function {entry.schema}.{rest.split('(')[0]}"
     if entry.kind in ("ACL", "COMMENT") and keyword in ("TABLE", "COLUMN", "TYPE"):
@@ -423,6 +425,8 @@ def _anchor(entry: Entry, indexes: dict[str, str]) -> str | None:
 
 def _key(entry: Entry) -> str | None:
     """The anchor name an entry answers to, if others can belong beside it."""
+    if entry.kind == "SCHEMA":
+        return f"schema {entry.name}"
     if entry.kind == "FUNCTION":
         return f"function {entry.schema}.{entry.name.split('(')[0]}"
     if entry.kind in ("TABLE", "TYPE"):

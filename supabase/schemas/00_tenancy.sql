@@ -13,15 +13,19 @@ set check_function_bodies = false;
 
 -- SCHEMA cpa
 CREATE SCHEMA cpa;
-
 -- COMMENT on SCHEMA cpa
 COMMENT ON SCHEMA cpa IS 'Operations (versioned SQL functions); not exposed through the Data API.';
+-- ACL on SCHEMA cpa
+GRANT USAGE ON SCHEMA cpa TO authenticated;
+GRANT USAGE ON SCHEMA cpa TO service_role;
 
 -- SCHEMA private
 CREATE SCHEMA private;
-
 -- COMMENT on SCHEMA private
 COMMENT ON SCHEMA private IS 'Helpers for policies and SQL functions; not exposed through the Data API.';
+-- ACL on SCHEMA private
+GRANT USAGE ON SCHEMA private TO authenticated;
+GRANT USAGE ON SCHEMA private TO service_role;
 
 -- FUNCTION private.caller_is_user_v1()
 CREATE FUNCTION private.caller_is_user_v1() RETURNS boolean
@@ -121,11 +125,3 @@ CREATE POLICY "Memberships are visible to members of the same tenant" ON public.
 
 -- POLICY public.tenants Tenants are visible to their members
 CREATE POLICY "Tenants are visible to their members" ON public.tenants FOR SELECT TO authenticated USING ((id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
-
--- ACL on SCHEMA cpa
-GRANT USAGE ON SCHEMA cpa TO authenticated;
-GRANT USAGE ON SCHEMA cpa TO service_role;
-
--- ACL on SCHEMA private
-GRANT USAGE ON SCHEMA private TO authenticated;
-GRANT USAGE ON SCHEMA private TO service_role;
