@@ -1,7 +1,8 @@
 """Progress events: the one public shape shared by SSE, JSON long-polling and Realtime.
 
 ``docs/events.schema.json`` is the contract; the commit-time flush of the events
-(``private.job_events_flush_v1``) builds the same object in SQL for the broadcast.
+(``private.job_events_flush_v4``, in supabase/schemas/40_events_and_realtime.sql) builds the
+same object in SQL for the broadcast.
 """
 
 from __future__ import annotations

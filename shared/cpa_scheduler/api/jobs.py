@@ -8,14 +8,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from cpa_scheduler import (
     auth,
@@ -38,8 +37,6 @@ from cpa_scheduler.api.deps import (
     UserSession,
     VerifiedClaims,
     get_caller,
-    get_claims,
-    get_state,
     wanted_tenant,
 )
 
@@ -121,6 +118,7 @@ async def _kick(url: str, secret: str | None) -> None:
         pass  # the schedule picks the job up anyway
 
 
+@router.post("", status_code=201, response_model=JobOut)
 async def create_job(
     body: JobCreate,
     app: AppState,
@@ -180,79 +178,6 @@ async def create_job(
     if view is not None:
         return view
     return Response(content=text, status_code=201, media_type="application/json")
-
-
-class _CreateRoute(APIRoute):
-    """``POST /v1/jobs`` with a shortcut for its common request.
-
-    FastAPI resolves the route's declared parameters (the body model, the dependencies, two
-    headers, BackgroundTasks) for every request, about 0.1 ms of Python per POST, more than
-    the work itself. The declared signature of :func:`create_job` stays what the OpenAPI
-    document, and every request the shortcut does not take, go through; :func:`_create_fast`
-    answers the common one (a JSON body that validates, no Idempotency-Key, the Postgres
-    limiter, tracing off, no dependency overrides) with the same checks in FastAPI's order
-    (JSON decoding, then the caller's token, then the body model) and the same answer. Anything else, including every invalid request, goes to FastAPI's handler, so
-    errors keep FastAPI's exact shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        standard = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            fast = await _create_fast(request)
-            return fast if fast is not None else await standard(request)
-
-        return handler
-
-
-router.add_api_route(
-    "", create_job, methods=["POST"], status_code=201, response_model=JobOut,
-    route_class_override=_CreateRoute,
-)  # fmt: skip
-
-
-async def _create_fast(request: Request) -> Response | None:
-    """The answer to a common ``POST /v1/jobs`` (see :class:`_CreateRoute`), or None to let
-    FastAPI's handler take the request (it then does the same work again, from the start)."""
-    headers = request.headers
-    if (
-        headers.get("content-type") != "application/json"
-        or "idempotency-key" in headers
-        or tracing.active()
-        or request.app.dependency_overrides
-    ):
-        return None
-    app = await get_state(request)
-    limiter = app.limiter
-    if not isinstance(limiter, ratelimit.PostgresLimiter):
-        return None
-    # FastAPI's order: the JSON is decoded first (a decode error is a 422 even without a
-    # token), then the dependencies run (a bad token is a 401), then the body validates.
-    try:
-        value = json.loads(await request.body())
-    except ValueError:  # JSONDecodeError, also an empty body
-        return None
-    claims = await get_claims(request, app)
-    try:
-        body = JobCreate.model_validate(value)
-    except ValidationError:
-        return None
-    call = intake.one_call(
-        tenant_id=wanted_tenant(claims, headers.get("x-cpa-tenant")), text=body.request,
-        spec=body.graph, idempotency_key=None, priority=body.priority,
-        planner_configured=app.config.planner_configured, force_planner=body.plan,
-        time_zone=body.time_zone, run_at=body.run_at, traceparent=None,
-        rate_limit=(limiter.limit, limiter.window),
-    )  # fmt: skip
-    if call is None:  # a recurring request or agent-dependent ToDos: create_job's other path
-        return None
-    # As create_job: the claims, the call and the commit in one round trip.
-    text = await app.store.submit(claims.for_database(), call)
-    background = None
-    if app.config.dispatch_url:
-        background = BackgroundTasks()
-        background.add_task(_kick, app.config.dispatch_url, app.config.dispatch_secret)
-    return Response(content=text, status_code=201, media_type="application/json",
-                    background=background)  # fmt: skip
 
 
 async def _create_in_steps(
