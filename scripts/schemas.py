@@ -80,6 +80,8 @@ SUBJECTS: list[dict[str, object]] = [
         "tables": ["public.tenants", "public.memberships"],
         "functions": [
             "private.user_tenant_ids",
+            "private.user_admin_tenant_ids",
+            "private.job_visible",
             "private.tenant_authorize",
             "private.caller_is_user",
         ],
@@ -143,6 +145,9 @@ SUBJECTS: list[dict[str, object]] = [
             "cpa.agent_claim",
             "cpa.agent_upsert",
             "private.agent_owner",
+            "private.agent_bind",
+            "private.agent_key_check",
+            "private.agent_wake",
             "private.agent_items",
             "cpa.job_gate",
             "private.job_gate",
@@ -195,8 +200,10 @@ SUBJECTS: list[dict[str, object]] = [
             "trigger flushes them at commit under per-bucket advisory locks taken in ascending",
             "order, so the ids of one job become visible in id order (readers resume by id) and",
             "flushes cannot deadlock. Each flush sends the broadcasts (`realtime.send`, private",
-            "topics); the policies on `realtime.messages` let a member join only their tenant's",
-            "topics.",
+            "topics: `tenant:<t>` for the tenant's owners and admins, `tenant:<t>:user:<u>` for the",
+            "jobs user u owns, `tenant:<t>:agents:<u>` for u's desktop wake-ups); the policies on",
+            "`realtime.messages` (`private.realtime_topic_allowed_v1`) let a member join only",
+            "their own topics and an owner or admin the tenant's.",
         ],
         "tables": [
             "public.job_events",
@@ -207,6 +214,7 @@ SUBJECTS: list[dict[str, object]] = [
         "types": ["private.job_event_draft"],
         "functions": [
             "private.job_events_flush",
+            "private.realtime_topic_allowed",
             "private.job_events_stage",
             "private.job_events_restage",
             "private.jobs_events",
@@ -241,7 +249,11 @@ SUBJECTS: list[dict[str, object]] = [
             "`cpa.retention_prune_v1`), which is itself audited.",
         ],
         "tables": ["public.audit_log"],
-        "functions": ["private.audit_write", "private.audit_forbid_change"],
+        "functions": [
+            "private.audit_write",
+            "private.audit_forbid_change",
+            "private.todo_agent_audit",
+        ],
     },
     {
         "file": "70_limits_and_caches.sql",

@@ -218,6 +218,7 @@ def _serve_on(
         await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
         failed = worker.done() and not stop.is_set()
         stop.set()
+        services.stopping()  # open long-polls answer now, so the server can exit
         server.should_exit = True
         await asyncio.gather(web, worker, return_exceptions=True)
         await services.close()
@@ -230,7 +231,7 @@ def _serve_on(
 
 
 def _token(args: argparse.Namespace) -> int:
-    print(_mint(args.tenant, args.user, args.ttl))
+    print(_mint(args.tenant, args.user, args.ttl, args.role))
     return 0
 
 
@@ -248,7 +249,7 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mint(tenant: str, user: str, ttl: int) -> str:
+def _mint(tenant: str, user: str, ttl: int, role: str | None = None) -> str:
     """A local access token for ``user`` in ``tenant``; creates both and the membership."""
     from cpa_scheduler import auth
 
@@ -267,9 +268,15 @@ def _mint(tenant: str, user: str, ttl: int) -> str:
         db = store.Store(url, max_size=1)
         try:
             async with db.admin() as session:
-                await session.membership_ensure(
-                    tenant_id, user_id, tenant_name=tenant, email=f"{user_id}@local.invalid"
+                # The tenant's first user owns it; later ones are members (who see only their
+                # own jobs) unless --role says otherwise. An existing membership keeps its role.
+                chosen = role or (
+                    "member" if await session.tenant_other_members(tenant_id, user_id) else "owner"
                 )
+                await session.membership_ensure(
+                    tenant_id, user_id, tenant_name=tenant, email=f"{user_id}@local.invalid",
+                    role=chosen,
+                )  # fmt: skip
         finally:
             await db.close()
 
@@ -487,7 +494,7 @@ def _agent(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with _client() as c:
-            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, poll=args.poll)
+            return await desktop.serve(c, args.agent_id, sandbox, once=args.once, wait=args.wait)
 
     asyncio.run(run())
     return 0
@@ -515,6 +522,9 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--tenant", required=True, help="tenant name or UUID")
     tk.add_argument("--user", required=True, help="user name or UUID")
     tk.add_argument("--ttl", type=int, default=24 * 3600, help="seconds the token is valid")
+    tk.add_argument("--role", choices=["owner", "admin", "member"],
+                    help="a new membership's role (default: owner for the tenant's first user, "
+                    "member after; members see only their own jobs)")  # fmt: skip
     tk.set_defaults(run=_token)
     ui = cmd("ui", "Print the jobs page's address, signed in (local mode); --open opens it.")
     ui.add_argument("--tenant", default="demo", help="tenant name or UUID")
@@ -567,7 +577,13 @@ def parser() -> argparse.ArgumentParser:
     ag = cmd("agent", "Run a desktop agent worker (the reference client).")
     ag.add_argument("--agent-id", default=f"agent-{socket.gethostname()}", help="this agent's id")
     ag.add_argument("--sandbox", default="~/cpa-agent-sandbox", help="the only folder files go to")
-    ag.add_argument("--poll", type=float, default=1.0, help="seconds between claims")
+    ag.add_argument(
+        "--wait",
+        type=float,
+        default=20.0,
+        help="seconds one claim long-polls for work (without Realtime; at most 20)",
+    )
+    ag.add_argument("--poll", type=float, help=argparse.SUPPRESS)  # replaced by push and --wait
     ag.add_argument("--once", action="store_true", help="claim once, handle it, exit")
     ag.set_defaults(run=_agent)
     cmd("migrate", "Apply the database migrations.").set_defaults(run=_migrate)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ TERMINAL = events_mod.TERMINAL
 TokenProvider = Callable[[], Awaitable[str]]
 _BY_STATUS: dict[int, type[errors.CpaError]] = {
     401: errors.AuthError,
+    403: errors.ForbiddenError,
     404: errors.NotFoundError,
     409: errors.ConflictError,
     413: errors.InvalidError,
@@ -361,8 +362,12 @@ class Client:
         from realtime import RealtimeChannelOptions, RealtimeSubscribeStates
 
         config = self._realtime_config()
-        if tenant_id is None:
-            tenant_id = (await self.get(job_id))["tenant_id"]
+        # The job's events travel on its owner's user topic (a tenant's owners and admins may
+        # join it too); a job without an owner only on the tenant's topic (admins).
+        job = await self.get(job_id)
+        tenant_id = str(job.get("tenant_id") or tenant_id)
+        owner = job.get("created_by")
+        topic = events_mod.user_topic(tenant_id, owner) if owner else events_mod.topic(tenant_id)
         inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def on_broadcast(message: Any) -> None:
@@ -381,13 +386,15 @@ class Client:
                 "presence": None,
             }
         }
-        channel = sb.channel(events_mod.topic(tenant_id), options)
+        channel = sb.channel(topic, options)
         channel.on_broadcast(events_mod.TOPIC_EVENT, on_broadcast)
         try:
             try:
                 await asyncio.wait_for(channel.subscribe(on_state), config.join_timeout)
             except Exception as exc:  # the realtime client raises plain Exceptions
-                raise _RealtimeUnavailable(f"joining {channel.topic} failed: {exc}") from exc
+                raise _RealtimeUnavailable(
+                    f"joining {channel.topic} failed: {_cause(exc, config.join_timeout)}"
+                ) from exc
             last = last_event_id or 0
             joined_at: float | None = None
             lost_at: float | None = None
@@ -455,9 +462,19 @@ class Client:
     # agents -------------------------------------------------------------------------------
 
     async def claim(
-        self, agent_id: str, actions: Sequence[str] | None = None, limit: int = 10
+        self,
+        agent_id: str,
+        actions: Sequence[str] | None = None,
+        limit: int = 10,
+        *,
+        wait: float = 0,
     ) -> list[protocol.Assign]:
-        body = {"agent_id": agent_id, "actions": list(actions) if actions else None, "limit": limit}
+        """Claim desktop ToDos; ``wait`` (at most 20 s) long-polls until there is work."""
+        body: dict[str, Any] = {
+            "agent_id": agent_id, "actions": list(actions) if actions else None, "limit": limit,
+        }  # fmt: skip
+        if wait:
+            body["wait"] = wait
         rows = await self._call("POST", "/v1/agents/claim", json=body)
         out = []
         for row in rows:
@@ -469,6 +486,74 @@ class Client:
             out.append(msg)
         return out
 
+    async def agents(self) -> dict[str, Any]:
+        """``GET /v1/agents``: ``{"tenant_id", "user_id", "agents": [...]}`` (the caller's own
+        agents; a tenant's owners and admins see all)."""
+        result: dict[str, Any] = await self._call("GET", "/v1/agents")
+        return result
+
+    async def wakeups(self, tenant_id: str, user_id: str) -> AsyncGenerator[dict[str, Any], None]:
+        """Realtime wake-ups for this user's desktop agents: ``{"joined": True}`` once the
+        private topic ``tenant:<t>:agents:<u>`` is joined (and again after a rejoin), then each
+        ``todo_ready`` payload (``todo_id, job_id, action``; never params). Raises
+        :class:`errors.UnavailableError` naming the cause when the channel cannot be (re)joined.
+        """
+        from realtime import RealtimeChannelOptions, RealtimeSubscribeStates
+
+        config = self._realtime_config()
+        inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        sb = await self._realtime_client()
+        options: RealtimeChannelOptions = {
+            "config": {
+                "private": True,
+                "broadcast": {"ack": False, "self": False},
+                "presence": None,
+            }
+        }
+        channel = sb.channel(events_mod.agents_topic(tenant_id, user_id), options)
+        channel.on_broadcast(
+            events_mod.WAKE_EVENT, lambda m: inbox.put_nowait(("wake", m.get("payload") or {}))
+        )
+        try:
+            try:
+                await asyncio.wait_for(
+                    channel.subscribe(lambda state, e: inbox.put_nowait(("state", (state, e)))),
+                    config.join_timeout,
+                )
+            except Exception as exc:  # the realtime client raises plain Exceptions
+                raise errors.UnavailableError(
+                    f"Joining {channel.topic} failed: {_cause(exc, config.join_timeout)}."
+                ) from None
+            lost_at: float | None = None
+            joined = False
+            while True:
+                try:
+                    kind, item = await asyncio.wait_for(
+                        inbox.get(), None if lost_at is None else config.join_timeout
+                    )
+                except TimeoutError:
+                    raise errors.UnavailableError(
+                        f"{channel.topic} was not joined again within {config.join_timeout} s."
+                    ) from None
+                if kind == "wake":
+                    yield dict(item)
+                    continue
+                state, error = item
+                if state == RealtimeSubscribeStates.SUBSCRIBED:
+                    lost_at, joined = None, True
+                    yield {"joined": True}
+                elif state == RealtimeSubscribeStates.CHANNEL_ERROR and joined:
+                    lost_at = lost_at or time.monotonic()  # the client rejoins by itself
+                else:  # refused at the first join (not this user's topic?), closed, timed out
+                    cause = f": {_cause(error, config.join_timeout)}" if error else ""
+                    raise errors.UnavailableError(
+                        f"Joining {channel.topic} failed ({state}){cause}."
+                    )
+        finally:
+            with contextlib.suppress(Exception):
+                await sb.remove_channel(channel)
+            self._supabase = None
+
     async def send(
         self, message: protocol.Message, *, traceparent: str | None = None
     ) -> protocol.Message:
@@ -478,6 +563,13 @@ class Client:
         headers = {"traceparent": traceparent} if traceparent else {}
         body = protocol.dump(message)
         return protocol.parse(await self._call("POST", "/v1/messages", json=body, headers=headers))
+
+
+def _cause(exc: BaseException, timeout: float) -> str:
+    """An exception as a cause a person can read (a bare TimeoutError has no text)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within {timeout:g} s"
+    return str(exc).strip() or type(exc).__name__
 
 
 class _RealtimeUnavailable(Exception):

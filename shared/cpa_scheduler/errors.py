@@ -13,6 +13,8 @@ Hierarchy::
     │   └── ConfigError              configuration is malformed or incomplete (env, YAML,
     │                                extras); HTTP 500: the operator's to fix, not the caller's
     ├── AuthError                    missing, expired or forged token (HTTP 401)
+    ├── ForbiddenError               authenticated, but the thing belongs to another user
+    │                                (an agent id another user registered; HTTP 403)
     ├── NotFoundError                no such entity, or not visible to the caller (HTTP 404)
     ├── ConflictError                a state transition that is not allowed now (HTTP 409)
     ├── RateLimitedError             too many requests; retry later (HTTP 429)
@@ -120,6 +122,13 @@ class AuthError(CpaError):
 
     code = "unauthenticated"
     status = 401
+
+
+class ForbiddenError(CpaError):
+    """The caller is authenticated but may not use this (an agent id another user holds)."""
+
+    code = "forbidden"
+    status = 403
 
 
 class NotFoundError(CpaError):

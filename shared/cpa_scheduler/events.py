@@ -12,7 +12,8 @@ from typing import Any
 from cpa_scheduler import graph
 
 TERMINAL: frozenset[graph.Status] = frozenset({"done", "failed", "cancelled"})
-TOPIC_EVENT = "job_events"  # the broadcast event name on topic 'tenant:<tenant_id>'
+TOPIC_EVENT = "job_events"  # the event name on the user and tenant topics
+WAKE_EVENT = "todo_ready"  # the event name on a user's agents topic
 
 
 def view(row: dict[str, Any]) -> dict[str, Any]:
@@ -44,5 +45,17 @@ def ends(batch: list[dict[str, Any]], *, terminal: bool, complete: bool) -> bool
 
 
 def topic(tenant_id: object) -> str:
-    """The tenant-private Realtime topic (without the client's ``realtime:`` prefix)."""
+    """The tenant's Realtime topic, every event of the tenant; only its owners and admins may
+    join it (topics are named without the client's ``realtime:`` prefix)."""
     return f"tenant:{tenant_id}"
+
+
+def user_topic(tenant_id: object, user_id: object) -> str:
+    """The events of the jobs a user owns; joinable by that user and the tenant's owners and
+    admins."""
+    return f"tenant:{tenant_id}:user:{user_id}"
+
+
+def agents_topic(tenant_id: object, user_id: object) -> str:
+    """``todo_ready`` wake-ups for a user's desktop agents; joinable by that user only."""
+    return f"tenant:{tenant_id}:agents:{user_id}"

@@ -11,9 +11,10 @@ from zoneinfo import ZoneInfo
 
 from cpa_scheduler import errors, graph, intents, protocol, schedules, store, times, tracing
 
-# An agent seen this recently counts as online for optional desktop ToDos (agents poll every
-# few seconds while they run).
-ONLINE = 60.0
+# An agent seen this recently counts as online for optional desktop ToDos: an idle agent
+# checks in once a minute (Realtime) or every 20 s (long-poll), and the database records it
+# when the last record is older than 45 s (GET /v1/agents uses the same 90 s).
+ONLINE = 90.0
 
 
 def resolver(tz: ZoneInfo, now: datetime) -> intents.TimeResolver:
@@ -208,8 +209,9 @@ def job_view(job: store.JobRow, todos: list[dict[str, Any]] | None) -> dict[str,
     """The public JSON shape of a job (``GET /v1/jobs/{id}``)."""
     out = {k: getattr(job, k) for k in JOB_FIELDS}
     out["id"] = str(job.id)
-    # The desktop subscribes to the Realtime topic 'tenant:<tenant_id>' of the job it follows.
+    # The desktop follows a job on the Realtime topic 'tenant:<tenant_id>:user:<created_by>'.
     out["tenant_id"] = str(job.tenant_id)
+    out["created_by"] = str(job.created_by) if job.created_by else None
     out["schedule_id"] = str(job.schedule_id) if job.schedule_id else None
     if todos is not None:
         out["todos"] = [{k: t.get(k) for k in TODO_FIELDS} | {"id": str(t["id"])} for t in todos]

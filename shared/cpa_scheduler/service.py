@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from cpa_scheduler import database, settings, store
 
 if TYPE_CHECKING:  # built on first use: see Services
-    from cpa_scheduler import auth, dispatch, executor, ratelimit
+    from cpa_scheduler import auth, dispatch, executor, ratelimit, wakeups
 
 
 class Services:
@@ -37,6 +37,7 @@ class Services:
         self._verifier = verifier
         self._limiter = limiter
         self._registry: executor.Registry | None = None
+        self._wakeups: wakeups.Listener | None = None
 
     @property
     def verifier(self) -> auth.Verifier:
@@ -65,6 +66,16 @@ class Services:
             self._registry = planner.registry_for(self.config, self.store)
         return self._registry
 
+    @property
+    def wakeups(self) -> wakeups.Listener:
+        """The LISTEN connection that wakes long-polling desktop claims (started on first
+        use by a long-running host; Lambda never starts it and polls)."""
+        if self._wakeups is None:
+            from cpa_scheduler import wakeups
+
+            self._wakeups = wakeups.Listener(self.store.url, connect_timeout=self.store.timeout)
+        return self._wakeups
+
     def dispatcher(self, **tuning: Any) -> dispatch.Dispatcher:
         """A new dispatcher over this store and registry, configured by the settings.
 
@@ -82,8 +93,16 @@ class Services:
             **tuning,
         )
 
+    def stopping(self) -> None:
+        """The host is stopping: long-polling claims answer at once instead of holding the
+        server's exit for up to their 20 s."""
+        if self._wakeups is not None:
+            self._wakeups.stop()
+
     async def close(self) -> None:
         """Close the pool (a host that ends; Lambda never does)."""
+        if self._wakeups is not None:
+            await self._wakeups.close()
         await self.store.close()
 
 

@@ -160,6 +160,11 @@ def translate() -> Iterator[None]:
         raise errors.UnavailableError(
             f"The database is unavailable: {str(exc).strip() or type(exc).__name__}."
         ) from None
+    except psycopg.Error as exc:
+        if exc.sqlstate != "CP403":  # the SQL functions' "belongs to another user"
+            raise
+        hint = f" {exc.diag.message_hint}" if exc.diag.message_hint else ""
+        raise errors.ForbiddenError(f"{exc.diag.message_primary}{hint}") from None
 
 
 def _claim_params(
@@ -663,6 +668,13 @@ class Session:
         }
         return int(await self._scalar("agent_release", params))
 
+    async def agent_list(self, tenant_id: uuid.UUID | str, seen_seconds: float) -> list[Row]:
+        """The tenant's agents the caller may see (row-level security: their own; owners and
+        admins: all), with ``online`` (seen in the last ``seen_seconds``)."""
+        return await self._all(
+            "agent_list", {"tenant_id": str(tenant_id), "seen_seconds": seen_seconds}
+        )
+
     async def agent_offering(
         self, tenant_id: uuid.UUID | str, action: str, seen_seconds: float = 600.0
     ) -> bool:
@@ -821,6 +833,13 @@ class Session:
             "membership_ensure",
             {"tenant_id": str(tenant_id), "user_id": str(user_id), "role": role},
         )
+
+    async def tenant_other_members(
+        self, tenant_id: uuid.UUID | str, user_id: uuid.UUID | str
+    ) -> bool:
+        """Whether the tenant has members besides this user (admin scope)."""
+        params = {"tenant_id": str(tenant_id), "user_id": str(user_id)}
+        return bool(await self._scalar("tenant_other_members", params))
 
     async def my_tenants(self) -> list[uuid.UUID]:
         """The caller's tenants (user scope), oldest membership first."""

@@ -39,6 +39,25 @@ REVOKE ALL ON FUNCTION private.caller_is_user_v1() FROM PUBLIC;
 GRANT ALL ON FUNCTION private.caller_is_user_v1() TO authenticated;
 GRANT ALL ON FUNCTION private.caller_is_user_v1() TO service_role;
 
+-- FUNCTION private.job_visible_v1(uuid)
+CREATE FUNCTION private.job_visible_v1(p_job_id uuid) RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+  select not private.caller_is_user_v1()
+      or exists (select 1 from public.jobs j
+                  where j.id = p_job_id
+                    and ((j.created_by = (select auth.uid())
+                          and j.tenant_id in (select private.user_tenant_ids_v1()))
+                         or j.tenant_id in (select private.user_admin_tenant_ids_v1())))
+$$;
+-- COMMENT on FUNCTION private.job_visible_v1(p_job_id uuid)
+COMMENT ON FUNCTION private.job_visible_v1(p_job_id uuid) IS 'The caller may read the job: its creator, an owner or admin of its tenant, or a privileged role.';
+-- ACL on FUNCTION private.job_visible_v1(p_job_id uuid)
+REVOKE ALL ON FUNCTION private.job_visible_v1(p_job_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION private.job_visible_v1(p_job_id uuid) TO authenticated;
+GRANT ALL ON FUNCTION private.job_visible_v1(p_job_id uuid) TO service_role;
+
 -- FUNCTION private.tenant_authorize_v1(uuid)
 CREATE FUNCTION private.tenant_authorize_v1(p_tenant_id uuid) RETURNS void
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -58,6 +77,21 @@ $$;
 REVOKE ALL ON FUNCTION private.tenant_authorize_v1(p_tenant_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION private.tenant_authorize_v1(p_tenant_id uuid) TO authenticated;
 GRANT ALL ON FUNCTION private.tenant_authorize_v1(p_tenant_id uuid) TO service_role;
+
+-- FUNCTION private.user_admin_tenant_ids_v1()
+CREATE FUNCTION private.user_admin_tenant_ids_v1() RETURNS SETOF uuid
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+  select m.tenant_id from public.memberships m
+   where m.user_id = (select auth.uid()) and m.role in ('owner', 'admin')
+$$;
+-- COMMENT on FUNCTION private.user_admin_tenant_ids_v1()
+COMMENT ON FUNCTION private.user_admin_tenant_ids_v1() IS 'Tenant ids where the calling user (auth.uid()) is an owner or admin: they see all of the tenant''s jobs.';
+-- ACL on FUNCTION private.user_admin_tenant_ids_v1()
+REVOKE ALL ON FUNCTION private.user_admin_tenant_ids_v1() FROM PUBLIC;
+GRANT ALL ON FUNCTION private.user_admin_tenant_ids_v1() TO authenticated;
+GRANT ALL ON FUNCTION private.user_admin_tenant_ids_v1() TO service_role;
 
 -- FUNCTION private.user_tenant_ids_v1()
 CREATE FUNCTION private.user_tenant_ids_v1() RETURNS SETOF uuid

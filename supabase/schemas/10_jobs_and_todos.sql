@@ -98,6 +98,7 @@ CREATE FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_ha
     AS $$
 declare
   v_hash text;
+  v_job uuid;
 begin
   perform private.tenant_authorize_v1(p_tenant_id);
   insert into private.job_idempotency (tenant_id, key, body_hash)
@@ -112,11 +113,16 @@ begin
     raise exception 'The Idempotency-Key % was first used with a different body; send the original body to get that job again, or use a new key for a new job.', left(p_key, 200)
       using errcode = '55000';
   end if;
+  select j.id into v_job from public.jobs j where j.tenant_id = p_tenant_id and j.idempotency_key = p_key;
+  if v_job is not null and not private.job_visible_v1(v_job) then
+    raise exception 'The Idempotency-Key % belongs to another user''s job; use a new key.', left(p_key, 200)
+      using errcode = '55000';
+  end if;
   return false;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text)
-COMMENT ON FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text) IS 'Record the body hash of a new Idempotency-Key; true when new, false for a replay, 55000 for a different body.';
+COMMENT ON FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text) IS 'Record the body hash of a new Idempotency-Key; true when new, false for a replay, 55000 for a different body or another user''s job.';
 -- ACL on FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text)
 REVOKE ALL ON FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.idempotency_check_v1(p_tenant_id uuid, p_key text, p_body_hash text) TO authenticated;
@@ -396,9 +402,15 @@ declare
 begin
   if p_idempotency_key is not null then
     -- A keyed request may answer an earlier job: v1 keeps that path (as v2).
-    return cpa.job_submit_v1(p_tenant_id, p_request, p_intent, p_todos, p_idempotency_key,
-                             p_priority, p_max_retries, p_run_at, p_time_zone, p_traceparent,
-                             p_rate_limit, p_rate_window);
+    v_todos := cpa.job_submit_v1(p_tenant_id, p_request, p_intent, p_todos, p_idempotency_key,
+                                 p_priority, p_max_retries, p_run_at, p_time_zone, p_traceparent,
+                                 p_rate_limit, p_rate_window);
+    if not private.job_visible_v1((v_todos ->> 'id')::uuid) then
+      raise exception 'The Idempotency-Key % belongs to another user''s job; use a new key.', left(p_idempotency_key, 200)
+        using errcode = '55000';
+    end if;
+    return v_todos || jsonb_build_object(
+      'created_by', (select j.created_by from public.jobs j where j.id = (v_todos ->> 'id')::uuid));
   end if;
   if v_tenant is null then
     select m.tenant_id into v_tenant from public.memberships m
@@ -526,10 +538,15 @@ begin
     perform set_config('cpa.events_direct', '', true);
     perform realtime.send(jsonb_build_object('events', v_events), 'job_events',
                           'tenant:' || v_tenant::text, true);
+    if v_job.created_by is not null then
+      perform realtime.send(jsonb_build_object('events', v_events), 'job_events',
+                            'tenant:' || v_tenant::text || ':user:' || v_job.created_by::text, true);
+    end if;
   end if;
 
   return jsonb_build_object(
-    'id', v_job.id, 'tenant_id', v_job.tenant_id, 'status', v_job.status,
+    'id', v_job.id, 'tenant_id', v_job.tenant_id, 'created_by', v_job.created_by,
+    'status', v_job.status,
     'request', v_job.request, 'intent', v_job.intent, 'error', v_job.error,
     'created_at', v_job.created_at,
     'started_at', v_job.started_at,
@@ -539,7 +556,7 @@ begin
 end;
 $$;
 -- COMMENT on FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer)
-COMMENT ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) IS 'POST /v1/jobs in one call (as job_submit_v2), writing the new job''s events and their Realtime broadcast itself (jobs up to 100 ToDos) instead of staging them for the commit-time flush. Keyed requests go to job_submit_v1.';
+COMMENT ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) IS 'POST /v1/jobs in one call (as job_submit_v2), writing the new job''s events and their Realtime broadcast (tenant and owner''s user topic) itself (jobs up to 100 ToDos) instead of staging them for the commit-time flush; the answer names created_by. Keyed requests go to job_submit_v1.';
 -- ACL on FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer)
 REVOKE ALL ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) TO authenticated;
@@ -1057,8 +1074,10 @@ ALTER TABLE ONLY public.todos
 -- POLICY public.todo_edges Dependencies are visible to members of their tenant
 CREATE POLICY "Dependencies are visible to members of their tenant" ON public.todo_edges FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
 
--- POLICY public.jobs Jobs are visible to members of their tenant
-CREATE POLICY "Jobs are visible to members of their tenant" ON public.jobs FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
+-- POLICY public.jobs Jobs are visible to their creator and the tenant's admins
+CREATE POLICY "Jobs are visible to their creator and the tenant's admins" ON public.jobs FOR SELECT TO authenticated USING (((tenant_id IN ( SELECT private.user_admin_tenant_ids_v1() AS user_admin_tenant_ids_v1)) OR ((created_by = ( SELECT auth.uid() AS uid)) AND (tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)))));
 
--- POLICY public.todos ToDos are visible to members of their tenant
-CREATE POLICY "ToDos are visible to members of their tenant" ON public.todos FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
+-- POLICY public.todos ToDos are visible with their job
+CREATE POLICY "ToDos are visible with their job" ON public.todos FOR SELECT TO authenticated USING (((tenant_id IN ( SELECT private.user_admin_tenant_ids_v1() AS user_admin_tenant_ids_v1)) OR (EXISTS ( SELECT 1
+   FROM public.jobs j
+  WHERE ((j.id = todos.job_id) AND (j.created_by = ( SELECT auth.uid() AS uid)) AND (j.tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)))))));

@@ -18,18 +18,53 @@ CREATE FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  v_agent public.agents;
+  v_anyone boolean;
+  v_owner constant text := private.agent_owner_v1(p_agent_key);
 begin
-  perform private.tenant_authorize_v1(p_tenant_id);
-  insert into public.agents (tenant_id, agent_key, actions, created_by)
-  values (p_tenant_id, p_agent_key, coalesce(p_actions, '{}'), (select auth.uid()))
-  on conflict (tenant_id, agent_key) do update set last_seen_at = now();
+  v_agent := private.agent_bind_v1(p_tenant_id, p_agent_key, p_actions, null);
+  -- Jobs nobody owns (made by the service role) go to agents of those who see them: the
+  -- tenant's owners and admins, and agents the service registered.
+  v_anyone := v_agent.created_by is null or exists (
+    select 1 from public.memberships m
+     where m.tenant_id = p_tenant_id and m.user_id = v_agent.created_by
+       and m.role in ('owner', 'admin'));
+  perform private.todo_expire_v1(100);
   return query
-  select * from cpa.todo_claim_v2('desktop', private.agent_owner_v1(p_agent_key), least(p_limit, 50),
-                                  least(greatest(p_lease_seconds, 5), 3600), p_tenant_id, p_actions);
+  with picked as materialized (
+    select t.id from public.todos t
+     where t.status = 'ready' and t.target = 'desktop' and t.tenant_id = p_tenant_id
+       and t.run_after <= now()
+       and (p_actions is null or t.action = any(p_actions))
+       and (t.assigned_agent is null or t.assigned_agent = p_agent_key)
+       and exists (select 1 from public.jobs j
+                    where j.id = t.job_id
+                      and (j.created_by = v_agent.created_by
+                           or (j.created_by is null and v_anyone)))
+     order by t.priority desc, t.run_after
+     limit least(greatest(p_limit, 1), 50)
+     for update of t skip locked
+  ), claimed as (
+    update public.todos t
+       set status = 'running', attempts = t.attempts + 1, lease_owner = v_owner,
+           lease_expires_at = now() + make_interval(secs => least(greatest(p_lease_seconds, 5), 3600)),
+           started_at = coalesce(t.started_at, now()), updated_at = now()
+      from picked
+     where t.id = picked.id
+    returning t.*
+  ), started as (
+    update public.jobs j
+       set status = 'running', started_at = coalesce(j.started_at, now())
+     where j.id in (select p.id from public.jobs p
+                     where p.id in (select claimed.job_id from claimed) and p.status = 'pending'
+                       for update skip locked)
+  )
+  select * from claimed;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer, p_lease_seconds double precision)
-COMMENT ON FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer, p_lease_seconds double precision) IS 'A desktop agent claims its tenant''s ready desktop ToDos for the actions it offers, leased to private.agent_owner_v1(p_agent_key).';
+COMMENT ON FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer, p_lease_seconds double precision) IS 'A desktop agent claims the ready desktop ToDos of its user''s jobs for the actions it offers, leased to private.agent_owner_v1(p_agent_key); the agent id is bound to its first user (CP403 for another).';
 -- ACL on FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer, p_lease_seconds double precision)
 REVOKE ALL ON FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer, p_lease_seconds double precision) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_claim_v2(p_tenant_id uuid, p_agent_key text, p_actions text[], p_limit integer, p_lease_seconds double precision) TO authenticated;
@@ -66,19 +101,12 @@ CREATE FUNCTION cpa.agent_upsert_v1(p_tenant_id uuid, p_agent_key text, p_name t
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
-declare
-  v_agent public.agents;
 begin
-  perform private.tenant_authorize_v1(p_tenant_id);
-  insert into public.agents (tenant_id, agent_key, name, actions, created_by)
-  values (p_tenant_id, p_agent_key, p_name, coalesce(p_actions, '{}'), (select auth.uid()))
-  on conflict (tenant_id, agent_key) do update
-     set name = coalesce(excluded.name, public.agents.name),
-         actions = excluded.actions, last_seen_at = now()
-  returning * into v_agent;
-  return v_agent;
+  return private.agent_bind_v1(p_tenant_id, p_agent_key, coalesce(p_actions, '{}'), p_name);
 end;
 $$;
+-- COMMENT on FUNCTION cpa.agent_upsert_v1(p_tenant_id uuid, p_agent_key text, p_name text, p_actions text[])
+COMMENT ON FUNCTION cpa.agent_upsert_v1(p_tenant_id uuid, p_agent_key text, p_name text, p_actions text[]) IS 'Register an agent (an offer): bound to the calling user on first use, CP403 if another user holds the id; writes only what changed.';
 -- ACL on FUNCTION cpa.agent_upsert_v1(p_tenant_id uuid, p_agent_key text, p_name text, p_actions text[])
 REVOKE ALL ON FUNCTION cpa.agent_upsert_v1(p_tenant_id uuid, p_agent_key text, p_name text, p_actions text[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_upsert_v1(p_tenant_id uuid, p_agent_key text, p_name text, p_actions text[]) TO authenticated;
@@ -410,6 +438,54 @@ COMMENT ON FUNCTION cpa.todo_snooze_v1(p_id uuid, p_owner text, p_until timestam
 REVOKE ALL ON FUNCTION cpa.todo_snooze_v1(p_id uuid, p_owner text, p_until timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.todo_snooze_v1(p_id uuid, p_owner text, p_until timestamp with time zone) TO service_role;
 
+-- FUNCTION private.agent_bind_v1(uuid, text, text[], text)
+CREATE FUNCTION private.agent_bind_v1(p_tenant_id uuid, p_agent_key text, p_actions text[], p_name text) RETURNS public.agents
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_uid uuid := (select auth.uid());
+  v_agent public.agents;
+begin
+  perform private.tenant_authorize_v1(p_tenant_id);
+  for i in 1 .. 2 loop
+    select * into v_agent from public.agents a
+     where a.tenant_id = p_tenant_id and a.agent_key = p_agent_key;
+    if found then
+      if v_uid is not null and v_agent.created_by is not null and v_agent.created_by <> v_uid then
+        raise exception 'The agent id % belongs to another user of this tenant.', p_agent_key
+          using errcode = 'CP403',
+                hint = 'Each user''s desktop registers its own agent_id; choose another one.';
+      end if;
+      if (v_uid is not null and v_agent.created_by is null)
+         or v_agent.last_seen_at < now() - interval '45 seconds'
+         or (p_actions is not null and v_agent.actions is distinct from p_actions)
+         or (p_name is not null and v_agent.name is distinct from p_name) then
+        update public.agents a
+           set created_by = coalesce(a.created_by, v_uid), last_seen_at = now(),
+               actions = coalesce(p_actions, a.actions), name = coalesce(p_name, a.name)
+         where a.id = v_agent.id
+        returning * into v_agent;
+      end if;
+      return v_agent;
+    end if;
+    insert into public.agents (tenant_id, agent_key, name, actions, created_by)
+    values (p_tenant_id, p_agent_key, p_name, coalesce(p_actions, '{}'), v_uid)
+    on conflict (tenant_id, agent_key) do nothing
+    returning * into v_agent;
+    if found then
+      return v_agent;
+    end if;
+    -- Registered by a concurrent call: read it again (and check whose it is).
+  end loop;
+  raise exception 'The agent % could not be registered; try again.', p_agent_key using errcode = '40001';
+end;
+$$;
+-- COMMENT on FUNCTION private.agent_bind_v1(p_tenant_id uuid, p_agent_key text, p_actions text[], p_name text)
+COMMENT ON FUNCTION private.agent_bind_v1(p_tenant_id uuid, p_agent_key text, p_actions text[], p_name text) IS 'The agent row of (tenant, key), registered to and bound to the calling user on first use; CP403 if another user holds the key. Writes only what changed (last_seen_at when older than 45 s).';
+-- ACL on FUNCTION private.agent_bind_v1(p_tenant_id uuid, p_agent_key text, p_actions text[], p_name text)
+REVOKE ALL ON FUNCTION private.agent_bind_v1(p_tenant_id uuid, p_agent_key text, p_actions text[], p_name text) FROM PUBLIC;
+
 -- FUNCTION private.agent_items_v1(text, jsonb)
 CREATE FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -424,6 +500,28 @@ COMMENT ON FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) IS '
 -- ACL on FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb)
 REVOKE ALL ON FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) FROM PUBLIC;
 
+-- FUNCTION private.agent_key_check_v1(text)
+CREATE FUNCTION private.agent_key_check_v1(p_agent_key text) RETURNS void
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+begin
+  if private.caller_is_user_v1() and exists (
+       select 1 from public.agents a
+        where a.agent_key = p_agent_key
+          and a.tenant_id in (select private.user_tenant_ids_v1())
+          and a.created_by is not null and a.created_by <> (select auth.uid())) then
+    raise exception 'The agent id % belongs to another user of this tenant.', p_agent_key
+      using errcode = 'CP403',
+            hint = 'Each user''s desktop registers its own agent_id; report under your own.';
+  end if;
+end;
+$$;
+-- COMMENT on FUNCTION private.agent_key_check_v1(p_agent_key text)
+COMMENT ON FUNCTION private.agent_key_check_v1(p_agent_key text) IS 'Raise CP403 when an end user reports under an agent id another user of their tenant holds.';
+-- ACL on FUNCTION private.agent_key_check_v1(p_agent_key text)
+REVOKE ALL ON FUNCTION private.agent_key_check_v1(p_agent_key text) FROM PUBLIC;
+
 -- FUNCTION private.agent_owner_v1(text)
 CREATE FUNCTION private.agent_owner_v1(p_agent_key text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -435,6 +533,32 @@ $$;
 COMMENT ON FUNCTION private.agent_owner_v1(p_agent_key text) IS 'The lease owner of a desktop agent''s ToDos: agent:<agent key>. The only place that spells it.';
 -- ACL on FUNCTION private.agent_owner_v1(p_agent_key text)
 REVOKE ALL ON FUNCTION private.agent_owner_v1(p_agent_key text) FROM PUBLIC;
+
+-- FUNCTION private.agent_wake_v1(uuid[])
+CREATE FUNCTION private.agent_wake_v1(p_todo_ids uuid[]) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  r record;
+begin
+  for r in
+    select t.tenant_id, j.created_by, t.id, t.job_id, t.action
+      from public.todos t join public.jobs j on j.id = t.job_id
+     where t.id = any(p_todo_ids) and j.created_by is not null
+     order by t.id
+  loop
+    perform realtime.send(jsonb_build_object('todo_id', r.id, 'job_id', r.job_id, 'action', r.action),
+                          'todo_ready',
+                          'tenant:' || r.tenant_id::text || ':agents:' || r.created_by::text, true);
+    perform pg_notify('cpa_desktop_ready', r.tenant_id::text || ':' || r.created_by::text);
+  end loop;
+end;
+$$;
+-- COMMENT on FUNCTION private.agent_wake_v1(p_todo_ids uuid[])
+COMMENT ON FUNCTION private.agent_wake_v1(p_todo_ids uuid[]) IS 'Wake the job owner''s desktop agents for ToDos that became ready: Realtime todo_ready on tenant:<t>:agents:<u> and NOTIFY cpa_desktop_ready ''<t>:<u>''.';
+-- ACL on FUNCTION private.agent_wake_v1(p_todo_ids uuid[])
+REVOKE ALL ON FUNCTION private.agent_wake_v1(p_todo_ids uuid[]) FROM PUBLIC;
 
 -- FUNCTION private.job_gate_key_v1(uuid)
 CREATE FUNCTION private.job_gate_key_v1(p_job_id uuid) RETURNS integer
@@ -754,5 +878,5 @@ CREATE TRIGGER todos_reset_agent_notice BEFORE UPDATE OF status ON public.todos 
 ALTER TABLE ONLY public.agents
     ADD CONSTRAINT agents_tenant_id_fkey FOREIGN KEY (tenant_id) REFERENCES public.tenants(id) ON DELETE CASCADE;
 
--- POLICY public.agents Agents are visible to members of their tenant
-CREATE POLICY "Agents are visible to members of their tenant" ON public.agents FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
+-- POLICY public.agents Agents are visible to their user and the tenant's admins
+CREATE POLICY "Agents are visible to their user and the tenant's admins" ON public.agents FOR SELECT TO authenticated USING (((tenant_id IN ( SELECT private.user_admin_tenant_ids_v1() AS user_admin_tenant_ids_v1)) OR ((created_by = ( SELECT auth.uid() AS uid)) AND (tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)))));

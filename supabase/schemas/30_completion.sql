@@ -13,13 +13,16 @@ set check_function_bodies = false;
 
 -- FUNCTION cpa.agent_complete_v1(text, jsonb)
 CREATE FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
-  select cpa.todo_complete_v1(private.agent_items_v1(p_agent_key, p_items))
+begin
+  perform private.agent_key_check_v1(p_agent_key);
+  return cpa.todo_complete_v1(private.agent_items_v1(p_agent_key, p_items));
+end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb)
-COMMENT ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) IS 'cpa.todo_complete_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)).';
+COMMENT ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) IS 'cpa.todo_complete_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 -- ACL on FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb)
 REVOKE ALL ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) TO authenticated;
@@ -27,13 +30,16 @@ GRANT ALL ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) TO 
 
 -- FUNCTION cpa.agent_fail_v1(text, jsonb, double precision)
 CREATE FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision DEFAULT 1.0) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
-  select cpa.todo_fail_v1(private.agent_items_v1(p_agent_key, p_items), p_backoff_base)
+begin
+  perform private.agent_key_check_v1(p_agent_key);
+  return cpa.todo_fail_v1(private.agent_items_v1(p_agent_key, p_items), p_backoff_base);
+end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision)
-COMMENT ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) IS 'cpa.todo_fail_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)).';
+COMMENT ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) IS 'cpa.todo_fail_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 -- ACL on FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision)
 REVOKE ALL ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) TO authenticated;
@@ -41,13 +47,16 @@ GRANT ALL ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backo
 
 -- FUNCTION cpa.agent_release_v1(text, jsonb, boolean, integer)
 CREATE FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean DEFAULT false, p_max_refusals integer DEFAULT 3) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
-  select cpa.todo_release_v1(private.agent_items_v1(p_agent_key, p_items), p_refusal, p_max_refusals)
+begin
+  perform private.agent_key_check_v1(p_agent_key);
+  return cpa.todo_release_v1(private.agent_items_v1(p_agent_key, p_items), p_refusal, p_max_refusals);
+end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer)
-COMMENT ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) IS 'cpa.todo_release_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)).';
+COMMENT ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) IS 'cpa.todo_release_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 -- ACL on FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer)
 REVOKE ALL ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) TO authenticated;

@@ -4,8 +4,10 @@
 -- trigger flushes them at commit under per-bucket advisory locks taken in ascending
 -- order, so the ids of one job become visible in id order (readers resume by id) and
 -- flushes cannot deadlock. Each flush sends the broadcasts (`realtime.send`, private
--- topics); the policies on `realtime.messages` let a member join only their tenant's
--- topics.
+-- topics: `tenant:<t>` for the tenant's owners and admins, `tenant:<t>:user:<u>` for the
+-- jobs user u owns, `tenant:<t>:agents:<u>` for u's desktop wake-ups); the policies on
+-- `realtime.messages` (`private.realtime_topic_allowed_v1`) let a member join only
+-- their own topics and an owner or admin the tenant's.
 --
 -- Generated from supabase/migrations by scripts/schemas.py; edit a migration (and
 -- the header in that script), then run `python scripts/schemas.py write`.
@@ -35,7 +37,7 @@ declare
   v_id bigint;
 begin
   select * into v_todo from public.todos t where t.id = p_todo_id;
-  if not found then
+  if not found or not private.job_visible_v1(v_todo.job_id) then
     raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
   end if;
   perform private.tenant_authorize_v1(v_todo.tenant_id);
@@ -53,7 +55,7 @@ begin
 end;
 $$;
 -- COMMENT on FUNCTION cpa.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb)
-COMMENT ON FUNCTION cpa.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb) IS 'Record an agent''s agree, inform or refuse message on a ToDo in job_events.';
+COMMENT ON FUNCTION cpa.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb) IS 'Record an agent''s note (agree, inform, refuse, notification) on a ToDo of a job the caller may read.';
 -- ACL on FUNCTION cpa.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb)
 REVOKE ALL ON FUNCTION cpa.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.todo_note_v1(p_todo_id uuid, p_kind text, p_data jsonb) TO authenticated;
@@ -69,6 +71,8 @@ declare
   v_tx constant xid8 := pg_current_xact_id();
   v_jobs uuid[];
   v_gone uuid[];
+  v_owned uuid[];
+  v_owners uuid[];
   v_topics text[];
   v_payloads jsonb[];
 begin
@@ -80,9 +84,12 @@ begin
     return null;
   end if;
   -- A job deleted in this transaction takes its staged events with it (as in _v2).
-  select array_agg(j.id) into v_gone
-    from unnest(v_jobs) j(id)
-   where not exists (select 1 from public.jobs x where x.id = j.id);
+  -- Each job's owner (its user topic) in the same probe that finds deleted jobs.
+  select array_agg(j.id) filter (where x.id is null),
+         array_agg(j.id) filter (where x.created_by is not null),
+         array_agg(x.created_by) filter (where x.created_by is not null)
+    into v_gone, v_owned, v_owners
+    from unnest(v_jobs) j(id) left join public.jobs x on x.id = j.id;
   -- One lock per bucket of jobs, in ascending order, at most 1024 (as in _v2).
   perform pg_advisory_xact_lock(7263200, b.key)
      from (select distinct hashtext(j.id::text) & 1023 as key
@@ -103,35 +110,49 @@ begin
      where v_gone is null or e.job_id <> all(v_gone)
      order by g.seq, e.ord
     returning *
-  ), item as (
-    select i.tenant_id, i.id,
+  ), ev as (
+    select i.tenant_id, i.id, o.user_id,
            jsonb_build_object('id', i.id, 'job_id', i.job_id, 'todo_id', i.todo_id,
                               'kind', i.kind, 'status', i.status, 'data', i.data,
                               'created_at', i.created_at) as event
-      from ins i
+      from ins i left join unnest(v_owned, v_owners) o(job_id, user_id) on o.job_id = i.job_id
   ), whole as (
-    -- Usually a tenant's events fit one message: one aggregate, no per-event size and no
-    -- window. Only a tenant whose events pass 100 kB is cut by size, as in _v2 (an event
-    -- starts a new message once the events before it reach another 100 kB).
-    select t.tenant_id, jsonb_agg(t.event order by t.id) as events
-      from item t group by t.tenant_id
+    -- Each event goes to its tenant's topic and to its job owner's user topic: one pass over
+    -- the events, aggregated per tenant and per (tenant, owner). Usually a topic's events fit
+    -- one message: no per-event size and no window. Only a topic whose events pass 100 kB is
+    -- cut by size, as in _v2 (an event starts a new message once the events before it reach
+    -- another 100 kB).
+    select 'tenant:' || e.tenant_id::text
+           || case when grouping(e.user_id) = 0 then ':user:' || e.user_id::text else '' end
+             as topic,
+           jsonb_agg(e.event order by e.id) as events
+      from ev e
+     group by grouping sets ((e.tenant_id), (e.tenant_id, e.user_id))
+    having grouping(e.user_id) = 1 or e.user_id is not null
   ), msg as (
-    select w.tenant_id, 0::bigint as chunk, w.events
+    select w.topic, 0::bigint as chunk, w.events
       from whole w where pg_column_size(w.events) <= 100000
     union all
-    select c.tenant_id, c.chunk, jsonb_agg(c.event order by c.id)
+    select c.topic, c.chunk, jsonb_agg(c.event order by c.id)
     from (
-      select t.tenant_id, t.id, t.event,
+      select t.topic, t.id, t.event,
              coalesce(sum(pg_column_size(t.event)) over (
-               partition by t.tenant_id order by t.id
+               partition by t.topic order by t.id
                rows between unbounded preceding and 1 preceding), 0) / 100000 as chunk
-      from item t
-     where t.tenant_id in (select w.tenant_id from whole w where pg_column_size(w.events) > 100000)
+      from (select d.topic, e.id, e.event
+              from ev e
+              cross join lateral (values ('tenant:' || e.tenant_id::text),
+                                         ('tenant:' || e.tenant_id::text || ':user:'
+                                          || e.user_id::text)) d(topic)
+             -- A one-time filter: without a message over 100 kB nothing here runs.
+             where exists (select 1 from whole w where pg_column_size(w.events) > 100000)
+               and d.topic is not null) t
+     where t.topic in (select w.topic from whole w where pg_column_size(w.events) > 100000)
     ) c
-    group by c.tenant_id, c.chunk
+    group by c.topic, c.chunk
   )
-  select array_agg('tenant:' || m.tenant_id::text order by m.tenant_id, m.chunk),
-         array_agg(jsonb_build_object('events', m.events) order by m.tenant_id, m.chunk)
+  select array_agg(m.topic order by m.topic, m.chunk),
+         array_agg(jsonb_build_object('events', m.events) order by m.topic, m.chunk)
     into v_topics, v_payloads
     from msg m;
   perform set_config('cpa.events_flushing', 'off', true);
@@ -143,7 +164,7 @@ begin
 end;
 $$;
 -- COMMENT on FUNCTION private.job_events_flush_v4()
-COMMENT ON FUNCTION private.job_events_flush_v4() IS 'At commit: lock the transaction''s job buckets (advisory, sorted, at most 1024, in one statement), give its staged events their ids in job_events, and broadcast them once per tenant (cut by size only past 100 kB).';
+COMMENT ON FUNCTION private.job_events_flush_v4() IS 'At commit: lock the transaction''s job buckets (advisory, sorted, at most 1024, in one statement), give its staged events their ids in job_events, and broadcast them once per topic: tenant:<t> (all) and tenant:<t>:user:<job owner> (cut by size only past 100 kB).';
 -- ACL on FUNCTION private.job_events_flush_v4()
 REVOKE ALL ON FUNCTION private.job_events_flush_v4() FROM PUBLIC;
 
@@ -256,6 +277,41 @@ COMMENT ON FUNCTION private.jobs_events_v2() IS 'Stage job status events (v1), e
 -- ACL on FUNCTION private.jobs_events_v2()
 REVOKE ALL ON FUNCTION private.jobs_events_v2() FROM PUBLIC;
 
+-- FUNCTION private.realtime_topic_allowed_v1(text)
+CREATE FUNCTION private.realtime_topic_allowed_v1(p_topic text) RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO ''
+    AS $_$
+declare
+  v_uuid constant text := '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}';
+  v_parts text[];
+  v_role text;
+begin
+  if p_topic is null or p_topic !~ ('^tenant:' || v_uuid || '(:(user|agents):' || v_uuid || ')?$') then
+    return false;
+  end if;
+  v_parts := string_to_array(p_topic, ':');
+  select m.role into v_role from public.memberships m
+   where m.tenant_id = v_parts[2]::uuid and m.user_id = (select auth.uid());
+  if v_role is null then
+    return false;
+  end if;
+  if cardinality(v_parts) = 2 then
+    return v_role in ('owner', 'admin');
+  end if;
+  if v_parts[3] = 'user' then
+    return v_parts[4]::uuid = (select auth.uid()) or v_role in ('owner', 'admin');
+  end if;
+  return v_parts[4]::uuid = (select auth.uid());  -- agents: the user's own desktops only
+end;
+$_$;
+-- COMMENT on FUNCTION private.realtime_topic_allowed_v1(p_topic text)
+COMMENT ON FUNCTION private.realtime_topic_allowed_v1(p_topic text) IS 'Realtime join rule: tenant:<t> for owners/admins; tenant:<t>:user:<u> for u and owners/admins; tenant:<t>:agents:<u> for u only.';
+-- ACL on FUNCTION private.realtime_topic_allowed_v1(p_topic text)
+REVOKE ALL ON FUNCTION private.realtime_topic_allowed_v1(p_topic text) FROM PUBLIC;
+GRANT ALL ON FUNCTION private.realtime_topic_allowed_v1(p_topic text) TO authenticated;
+GRANT ALL ON FUNCTION private.realtime_topic_allowed_v1(p_topic text) TO service_role;
+
 -- FUNCTION private.todos_events_v2()
 CREATE FUNCTION private.todos_events_v2() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
@@ -278,6 +334,12 @@ begin
     end if;
     if exists (select 1 from new_rows where status = 'ready') then
       perform pg_notify('cpa_todo_ready', 'insert');
+      if exists (select 1 from new_rows n
+                  where n.status = 'ready' and n.target = 'desktop' and n.run_after <= now()) then
+        perform private.agent_wake_v1(array(
+          select n.id from new_rows n
+           where n.status = 'ready' and n.target = 'desktop' and n.run_after <= now()));
+      end if;
     end if;
   else
     perform private.job_events_stage_v1(array(
@@ -293,13 +355,21 @@ begin
     if exists (select 1 from new_rows n join old_rows o on o.id = n.id
                where n.status = 'ready' and o.status is distinct from 'ready') then
       perform pg_notify('cpa_todo_ready', 'update');
+      if exists (select 1 from new_rows n join old_rows o on o.id = n.id
+                  where n.status = 'ready' and o.status is distinct from 'ready'
+                    and n.target = 'desktop' and n.run_after <= now()) then
+        perform private.agent_wake_v1(array(
+          select n.id from new_rows n join old_rows o on o.id = n.id
+           where n.status = 'ready' and o.status is distinct from 'ready'
+             and n.target = 'desktop' and n.run_after <= now()));
+      end if;
     end if;
   end if;
   return null;
 end;
 $$;
 -- COMMENT on FUNCTION private.todos_events_v2()
-COMMENT ON FUNCTION private.todos_events_v2() IS 'Stage ToDo status events and notify cpa_todo_ready (v1), except for the inserted ToDos of the job cpa.job_submit_v3 is creating (cpa.events_direct), whose events it writes itself.';
+COMMENT ON FUNCTION private.todos_events_v2() IS 'Stage ToDo status events and notify cpa_todo_ready, except for the inserted ToDos of the job cpa.job_submit_v3 is creating (cpa.events_direct); desktop ToDos that became ready wake their job owner''s agents (private.agent_wake_v1).';
 -- ACL on FUNCTION private.todos_events_v2()
 REVOKE ALL ON FUNCTION private.todos_events_v2() FROM PUBLIC;
 
@@ -403,9 +473,10 @@ CREATE TRIGGER todos_events_insert AFTER INSERT ON public.todos REFERENCING NEW 
 -- TRIGGER public.todos todos_events_update
 CREATE TRIGGER todos_events_update AFTER UPDATE ON public.todos REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION private.todos_events_v2();
 
--- POLICY public.job_events Job events are visible to members of their tenant
-CREATE POLICY "Job events are visible to members of their tenant" ON public.job_events FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
+-- POLICY public.job_events Job events are visible with their job
+CREATE POLICY "Job events are visible with their job" ON public.job_events FOR SELECT TO authenticated USING (((tenant_id IN ( SELECT private.user_admin_tenant_ids_v1() AS user_admin_tenant_ids_v1)) OR (EXISTS ( SELECT 1
+   FROM public.jobs j
+  WHERE ((j.id = job_events.job_id) AND (j.created_by = ( SELECT auth.uid() AS uid)) AND (j.tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)))))));
 
--- POLICY realtime.messages Tenant members can receive their own tenant's broadcasts
-CREATE POLICY "Tenant members can receive their own tenant's broadcasts" ON realtime.messages FOR SELECT TO authenticated USING (((extension = 'broadcast'::text) AND (topic = ( SELECT realtime.topic() AS topic)) AND (topic ~~ 'tenant:%'::text) AND (split_part(topic, ':'::text, 2) IN ( SELECT (t.t)::text AS t
-   FROM private.user_tenant_ids_v1() t(t)))));
+-- POLICY realtime.messages Members receive their own topics, admins their tenant's
+CREATE POLICY "Members receive their own topics, admins their tenant's" ON realtime.messages FOR SELECT TO authenticated USING (((extension = 'broadcast'::text) AND (topic = ( SELECT realtime.topic() AS topic)) AND ( SELECT private.realtime_topic_allowed_v1(( SELECT realtime.topic() AS topic)) AS realtime_topic_allowed_v1)));

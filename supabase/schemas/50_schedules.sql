@@ -337,5 +337,5 @@ ALTER TABLE ONLY public.jobs
 ALTER TABLE ONLY public.schedules
     ADD CONSTRAINT schedules_tenant_id_fkey FOREIGN KEY (tenant_id) REFERENCES public.tenants(id) ON DELETE CASCADE;
 
--- POLICY public.schedules Schedules are visible to members of their tenant
-CREATE POLICY "Schedules are visible to members of their tenant" ON public.schedules FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
+-- POLICY public.schedules Schedules are visible to their creator and the tenant's admins
+CREATE POLICY "Schedules are visible to their creator and the tenant's admins" ON public.schedules FOR SELECT TO authenticated USING (((tenant_id IN ( SELECT private.user_admin_tenant_ids_v1() AS user_admin_tenant_ids_v1)) OR ((created_by = ( SELECT auth.uid() AS uid)) AND (tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)))));

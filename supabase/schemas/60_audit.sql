@@ -50,6 +50,34 @@ $$;
 -- ACL on FUNCTION private.audit_write_v1()
 REVOKE ALL ON FUNCTION private.audit_write_v1() FROM PUBLIC;
 
+-- FUNCTION private.todo_agent_audit_v1()
+CREATE FUNCTION private.todo_agent_audit_v1() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_key text := substr(coalesce(new.lease_owner, old.lease_owner), 7);
+begin
+  insert into public.audit_log (tenant_id, actor_id, actor_role, action, entity, entity_id, before, after)
+  values (
+    new.tenant_id,
+    (select auth.uid()),
+    coalesce((select auth.role()), nullif(current_setting('role', true), 'none'), session_user),
+    'UPDATE', 'todos', new.id::text,
+    jsonb_build_object('status', old.status),
+    jsonb_build_object(
+      'status', new.status, 'job_id', new.job_id, 'action', new.action, 'attempts', new.attempts,
+      'agent', v_key,
+      'agent_user', (select a.created_by from public.agents a
+                      where a.tenant_id = new.tenant_id and a.agent_key = v_key)));
+  return null;
+end;
+$$;
+-- COMMENT on FUNCTION private.todo_agent_audit_v1()
+COMMENT ON FUNCTION private.todo_agent_audit_v1() IS 'Audit a desktop ToDo''s status change under an agent lease: the agent key and the user whose desktop it is.';
+-- ACL on FUNCTION private.todo_agent_audit_v1()
+REVOKE ALL ON FUNCTION private.todo_agent_audit_v1() FROM PUBLIC;
+
 -- TABLE public.audit_log
 CREATE TABLE public.audit_log (
     id bigint NOT NULL,
@@ -114,5 +142,8 @@ CREATE TRIGGER schedules_audit AFTER INSERT OR DELETE OR UPDATE OF cron, time_zo
 -- TRIGGER public.tenants tenants_audit
 CREATE TRIGGER tenants_audit AFTER INSERT OR DELETE OR UPDATE ON public.tenants FOR EACH ROW EXECUTE FUNCTION private.audit_write_v1();
 
--- POLICY public.audit_log Audit entries are visible to members of their tenant
-CREATE POLICY "Audit entries are visible to members of their tenant" ON public.audit_log FOR SELECT TO authenticated USING ((tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)));
+-- TRIGGER public.todos todos_agent_audit
+CREATE TRIGGER todos_agent_audit AFTER UPDATE OF status ON public.todos FOR EACH ROW WHEN (((new.target = 'desktop'::text) AND (old.status IS DISTINCT FROM new.status) AND ((new.lease_owner ~~ 'agent:%'::text) OR (old.lease_owner ~~ 'agent:%'::text)))) EXECUTE FUNCTION private.todo_agent_audit_v1();
+
+-- POLICY public.audit_log Audit entries are visible to the actor and the tenant's admins
+CREATE POLICY "Audit entries are visible to the actor and the tenant's admins" ON public.audit_log FOR SELECT TO authenticated USING (((tenant_id IN ( SELECT private.user_admin_tenant_ids_v1() AS user_admin_tenant_ids_v1)) OR ((actor_id = ( SELECT auth.uid() AS uid)) AND (tenant_id IN ( SELECT private.user_tenant_ids_v1() AS user_tenant_ids_v1)))));

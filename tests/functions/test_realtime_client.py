@@ -83,7 +83,7 @@ async def test_join_with_the_access_token_and_receive_the_jobs_events_in_order(
         await asyncio.wait_for(follower, 10)
 
     assert realtime.joins[0] == {
-        "topic": f"tenant:{a.tenant_id}", "token": token, "accepted": True
+        "topic": f"tenant:{a.tenant_id}:user:{a.user_id}", "token": token, "accepted": True
     }  # fmt: skip
     assert [e["id"] for e in got] == await stored_ids(db, a, job["id"])
     assert {e["job_id"] for e in got} == {job["id"]} and other["id"] != job["id"]

@@ -53,6 +53,8 @@ def served_api(pg_server: Server, template_db: str) -> Iterator[dict[str, str]]:
         "SUPABASE_JWT_SECRET": SECRET,
         "SUPABASE_URL": ISSUER.removesuffix("/auth/v1"),
         "CPA_RATE_LIMIT": "100000",
+        # Long-polls (events, agent claims) answer within this bound, as behind Lambda.
+        "CPA_EVENTS_BOUND": "0.5",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(port)],
@@ -84,8 +86,9 @@ def api_schema(served_api: dict[str, str]) -> Any:
 def test_no_5xx_and_responses_match_schema(api_schema: Any, served_api: dict[str, str]) -> None:
     headers = {"Authorization": f"Bearer {served_api['token']}"}
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    # 14 paths (with the A2A card and endpoint); /v1/jobs and /v1/schedules have GET and POST
-    assert len(operations) == 18
+    # 15 paths (with the A2A card and endpoint, GET /v1/agents); /v1/jobs and /v1/schedules
+    # have GET and POST
+    assert len(operations) == 19
 
     for operation in operations:
 

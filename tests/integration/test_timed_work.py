@@ -96,7 +96,7 @@ async def test_reminder_also_goes_to_an_agent_that_offers_it(
     db: store.Store, member_factory: MemberFactory
 ) -> None:
     m = await member_factory()
-    async with db.service() as s:
+    async with db.user(m.claims) as s:  # the user's own agent: their desktop ToDos go to it
         await s.agent_upsert(m.tenant_id, "laptop", "Laptop", ["reminder.create"])
     async with db.user(m.claims) as s:
         job = await intake.submit(

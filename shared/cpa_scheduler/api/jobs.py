@@ -90,6 +90,9 @@ class TodoOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     tenant_id: str | None = None
+    created_by: str | None = Field(
+        default=None, description="The owner's user id: the job's events go to its user topic."
+    )
     status: graph.JobStatus
     request: str | None = None
     intent: str | None = None

@@ -165,6 +165,14 @@ select * from cpa.agent_upsert_v1(%(tenant_id)s, %(agent_key)s, %(name)s, %(acti
 select * from cpa.agent_claim_v2(%(tenant_id)s, %(agent_key)s, %(actions)s, %(limit)s,
                                  %(lease_seconds)s);
 
+-- name: agent_list
+-- GET /v1/agents: row-level security keeps a member's own agents (owners and admins: all).
+select a.agent_key as agent_id, a.name, a.actions, a.last_seen_at, a.created_by,
+       a.last_seen_at > now() - make_interval(secs => %(seen_seconds)s) as online
+  from public.agents a
+ where a.tenant_id = %(tenant_id)s
+ order by a.agent_key;
+
 -- name: agent_complete
 -- An agent's reports on the ToDos it holds (complete, fail, release): the database derives the
 -- lease owner from the agent key (private.agent_owner_v1); the items carry no owner.
@@ -201,6 +209,12 @@ on conflict (id) do nothing;
 -- name: membership_ensure
 insert into public.memberships (tenant_id, user_id, role) values (%(tenant_id)s, %(user_id)s, %(role)s)
 on conflict (tenant_id, user_id) do nothing;
+
+-- name: tenant_other_members
+-- Whether anyone else is already a member (cpa-scheduler token: the first one is the owner).
+select exists (
+  select 1 from public.memberships m where m.tenant_id = %(tenant_id)s and m.user_id <> %(user_id)s
+) as others;
 
 -- name: tenant_of_user
 select tenant_id from public.memberships where user_id = %(user_id)s order by created_at limit 1;
@@ -288,10 +302,12 @@ select least(
 select cpa.desktop_sweep_v3(%(seen_seconds)s) as n;
 
 -- name: agent_offering
--- Whether an agent of the tenant offering the action was seen recently.
+-- Whether an agent offering the action was seen recently: the caller's own (their desktop
+-- ToDos go only to them); any of the tenant's for the service role.
 select exists (
   select 1 from public.agents a
    where a.tenant_id = %(tenant_id)s and %(action)s = any(a.actions)
+     and (a.created_by = (select auth.uid()) or (select auth.uid()) is null)
      and a.last_seen_at > now() - make_interval(secs => %(seen_seconds)s)
 ) as online;
 
