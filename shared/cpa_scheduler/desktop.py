@@ -58,6 +58,7 @@ async def perform_bounded(assign: protocol.Assign, sandbox: Path) -> Any:
             "on this computer."
         ) from None
 
+
 WAIT = 20.0  # seconds one long-polling claim waits for work (the server's bound)
 HEARTBEAT = 60.0  # with Realtime: one claim a minute says "online" and finds timed ToDos
 BACKOFF_MAX = 60.0
