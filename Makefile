@@ -90,13 +90,16 @@ LAMBDA_PIP := --no-compile --only-binary=:all: --implementation cp --python-vers
 	--platform manylinux2014_$(LAMBDA_ARCH) --platform manylinux_2_28_$(LAMBDA_ARCH)
 
 # What the dispatcher never imports: the web framework and its tracing, token verification, the
-# Supabase client (Realtime, for the CLI and the desktop) and what only those need.
+# Supabase client (Realtime, for the CLI and the desktop), the A2A SDK (the API's edge) and what
+# only those need.
 # scripts/lambda_prune.py refuses to drop one that a kept distribution requires.
 DISPATCHER_DROP := fastapi annotated-doc starlette mangum asgiref \
 	opentelemetry-instrumentation-fastapi opentelemetry-instrumentation-asgi \
 	pyjwt cryptography cffi pycparser \
 	supabase supabase-auth supabase-functions postgrest realtime storage3 websockets \
-	deprecation h2 hpack hyperframe yarl multidict propcache
+	deprecation h2 hpack hyperframe yarl multidict propcache \
+	a2a-sdk sse-starlette google-api-core google-auth proto-plus json-rpc culsans aiologic \
+	pyasn1 pyasn1-modules
 
 define lambda_artifact
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (sam build sets it)"; exit 1; }

@@ -83,7 +83,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import functions.dispatcher
 gone = []
-for name in ("fastapi", "starlette", "mangum", "jwt", "supabase", "cryptography"):
+for name in ("fastapi", "starlette", "mangum", "jwt", "supabase", "cryptography", "a2a"):
     try:
         __import__(name)
     except ImportError:
@@ -131,7 +131,7 @@ async def test_the_dispatcher_artifact_is_smaller_and_runs_alone(
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads(ran.stdout.strip().splitlines()[-1])
     assert set(report["gone"]) == {"fastapi", "starlette", "mangum", "jwt", "supabase",
-                                   "cryptography"}  # fmt: skip
+                                   "cryptography", "a2a"}  # fmt: skip
     assert sum(p["done"] for p in report["passes"]) == 3, report
     assert "Task was destroyed" not in ran.stderr and "Traceback" not in ran.stderr
     import psycopg
