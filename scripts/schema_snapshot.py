@@ -30,7 +30,7 @@ QUERIES = {
           join pg_namespace n on n.oid = c.relnamespace
           left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
          where n.nspname = any(%(schemas)s) and c.relkind in ('r', 'p', 'v')
-           and a.attnum > 0 and not a.attisdropped""",
+           and a.attnum > 0 and not a.attisdropped and not (c.relispartition and c.relname ~ '_p[0-9]{6,8}$')""",
     "table": """
         select format('table %%s.%%s rls=%%s force=%%s grants=%%s', n.nspname, c.relname,
                       c.relrowsecurity, c.relforcerowsecurity,
@@ -41,19 +41,19 @@ QUERIES = {
                         where g.grantee not in (0, c.relowner)
                           and g.grantee::regrole::text <> 'supabase_admin'))
           from pg_class c join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = any(%(schemas)s) and c.relkind in ('r', 'p', 'v')""",
+         where n.nspname = any(%(schemas)s) and c.relkind in ('r', 'p', 'v') and not (c.relispartition and c.relname ~ '_p[0-9]{6,8}$')""",
     "constraint": """
         select format('constraint %%s.%%s %%s %%s', n.nspname, c.relname, k.conname,
                       pg_get_constraintdef(k.oid))
           from pg_constraint k join pg_class c on c.oid = k.conrelid
           join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = any(%(schemas)s)
+         where n.nspname = any(%(schemas)s) and not (c.relispartition and c.relname ~ '_p[0-9]{6,8}$')
            and k.contype <> 'n'  -- PostgreSQL 18 lists NOT NULL here too; columns show it""",
     "index": """
         select format('index %%s', pg_get_indexdef(i.indexrelid))
           from pg_index i join pg_class c on c.oid = i.indrelid
           join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = any(%(schemas)s)""",
+         where n.nspname = any(%(schemas)s) and not (c.relispartition and c.relname ~ '_p[0-9]{6,8}$')""",
     "function": """
         select format('function %%s.%%s(%%s) returns %%s %%s %%s config=%%s body=%%s grants=%%s',
                       n.nspname, p.proname, pg_get_function_identity_arguments(p.oid),
@@ -82,7 +82,7 @@ QUERIES = {
         select format('trigger %%s', pg_get_triggerdef(t.oid))
           from pg_trigger t join pg_class c on c.oid = t.tgrelid
           join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = any(%(schemas)s) and not t.tgisinternal""",
+         where n.nspname = any(%(schemas)s) and not t.tgisinternal and not (c.relispartition and c.relname ~ '_p[0-9]{6,8}$')""",
 }
 
 

@@ -12,10 +12,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import JobFactory, Member, MemberFactory
 
-CLAIM = (
-    "select now() as at, c.id, c.run_after"
-    " from cpa.todo_claim_v3('cloud', 'test', 1000) c"
-)
+CLAIM = "select now() as at, c.id, c.run_after from cpa.todo_claim_v3('cloud', 'test', 1000) c"
 
 # Offsets in seconds from the insert: far past, far future, and just ahead (due by the time the
 # claim runs, but parked when written).
@@ -65,8 +62,7 @@ async def test_the_claim_never_returns_a_todo_early_and_returns_every_due_one(
         claimed: list[dict[str, Any]] = list(await cur.fetchall())
     async with db.admin() as s:
         cur = await s.conn.execute(
-            "select id, status, parked, run_after from public.todos"
-            " where job_id = %s",
+            "select id, status, parked, run_after from public.todos where job_id = %s",
             (job_id,),
         )
         rows = {r["id"]: r for r in await cur.fetchall()}
@@ -109,7 +105,7 @@ async def test_a_parked_todo_starts_on_time(
     for _ in range(200):
         async with db.service() as s:
             cur = await s.conn.execute(CLAIM)
-            got = [r for r in await cur.fetchall()]
+            got = list(await cur.fetchall())
         if got:
             break
         await asyncio.sleep(0.01)
