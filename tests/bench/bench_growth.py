@@ -7,12 +7,15 @@ tests/bench/growth_data.py, over the last 26 days, in daily partitions) plus ``-
 reminders (ready ToDos due in 30-330 days, over 1,000 tenants). Each repeat measures both, in
 alternating order, and each figure is reported as the median of the repeats and as big / fresh:
 
-- empty claim: database time of one ``cpa.todo_claim_v3`` that finds nothing (a loop of claims
-  inside one DO block, so no client or network time is in it);
-- desktop agent claim: round trip of ``cpa.agent_claim_v2`` that finds nothing;
+- empty claim: database CPU of one ``cpa.todo_claim_v3`` that finds nothing (a loop of claims
+  inside one DO block; the server process's CPU time from /proc/<pid>/schedstat, so neither
+  client time nor waiting for a core of the shared VM is in it);
+- desktop agent claim: round trip and database CPU of ``cpa.agent_claim_v2`` that finds
+  nothing (the agent's role, claims and call in one transaction);
 - ``POST /v1/jobs`` (the 5-ToDo chain of bench_api) p50 / p99, one client, against uvicorn;
 - drain: 1 job x 10,000 no-op ToDos (plus the POSTs' ToDos), ToDos per second, the database's
-  CPU per ToDo (its processes' CPU time from /proc) and the HOT share of todos / jobs updates;
+  CPU per ToDo (its processes' CPU time from /proc), WAL per ToDo and the HOT share of todos /
+  jobs updates;
 - dependency -> dependent latency p50 / p99 (50 chains of 5, long-running dispatcher).
 
 ``--supabase-dir`` builds both databases from another migrations tree (the before picture).
@@ -68,6 +71,23 @@ def db_cpu_seconds(admin_url: str) -> float:
     return total / ticks
 
 
+def wal_lsn(admin_url: str) -> str:
+    with psycopg.connect(admin_url) as conn:
+        row = conn.execute("select pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wal_bytes(admin_url: str, since: str) -> float:
+    """WAL written since ``since``, server-wide (the other database is idle meanwhile)."""
+    with psycopg.connect(admin_url) as conn:
+        row = conn.execute(
+            "select pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (since,)
+        ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
 def make_db(srv: Server, supabase_dir: Path | None) -> str:
     if supabase_dir is None:
         return srv.create_db(supabase=True)
@@ -103,20 +123,34 @@ $$
 """
 
 
-def empty_claim_us(url: str, n: int = 500) -> float:
+def backend_cpu_ns(conn: psycopg.Connection[Any]) -> int:
+    """CPU time the connection's server process has used so far (user + system, /proc/<pid>/stat,
+    in clock ticks turned into ns): unlike wall time, it does not grow while the process waits
+    for a core of the shared VM. Ticks are 10 ms: callers run thousands of calls."""
+    row = conn.execute("select pg_backend_pid()").fetchone()
+    assert row is not None
+    fields = (Path("/proc") / str(row[0]) / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def empty_claim_us(url: str, n: int = 5000) -> float:
+    """Database CPU of one claim that finds nothing, in microseconds."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("set role service_role")
-        conn.execute(EMPTY_CLAIMS.replace("%s", "20"))  # warm the plans
-        t0 = time.perf_counter()
+        conn.execute(EMPTY_CLAIMS.replace("%s", "50"))  # warm the plans
+        cpu0 = backend_cpu_ns(conn)
         conn.execute(EMPTY_CLAIMS.replace("%s", str(n)))
-        return (time.perf_counter() - t0) / n * 1e6
+        return (backend_cpu_ns(conn) - cpu0) / n / 1e3
 
 
-def agent_claim_ms(url: str, n: int = 300) -> list[float]:
+def agent_claim_ms(url: str, n: int = 1000) -> tuple[list[float], float]:
+    """Round trips of an idle desktop agent's claim (ms), and its database CPU (us per claim)."""
     claims = {"sub": str(USER), "role": "authenticated", "aud": "authenticated"}
     lat = []
     with psycopg.connect(url, autocommit=True) as conn:
         for i in range(n + 20):
+            if i == 20:
+                cpu0 = backend_cpu_ns(conn)
             t0 = time.perf_counter()
             with conn.transaction():
                 conn.execute("set local role authenticated")
@@ -131,7 +165,8 @@ def agent_claim_ms(url: str, n: int = 300) -> list[float]:
                 ).fetchone()
             if i >= 20:
                 lat.append((time.perf_counter() - t0) * 1000)
-    return lat
+        cpu = (backend_cpu_ns(conn) - cpu0) / n / 1e3
+    return lat, cpu
 
 
 def hot(url: str) -> dict[str, tuple[int, int]]:
@@ -152,12 +187,13 @@ async def drain(url: str, admin_url: str, n: int = 10_000) -> dict[str, float]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("vacuum analyze public.todos, public.jobs, public.todo_edges")
     time.sleep(1.0)
-    before, cpu0 = hot(url), db_cpu_seconds(admin_url)
+    before, cpu0, lsn0 = hot(url), db_cpu_seconds(admin_url), wal_lsn(admin_url)
     d = dispatch.Dispatcher(db, tenant_cap=None)
     t0 = time.perf_counter()
     summary = await d.run_pass(600)
     elapsed = time.perf_counter() - t0
     cpu = db_cpu_seconds(admin_url) - cpu0
+    wal = wal_bytes(admin_url, lsn0)
     await db.close()
     time.sleep(1.0)  # statistics reach the shared counters within a second
     after = hot(url)
@@ -167,6 +203,7 @@ async def drain(url: str, admin_url: str, n: int = 10_000) -> dict[str, float]:
         return 100.0 * (after[rel][1] - before[rel][1]) / max(upd, 1)
 
     return {"todos/s": summary.done / elapsed, "db cpu us/todo": cpu / summary.done * 1e6,
+            "WAL bytes/todo": wal / summary.done,
             "HOT % todos": share("todos"), "HOT % jobs": share("jobs")}  # fmt: skip
 
 
@@ -273,8 +310,9 @@ async def main() -> None:
             order = ["fresh", "big"] if rep % 2 == 0 else ["big", "fresh"]
             for which in order:
                 url = urls[which]
-                record(which, "empty claim us (database)", empty_claim_us(url))
-                lat = agent_claim_ms(url)
+                record(which, "empty claim: database CPU us", empty_claim_us(url))
+                lat, cpu = agent_claim_ms(url)
+                record(which, "desktop agent claim: database CPU us", cpu)
                 record(which, "desktop agent claim p50 ms", pct(lat, 50))
                 cpu0 = db_cpu_seconds(srv.admin_url)
                 lat = await single_client(apis[which][1], {"graph": GRAPH}, headers, args.posts)
