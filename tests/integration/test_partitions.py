@@ -223,3 +223,18 @@ async def test_audit_partitions_stay_append_only(
         with pytest.raises(errors.CpaError, match="append-only"):
             async with db.admin() as s:
                 await s.conn.execute(sql)
+
+
+async def test_a_sweep_runs_retention_batches_while_they_come_back_full(
+    db: store.Store, member_factory: MemberFactory
+) -> None:
+    m = await member_factory()
+    async with db.admin() as s:
+        await s.conn.execute(
+            "insert into public.jobs (tenant_id, status, created_at, completed_at)"
+            " select %s, 'done', now() - interval '41 days', now() - interval '40 days'"
+            " from generate_series(1, 1200)",
+            (m.tenant_id,),
+        )
+    pruned = await dispatch.Dispatcher(db).maybe_prune()
+    assert pruned is not None and pruned["jobs"] == 1200  # three batches of at most 500
