@@ -11,8 +11,8 @@
 -- run_after after the writing transaction's now(). The claims read a partial index of the
 -- ready ToDos that are not parked (todos_due_idx), so future work is not in the structure they
 -- scan at all; each claim first un-parks, in one probe of todos_parked_idx, the parked ToDos
--- that have come due (at most 1000, oldest first, SKIP LOCKED) and claims them in the same
--- call, so they start when they did before.
+-- that have come due (oldest first, SKIP LOCKED; the dispatcher's at most as many as it may
+-- claim) and claims them in the same call, so they start when they did before.
 -- Why not the other two shapes:
 -- - an index the claim range-scans by due time keeps the priority order only with one probe
 --   per priority, and the per-tenant fairness still needs one probe per tenant holding future
@@ -77,16 +77,24 @@ declare
   v_due uuid[];
 begin
   perform private.todo_expire_v1(100);
-  -- Parked ToDos that have come due. An empty probe reads one leaf of todos_parked_idx and
-  -- writes nothing (an UPDATE of no rows would still run the todos statement triggers).
-  v_due := array(select p.id from public.todos p
-                  where p.status = 'ready' and p.parked and p.target = p_target
-                    and p.run_after <= now()
-                  order by p.run_after
-                  limit 1000
-                  for update skip locked);
-  if cardinality(v_due) > 0 then
-    update public.todos t set parked = false where t.id = any(v_due);
+  -- Parked ToDos that have come due. The dispatcher's claims un-park at most as many as they
+  -- may claim: a row un-parked here stays locked until commit, so a concurrent claim skips it,
+  -- and one this call did not claim would wait for the next claim (no alarm points at a ToDo
+  -- already due); a complete-and-claim with no free slot (p_limit 0) un-parks nothing. A
+  -- tenant's claim (a desktop agent's) un-parks up to 1000 of every tenant's: no dispatcher
+  -- claims desktop ToDos, and its own due ones may sit behind other tenants'. An empty probe
+  -- reads one leaf of todos_parked_idx and writes nothing (an UPDATE of no rows would still
+  -- run the todos statement triggers).
+  if p_limit > 0 then
+    v_due := array(select p.id from public.todos p
+                    where p.status = 'ready' and p.parked and p.target = p_target
+                      and p.run_after <= now()
+                    order by p.run_after
+                    limit case when p_tenant_id is null then p_limit else 1000 end
+                    for update skip locked);
+    if cardinality(v_due) > 0 then
+      update public.todos t set parked = false where t.id = any(v_due);
+    end if;
   end if;
   if p_tenant_id is not null then
     v_tenants := array[p_tenant_id];

@@ -144,3 +144,32 @@ async def test_desktop_agents_claim_parked_todos_when_due(
     async with db.service() as s:
         cur = await s.conn.execute(agent_claim, (m.tenant_id,))
         assert await cur.fetchall() == [{"job_id": job.id}]
+
+
+async def test_a_claim_un_parks_no_more_than_it_may_claim(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """A row un-parked and left unclaimed would stay locked until commit (other claims skip
+    it) and then wait for a claim no alarm announces."""
+    m = await member_factory()
+    job_id = await _job_with_run_after(db, job_factory, m, [0.05, 0.06, 0.07])
+    await asyncio.sleep(0.15)
+    async with db.service() as s:
+        cur = await s.conn.execute("select count(*) as n from cpa.todo_claim_v3('cloud', 'x', 0)")
+        assert (await cur.fetchone())["n"] == 0
+        cur = await s.conn.execute("select count(*) as n from cpa.todo_claim_v3('cloud', 'x', 2)")
+        assert (await cur.fetchone())["n"] == 2
+    rows = await _rows(db, job_id)
+    assert sorted((r["status"], r["parked"]) for r in rows) == [
+        ("ready", True),
+        ("running", False),
+        ("running", False),
+    ]
+
+
+async def _rows(db: store.Store, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    async with db.admin() as s:
+        cur = await s.conn.execute(
+            "select status, parked from public.todos where job_id = %s", (job_id,)
+        )
+        return list(await cur.fetchall())
