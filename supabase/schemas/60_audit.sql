@@ -91,7 +91,8 @@ CREATE TABLE public.audit_log (
     after jsonb,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['INSERT'::text, 'UPDATE'::text, 'DELETE'::text])))
-);
+)
+PARTITION BY RANGE (created_at);
 -- COMMENT on TABLE public.audit_log
 COMMENT ON TABLE public.audit_log IS 'Append-only audit trail of jobs, tenants, memberships and agents. Nobody may update or delete it.';
 -- SEQUENCE public.audit_log_id_seq
@@ -107,16 +108,88 @@ ALTER SEQUENCE public.audit_log_id_seq OWNED BY public.audit_log.id;
 ALTER TABLE ONLY public.audit_log ALTER COLUMN id SET DEFAULT nextval('public.audit_log_id_seq'::regclass);
 -- CONSTRAINT public.audit_log audit_log_pkey
 ALTER TABLE ONLY public.audit_log
-    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (id);
--- INDEX public.audit_log_created_idx
-CREATE INDEX audit_log_created_idx ON public.audit_log USING btree (created_at);
+    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (id, created_at);
 -- INDEX public.audit_log_tenant_created_idx
-CREATE INDEX audit_log_tenant_created_idx ON public.audit_log USING btree (tenant_id, created_at DESC);
+CREATE INDEX audit_log_tenant_created_idx ON ONLY public.audit_log USING btree (tenant_id, created_at DESC);
 -- ROW SECURITY public.audit_log
 ALTER TABLE public.audit_log ENABLE ROW LEVEL SECURITY;
 -- ACL on TABLE public.audit_log
 GRANT SELECT ON TABLE public.audit_log TO authenticated;
 GRANT SELECT ON TABLE public.audit_log TO service_role;
+
+-- TABLE private.audit_log_default
+CREATE TABLE private.audit_log_default (
+    id bigint DEFAULT nextval('public.audit_log_id_seq'::regclass) CONSTRAINT audit_log_id_not_null NOT NULL,
+    tenant_id uuid,
+    actor_id uuid,
+    actor_role text,
+    action text CONSTRAINT audit_log_action_not_null NOT NULL,
+    entity text CONSTRAINT audit_log_entity_not_null NOT NULL,
+    entity_id text,
+    before jsonb,
+    after jsonb,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT audit_log_created_at_not_null NOT NULL,
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['INSERT'::text, 'UPDATE'::text, 'DELETE'::text])))
+);
+-- COMMENT on TABLE private.audit_log_default
+COMMENT ON TABLE private.audit_log_default IS 'audit_log rows no dated partition covers; moved out when their partition is created.';
+-- CONSTRAINT private.audit_log_default audit_log_default_pkey
+ALTER TABLE ONLY private.audit_log_default
+    ADD CONSTRAINT audit_log_default_pkey PRIMARY KEY (id, created_at);
+-- INDEX private.audit_log_default_tenant_id_created_at_idx
+CREATE INDEX audit_log_default_tenant_id_created_at_idx ON private.audit_log_default USING btree (tenant_id, created_at DESC);
+-- ROW SECURITY private.audit_log_default
+ALTER TABLE private.audit_log_default ENABLE ROW LEVEL SECURITY;
+
+-- TABLE private.audit_log_legacy
+CREATE TABLE private.audit_log_legacy (
+    id bigint DEFAULT nextval('public.audit_log_id_seq'::regclass) CONSTRAINT audit_log_id_not_null NOT NULL,
+    tenant_id uuid,
+    actor_id uuid,
+    actor_role text,
+    action text CONSTRAINT audit_log_action_not_null NOT NULL,
+    entity text CONSTRAINT audit_log_entity_not_null NOT NULL,
+    entity_id text,
+    before jsonb,
+    after jsonb,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT audit_log_created_at_not_null NOT NULL,
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['INSERT'::text, 'UPDATE'::text, 'DELETE'::text])))
+);
+-- COMMENT on TABLE private.audit_log_legacy
+COMMENT ON TABLE private.audit_log_legacy IS 'audit_log rows written before partitioning (20261207004100); dropped by retention once all are older than the retention.';
+-- CONSTRAINT private.audit_log_legacy audit_log_legacy_pkey
+ALTER TABLE ONLY private.audit_log_legacy
+    ADD CONSTRAINT audit_log_legacy_pkey PRIMARY KEY (id, created_at);
+-- INDEX private.audit_log_created_idx
+CREATE INDEX audit_log_created_idx ON private.audit_log_legacy USING btree (created_at);
+-- INDEX private.audit_log_tenant_created_idx
+CREATE INDEX audit_log_tenant_created_idx ON private.audit_log_legacy USING btree (tenant_id, created_at DESC);
+-- ROW SECURITY private.audit_log_legacy
+ALTER TABLE private.audit_log_legacy ENABLE ROW LEVEL SECURITY;
+
+-- TABLE ATTACH private.audit_log_default
+ALTER TABLE ONLY public.audit_log ATTACH PARTITION private.audit_log_default DEFAULT;
+
+-- TABLE ATTACH private.audit_log_legacy
+ALTER TABLE ONLY public.audit_log ATTACH PARTITION private.audit_log_legacy FOR VALUES FROM (MINVALUE) TO ('2027-01-01 00:00:00+00');
+
+-- INDEX ATTACH private.audit_log_default_pkey
+ALTER INDEX public.audit_log_pkey ATTACH PARTITION private.audit_log_default_pkey;
+
+-- INDEX ATTACH private.audit_log_default_tenant_id_created_at_idx
+ALTER INDEX public.audit_log_tenant_created_idx ATTACH PARTITION private.audit_log_default_tenant_id_created_at_idx;
+
+-- INDEX ATTACH private.audit_log_legacy_pkey
+ALTER INDEX public.audit_log_pkey ATTACH PARTITION private.audit_log_legacy_pkey;
+
+-- INDEX ATTACH private.audit_log_tenant_created_idx
+ALTER INDEX public.audit_log_tenant_created_idx ATTACH PARTITION private.audit_log_tenant_created_idx;
+
+-- TRIGGER private.audit_log_default audit_log_no_truncate
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON private.audit_log_default FOR EACH STATEMENT EXECUTE FUNCTION private.audit_forbid_change_v1();
+
+-- TRIGGER private.audit_log_legacy audit_log_no_truncate
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON private.audit_log_legacy FOR EACH STATEMENT EXECUTE FUNCTION private.audit_forbid_change_v1();
 
 -- TRIGGER public.agents agents_audit
 CREATE TRIGGER agents_audit AFTER INSERT OR DELETE OR UPDATE OF actions, name ON public.agents FOR EACH ROW EXECUTE FUNCTION private.audit_write_v1();

@@ -185,8 +185,11 @@ select cpa.agent_fail_v1(%(agent_key)s, %(items)s::jsonb, %(backoff_base)s) as n
 select cpa.agent_release_v1(%(agent_key)s, %(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
 
 -- name: event_list
+-- job_events is partitioned by day: a job's events are no older than the job, so the bound on
+-- created_at (an initplan) lets the executor skip the partitions before it.
 select * from public.job_events
  where job_id = %(job_id)s and id > %(after_id)s
+   and created_at >= (select j.created_at from public.jobs j where j.id = %(job_id)s)
  order by id
  limit %(limit)s;
 
