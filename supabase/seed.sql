@@ -1,4 +1,6 @@
--- A demo tenant for local development. Users join it with `cpa-scheduler token --tenant demo`.
+-- A demo tenant for local development. Users join it with `cpa-scheduler token --tenant demo`,
+-- which names the tenant by the same id (uuid5 of "tenant:demo" in the CLI's namespace; see
+-- cli._ident), so the token's tenant is this row.
 insert into public.tenants (id, name)
-values ('00000000-0000-4000-8000-00000000d3e0', 'demo')
+values ('1b4bd6ca-1bd3-564e-9bdd-82e75db03da1', 'demo')
 on conflict (id) do nothing;

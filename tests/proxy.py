@@ -2,8 +2,11 @@
 
 ``cut()`` closes every open connection (what a restart or a network blip does to clients);
 ``down()`` also makes new connections hang without an answer (a database that is unreachable,
-not refusing); ``refuse()`` resets new connections at once (a stopped database); ``up()``
-restores forwarding.
+not refusing); ``refuse()`` resets new connections at once (a stopped database);
+``blackhole()`` stops forwarding without closing anything (packets dropped on the way, no
+reset: open connections stay open and get no answer, new ones hang); ``up()`` restores
+forwarding (connections that lost data in the black hole are reset, as their peers would
+find them broken).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class Proxy:
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _stalled: list[asyncio.StreamWriter] = field(default_factory=list)
+    dropping: bool = False
+    _tainted: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -49,11 +54,16 @@ class Proxy:
         self.refusing = True
         self.down()
 
+    def blackhole(self) -> None:
+        """Stop forwarding without closing: open connections get no answer, new ones hang."""
+        self.alive, self.dropping = False, True
+
     def up(self) -> None:
-        self.alive, self.refusing = True, False
-        for writer in self._stalled:
+        self.alive, self.refusing, self.dropping = True, False, False
+        for writer in [*self._stalled, *self._tainted]:
             writer.transport.abort()
         self._stalled.clear()
+        self._tainted.clear()
 
     async def stop(self) -> None:
         self.cut()
@@ -80,6 +90,9 @@ class Proxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if self.dropping:  # lost on the way: no answer, no reset
+                        self._tainted.add(dst)
+                        continue
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):

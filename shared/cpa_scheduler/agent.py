@@ -139,6 +139,7 @@ class Context:
     tenant_id: uuid.UUID
     planner_configured: bool
     limiter: ratelimit.Limiter
+    schedule_cap: int = store.SCHEDULE_CAP  # CPA_SCHEDULE_CAP: a recurring request makes one
 
 
 async def answer(message: protocol.Message, ctx: Context) -> Reply:
@@ -226,6 +227,7 @@ async def _create(
             idempotency_key=key,
             planner_configured=ctx.planner_configured,
             time_zone=time_zone,
+            schedule_cap=ctx.schedule_cap,
         )
         await intake.keep_trace(ctx.session, job, span)
     return job

@@ -33,9 +33,17 @@ from cpa_scheduler import (
     service,
     settings,
     store,
+    times,
     tracing,
 )
 from cpa_scheduler import client as client_mod
+
+HELP = """\
+CPA Scheduler: jobs as ToDo graphs for CPA Desktop AI.
+
+serve runs the API and the dispatcher in one process (embedded PostgreSQL unless
+DATABASE_URL is set). token, submit, watch, agent, list, cancel, retry and schedule are
+clients of it; dispatch, migrate and route work on their own."""
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -144,15 +152,36 @@ def _ident(value: str, kind: str) -> uuid.UUID:
         return uuid.uuid5(NAMESPACE, f"{kind}:{value}")
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything starts: a busy port is one line, not a
+    banner and a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise errors.UnavailableError(
+            f"cpa-scheduler serve cannot listen on {host}:{port} ({why}): another server, "
+            "perhaps another serve, has it. Stop that one or choose another --port."
+        ) from None
+    return sock
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = settings.from_env()
+    sock = _listen(args.host, args.port)
     # The embedded PostgreSQL this starts is stopped when serve ends (see database.prepared).
-    with database.prepared(config, migrate=True) as url:
-        _serve_on(args, config, url)
+    with sock, database.prepared(config, migrate=True) as url:
+        _serve_on(args, config, url, sock)
     return 0
 
 
-def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> None:
+def _serve_on(
+    args: argparse.Namespace, config: settings.Settings, url: str, sock: socket.socket
+) -> None:
     from cpa_scheduler import extra
 
     uvicorn = extra.require("uvicorn", "cpa-scheduler serve")
@@ -164,20 +193,26 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
 
     async def main() -> None:
         from cpa_scheduler import api  # FastAPI: only the commands that serve HTTP import it
+        from cpa_scheduler.api import problems
 
         app = api.create_app(services, dispatcher=dispatcher.health)
+        # h11 would refuse a request head over 16 KiB with a text/plain 400 or a reset; let
+        # it buffer more, so the API's own limit answers (431 problem+json).
         server = uvicorn.Server(
-            uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="off")
-        )
+            uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="off",
+                           h11_max_incomplete_event_size=problems.H11_MAX_HEAD)
+        )  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        web = asyncio.create_task(server.serve())
+        web = asyncio.create_task(server.serve(sockets=[sock]))
         worker = asyncio.create_task(dispatcher.run_forever(url, stop=stop))
         mode = "embedded PostgreSQL in " + str(config.data_dir) if config.local else "DATABASE_URL"
         print(f"CPA Scheduler on http://{args.host}:{args.port} ({mode}).", file=sys.stderr)
         print("Get a token: export CPA_TOKEN=$(cpa-scheduler token --tenant demo --user me)",
+              file=sys.stderr)  # fmt: skip
+        print(f"Jobs page: http://{args.host}:{args.port}/ui/ (signed in: cpa-scheduler ui --open)",
               file=sys.stderr)  # fmt: skip
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({stopping, worker, web}, return_when=asyncio.FIRST_COMPLETED)
@@ -196,6 +231,26 @@ def _serve_on(args: argparse.Namespace, config: settings.Settings, url: str) -> 
 
 
 def _token(args: argparse.Namespace) -> int:
+    print(_mint(args.tenant, args.user, args.ttl, args.role))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """The jobs page's address, signed in: the token rides in the fragment, which the browser
+    never sends to the server; the page moves it to session storage and drops it."""
+    base = settings.client_from_env().api_url.rstrip("/")
+    url = f"{base}/ui/#access_token={_mint(args.tenant, args.user, args.ttl)}"
+    print(url)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print("No browser could be started here; open the address above.", file=sys.stderr)
+    return 0
+
+
+def _mint(tenant: str, user: str, ttl: int, role: str | None = None) -> str:
+    """A local access token for ``user`` in ``tenant``; creates both and the membership."""
     from cpa_scheduler import auth
 
     config = settings.from_env()
@@ -207,7 +262,7 @@ def _token(args: argparse.Namespace) -> int:
         raise errors.ConfigError(
             "token mints local tokens; with DATABASE_URL set it needs SUPABASE_JWT_SECRET."
         )
-    tenant_id, user_id = _ident(args.tenant, "tenant"), _ident(args.user, "user")
+    tenant_id, user_id = _ident(tenant, "tenant"), _ident(user, "user")
 
     async def ensure(url: str) -> None:
         db = store.Store(url, max_size=1)
@@ -215,20 +270,19 @@ def _token(args: argparse.Namespace) -> int:
             async with db.admin() as session:
                 # The tenant's first user owns it; later ones are members (who see only their
                 # own jobs) unless --role says otherwise. An existing membership keeps its role.
-                role = args.role or (
+                chosen = role or (
                     "member" if await session.tenant_other_members(tenant_id, user_id) else "owner"
                 )
                 await session.membership_ensure(
-                    tenant_id, user_id, tenant_name=args.tenant, email=f"{user_id}@local.invalid",
-                    role=role,
+                    tenant_id, user_id, tenant_name=tenant, email=f"{user_id}@local.invalid",
+                    role=chosen,
                 )  # fmt: skip
         finally:
             await db.close()
 
     with database.prepared(config, migrate=True) as url:
         asyncio.run(ensure(url))
-    print(auth.mint(secret, user_id, issuer=issuer, tenant_id=tenant_id, ttl=args.ttl))
-    return 0
+    return auth.mint(secret, user_id, issuer=issuer, tenant_id=tenant_id, ttl=ttl)
 
 
 def _client() -> client_mod.Client:
@@ -318,10 +372,37 @@ def _local_zone() -> str:
     return link.split("zoneinfo/", 1)[1] if "zoneinfo/" in link else "UTC"
 
 
+def _run_at(value: str | None, time_zone: str) -> str | None:
+    """``--run-at`` as RFC 3339 with an offset: given so, or said in words ("tomorrow at 9",
+    "morgen um 9") and read in ``time_zone``; else an error that says how to write it."""
+    if value is None:
+        return None
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        when = None
+    if when is not None and when.tzinfo is not None:
+        return when.isoformat()
+    try:
+        return times.resolve(value, tz=times.zone(time_zone)).isoformat(timespec="seconds")
+    except errors.InvalidError:
+        raise errors.InvalidError(
+            f"--run-at {value!r} is not a time: give RFC 3339 with an offset "
+            "(2026-12-01T08:00:00+01:00) or a time in words with a clock time "
+            "('tomorrow at 9am', 'morgen um 9')."
+        ) from None
+
+
 def _submit(args: argparse.Namespace) -> int:
+    run_at = _run_at(args.run_at, args.time_zone)
+    if run_at is not None and run_at != args.run_at:
+        print(f"--run-at {args.run_at!r} is {run_at}", file=sys.stderr)
+
     async def run() -> str:
         async with _client() as c:
-            job = await c.submit(args.text, time_zone=args.time_zone, run_at=args.run_at)
+            job = await c.submit(args.text, time_zone=args.time_zone, run_at=run_at)
             if args.detach:
                 print(job["id"])
                 return "done"
@@ -372,11 +453,14 @@ def _schedule_line(row: dict[str, Any]) -> str:
 
 
 def _schedule(args: argparse.Namespace) -> int:
+    # Checked here first: '@daily' gets a message that says why, before any token or server.
+    cron = times.validate_cron(args.cron) if args.action == "add" else ""
+
     async def run() -> int:
         async with _client() as c:
             if args.action == "add":
                 print(_schedule_line(await c.schedule_add(
-                    args.cron, time_zone=args.time_zone, request=args.text)))  # fmt: skip
+                    cron, time_zone=args.time_zone, request=args.text)))  # fmt: skip
             elif args.action == "list":
                 rows = await c.schedules()
                 for row in rows:
@@ -420,7 +504,7 @@ def parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
         prog="cpa-scheduler",
-        description=__doc__,
+        description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Clients find the server by CPA_API_URL (default http://127.0.0.1:8000) and "
         "the token by CPA_TOKEN.",
@@ -442,6 +526,12 @@ def parser() -> argparse.ArgumentParser:
                     help="a new membership's role (default: owner for the tenant's first user, "
                     "member after; members see only their own jobs)")  # fmt: skip
     tk.set_defaults(run=_token)
+    ui = cmd("ui", "Print the jobs page's address, signed in (local mode); --open opens it.")
+    ui.add_argument("--tenant", default="demo", help="tenant name or UUID")
+    ui.add_argument("--user", default="me", help="user name or UUID")
+    ui.add_argument("--ttl", type=int, default=8 * 3600, help="seconds the sign-in is valid")
+    ui.add_argument("--open", action="store_true", help="open it in the default browser")
+    ui.set_defaults(run=_ui)
     sb = cmd("submit", "Submit a request and show live progress until the job ends "
                        "(exit 0 when done).")  # fmt: skip
     sb.add_argument("text", help="the request, e.g. 'Erinnere mich in 10 Minuten an den Tee'")

@@ -301,7 +301,7 @@ class Client:
         failures, retry = 0, 1.0
         while True:
             headers = {"Last-Event-ID": str(last)} if last is not None else {}
-            got = False
+            got = ended = False
             try:
                 async with self._http.stream(
                     "GET", f"/v1/jobs/{job_id}/events", headers=headers
@@ -322,8 +322,9 @@ class Client:
                             continue
                         seen.add(event["id"])
                         yield event
-                        if events_mod.is_terminal(event):
-                            return
+                        # The end only as the answer's last event: an earlier run's end (the
+                        # job was retried) is followed by more, and the server goes on.
+                        ended = events_mod.is_terminal(event)
             except (httpx.TransportError, httpx.RemoteProtocolError):
                 failures += 1
                 if failures > reconnects:
@@ -333,6 +334,8 @@ class Client:
                     ) from None
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
+            if ended:
+                return
             # The answer ended before the job did (a bounded answer): resume from `last`.
             # Straight away when it brought events, else after the server's retry hint.
             if not got:
@@ -419,8 +422,6 @@ class Client:
                     missed, last, ended = await self._fill(job_id, last, seen)
                     for event in missed:
                         yield event
-                        if events_mod.is_terminal(event):
-                            return
                     if ended:
                         return
                     continue

@@ -20,6 +20,9 @@ from cpa_scheduler import errors, protocol
 
 _T = TypeVar("_T")
 ACTIONS = ["desktop.open_app", "file.write", "file.read", "notes.create", "reminder.create"]
+# The agent answers every assignment within this long: an action stuck in the file system
+# (a hung network drive) is reported as failed and the agent goes on.
+ACTION_SECONDS = 30.0
 
 
 def perform(assign: protocol.Assign, sandbox: Path) -> Any:
@@ -43,6 +46,17 @@ def perform(assign: protocol.Assign, sandbox: Path) -> Any:
         text = content if isinstance(content, str) else json.dumps(content)
         return box.write(name, text.encode("utf-8", "backslashreplace"))
     raise errors.PermanentError(f"This agent cannot perform {assign.payload.action!r}.")
+
+
+async def perform_bounded(assign: protocol.Assign, sandbox: Path) -> Any:
+    """:func:`perform` off the event loop, given up after ACTION_SECONDS."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(perform, assign, sandbox), ACTION_SECONDS)
+    except TimeoutError:
+        raise errors.PermanentError(
+            f"The action {assign.payload.action!r} did not finish within {ACTION_SECONDS:g} s "
+            "on this computer."
+        ) from None
 
 
 WAIT = 20.0  # seconds one long-polling claim waits for work (the server's bound)
@@ -178,7 +192,7 @@ class _Worker:
             traceparent=trace,
         )
         try:
-            result = perform(assign, self.sandbox)
+            result = await perform_bounded(assign, self.sandbox)
             reply = protocol.reply_to(
                 assign, "done", {"todo_id": assign.payload.todo_id, "result": result}
             )

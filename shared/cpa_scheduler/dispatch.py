@@ -32,6 +32,12 @@ from cpa_scheduler import bounds, errors, executor, graph, metrics, store, traci
 Session = store.Session
 TodoRow = store.TodoRow  # by this name in the class, whose field ``store`` hides the module
 log = logging.getLogger("cpa.dispatch")
+# Seconds a LISTEN connection may stay quiet before the dispatcher asks it whether it lives.
+LISTEN_CHECK = 5.0
+
+# Finished jobs one retention batch deletes (cpa.retention_prune_v1: p_batch / 10, the store's
+# default batch 5000); a full batch means more are waiting.
+RETENTION_JOB_BATCH = 500
 
 
 @dataclass
@@ -199,10 +205,16 @@ class Dispatcher:
     concurrency: int = 256
     # Running cloud ToDos one tenant may hold (None: no cap); CPA_TENANT_RUNNING_CAP.
     tenant_cap: int | None = 64
+    # Jobs one tenant's schedules may start per minute (CPA_SCHEDULE_JOBS_PER_MINUTE).
+    schedule_budget: int = 60
     # Retention (CPA_RETENTION_DAYS, CPA_AUDIT_RETENTION_DAYS), pruned at most this often.
     retention_days: int = 30
     audit_retention_days: int = 365
     retention_every: float = 3600.0
+    # Each sweep runs retention batches (one transaction each) while the jobs' batch comes back
+    # full, for at most this long: an hourly batch of 500 jobs keeps up with 12,000 jobs a day,
+    # a deployment of 100,000 jobs a day needs ~200 batches a day (docs/scale.md).
+    retention_budget: float = 10.0
     _pruned_at: float | None = field(default=None, repr=False)
     batch: int = 128
     lanes: int = 2
@@ -323,14 +335,21 @@ class Dispatcher:
         if self._pruned_at is not None and now - self._pruned_at < self.retention_every:
             return None
         self._pruned_at = now
+        pruned: dict[str, int] = {}
         try:
-            async with self.store.service() as session:
-                pruned = await session.retention_prune(
-                    job_days=self.retention_days, audit_days=self.audit_retention_days
-                )
+            while True:
+                async with self.store.service() as session:
+                    batch = await session.retention_prune(
+                        job_days=self.retention_days, audit_days=self.audit_retention_days
+                    )
+                for key, value in batch.items():
+                    pruned[key] = pruned.get(key, 0) + int(value)
+                full = batch.get("jobs", 0) >= RETENTION_JOB_BATCH
+                if not full or time.monotonic() - now > self.retention_budget:
+                    break
         except Exception as exc:
             self.health.fault("retention", exc)
-            return None
+            return pruned or None
         if any(pruned.values()):
             log.info("dispatcher: retention pruned %s", pruned)
         return pruned
@@ -355,17 +374,25 @@ class Dispatcher:
         """Passes woken by ``NOTIFY cpa_todo_ready``, plus a periodic sweep for timers, backoff
         and expired leases. Raises when a pass or the LISTEN connection fails."""
         wake = asyncio.Event()
-        import psycopg
 
         with store.translate():
-            conn = await psycopg.AsyncConnection.connect(
-                listen_url, autocommit=True, connect_timeout=max(2, int(self.store.timeout))
+            conn = await store.connection_class().connect(
+                listen_url, autocommit=True, **store.connect_options(self.store.timeout)
             )
             await conn.execute("listen cpa_todo_ready")
+        bounded = cast(Any, conn)
 
         async def listen() -> None:
-            async for _ in conn.notifies():
-                wake.set()
+            while True:
+                async for _ in conn.notifies(timeout=LISTEN_CHECK):
+                    wake.set()
+                # A dead network (no reset) keeps a LISTEN connection quiet for good: ask it
+                # now and then, so such a connection fails like a dropped one.
+                bounded.deadline = self.store.timeout + store.DEADLINE_MARGIN
+                try:
+                    await conn.execute("select 1")
+                finally:
+                    bounded.deadline = None
 
         listener = asyncio.create_task(listen())
         alarm = asyncio.create_task(self._alarm(wake, stop))
@@ -398,7 +425,7 @@ class Dispatcher:
         from cpa_scheduler import schedules  # imports intake and times, only needed here
 
         try:
-            await schedules.fire_due(self.store)
+            await schedules.fire_due(self.store, budget=self.schedule_budget)
             async with self.store.service() as session:
                 await session.desktop_sweep(self.agent_seen_seconds)
         except errors.UnavailableError:
@@ -576,11 +603,35 @@ class Dispatcher:
             # outcomes one by one, so only the offending ToDo fails.
             log.warning("dispatcher: a completion batch of %d was refused (%s); storing "
                         "each ToDo alone", len(finished), exc.message)  # fmt: skip
-            for f in finished:
-                await self._flush_one(f, summary)
+            # Results first, failures last: a ToDo failing for good ends its job, and with it
+            # the job's ToDos still running, whose results this batch may hold.
+            refused: list[tuple[_Finished, str]] = []
+            for f in sorted(finished, key=lambda f: isinstance(f.outcome, executor.Fail)):
+                try:
+                    await self._flush_batch([f], summary)
+                except errors.InvalidError as alone:
+                    refused.append((f, alone.message))
+            for f, why in refused:
+                error = f"The outcome of {f.row.action!r} cannot be stored: {why}"
+                await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
         self.health.ok()
 
     async def _flush_batch(self, finished: list[_Finished], summary: Summary) -> None:
+        # A failure may end its job, and a job ends with every ToDo final: its running ones
+        # are cancelled (migration 20261207002100_terminal_event_last). The results this batch
+        # has for such a job are stored first, in a transaction of their own, so they count.
+        failing = {f.row.job_id for f in finished if isinstance(f.outcome, executor.Fail)}
+        first = [
+            f for f in finished
+            if isinstance(f.outcome, executor.Done) and f.row.job_id in failing
+        ]  # fmt: skip
+        if first and len(first) < len(finished):
+            await self._flush_together(first, summary)
+            taken = {id(f) for f in first}
+            finished = [f for f in finished if id(f) not in taken]
+        await self._flush_together(finished, summary)
+
+    async def _flush_together(self, finished: list[_Finished], summary: Summary) -> None:
         counted = Summary()  # added to the pass's summary only once the transaction commits
         async with self.store.service() as session:
             exclusive, shared = _gates(finished)
@@ -597,13 +648,6 @@ class Dispatcher:
                     settled.append((f.row, f.outcome))
             await self._commit(session, settled, counted)
         summary.add(counted)
-
-    async def _flush_one(self, f: _Finished, summary: Summary) -> None:
-        try:
-            await self._flush_batch([f], summary)
-        except errors.InvalidError as exc:
-            error = f"The outcome of {f.row.action!r} cannot be stored: {exc.message}"
-            await self._flush_batch([_Finished(f.row, executor.Fail(error))], summary)
 
     async def _attach(
         self, session: Session, row: TodoRow, attach: executor.Attach
@@ -664,7 +708,7 @@ class Dispatcher:
         ]
         await session.todo_fail(items, backoff_base=self.backoff_base)
         for row, o in failed:
-            again = o.retryable and row.attempts < row.max_attempts
+            again = o.retryable and row.failed_attempts < row.max_attempts
             if again:
                 summary.retried += 1
             else:
@@ -672,7 +716,7 @@ class Dispatcher:
             metrics.observe_finished(row.action, "retry" if again else "failed")
             log.warning(
                 "ToDo %r (%s) failed on attempt %s of %s%s: %s",
-                row.key, row.action, row.attempts, row.max_attempts,
+                row.key, row.action, row.failed_attempts, row.max_attempts,
                 "; it will be retried" if again else "", o.error,
                 extra={"tenant_id": str(row.tenant_id), "job_id": str(row.job_id),
                        "todo_id": str(row.id), "action": row.action, "retry": again},

@@ -1,7 +1,8 @@
 """Progress events: the one public shape shared by SSE, JSON long-polling and Realtime.
 
 ``docs/events.schema.json`` is the contract; the commit-time flush of the events
-(``private.job_events_flush_v1``) builds the same object in SQL for the broadcast.
+(``private.job_events_flush_v4``, in supabase/schemas/40_events_and_realtime.sql) builds the
+same object in SQL for the broadcast.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def view(row: dict[str, Any]) -> dict[str, Any]:
 def is_terminal(event: dict[str, Any]) -> bool:
     """The job's last event: nothing follows it unless the job is retried."""
     return event.get("kind") == "job.status" and event.get("status") in TERMINAL
+
+
+def ends(batch: list[dict[str, Any]], *, terminal: bool, complete: bool) -> bool:
+    """Whether a read of a job's events reached its end: the job's status (read before the
+    events) was final, the read was not cut by its page size, and its last event is the job's
+    terminal one (or there was none left after the reader's position). A terminal event
+    followed by more (the job was retried) is not the end."""
+    if not terminal or not complete:
+        return False
+    return not batch or is_terminal(batch[-1])
 
 
 def topic(tenant_id: object) -> str:

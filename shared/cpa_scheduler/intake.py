@@ -32,13 +32,23 @@ async def _unoffered(
     return drop
 
 
-def check_run_at(run_at: datetime | None, now: datetime) -> None:
-    if run_at is not None and run_at < now - timedelta(seconds=1):
-        raise errors.InvalidError(
-            f"run_at {run_at.isoformat()} is in the past; give a future time (RFC 3339 with an "
-            "offset) or leave it out to start at once.",
-            errors=[{"loc": ["body", "run_at"], "msg": "time in the past"}],
-        )
+def check_run_at(
+    run_at: datetime | None, now: datetime, spec: protocol.GraphSpec | None = None
+) -> None:
+    """A 422 for a job's ``run_at``, or a ToDo's own, in the past: the same rule for both."""
+    timed = [(["body", "run_at"], "run_at", run_at)]
+    if spec is not None:
+        timed += [
+            (["body", "graph", "todos", str(i), "run_at"], f"ToDo {t.key!r}'s run_at", t.run_at)
+            for i, t in enumerate(spec.todos)
+        ]
+    for loc, what, when in timed:
+        if when is not None and when < now - timedelta(seconds=1):
+            raise errors.InvalidError(
+                f"{what} {when.isoformat()} is in the past; give a future time (RFC 3339 with "
+                "an offset) or leave it out to start at once.",
+                errors=[{"loc": loc, "msg": "time in the past"}],
+            )
 
 
 async def submit(
@@ -54,6 +64,7 @@ async def submit(
     time_zone: str = "UTC",
     run_at: datetime | None = None,
     now: datetime | None = None,
+    schedule_cap: int = store.SCHEDULE_CAP,
 ) -> store.JobRow:
     """Validate and create the job in one transaction; a repeated key returns the same job.
 
@@ -74,7 +85,7 @@ async def submit(
 
     tz = times.zone(time_zone)
     now = now or datetime.now(UTC)
-    check_run_at(run_at, now)
+    check_run_at(run_at, now, spec)
     recurring = times.recurring(text) if text and spec is None and not force_planner else None
     if recurring is not None:
         if idempotency_key:
@@ -85,7 +96,7 @@ async def submit(
         cron, rest = recurring
         sched = await schedules.create(
             session, tenant_id=tenant_id, cron=cron, time_zone=tz.key, request=rest, spec=None,
-            planner_configured=planner_configured, now=now,
+            planner_configured=planner_configured, now=now, cap=schedule_cap,
         )  # fmt: skip
         note = schedules.announcement(sched)
         return await session.job_create(
@@ -140,7 +151,7 @@ def one_call(
     checked against the tenant): the caller then takes :func:`submit`."""
     tz = times.zone(time_zone)
     now = now or datetime.now(UTC)
-    check_run_at(run_at, now)
+    check_run_at(run_at, now, spec)
     if text and spec is None and not force_planner and times.recurring(text) is not None:
         return None
     if idempotency_key is not None:

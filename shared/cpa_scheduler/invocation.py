@@ -9,6 +9,8 @@ invocations reuse them.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import hmac
 import json
 import logging
@@ -72,7 +74,30 @@ def _get_dispatcher(
         tracing.setup("cpa-scheduler-dispatcher")
         _loop = asyncio.new_event_loop()
         _dispatcher = service.build_services(config).dispatcher()
+        atexit.register(_shutdown)
     return _loop, _dispatcher
+
+
+def _shutdown() -> None:
+    """At exit: close the pool and end the loop's tasks on the loop, then close it. Left to the
+    garbage collector, the pool's pending tasks print "Task was destroyed but it is pending!"
+    and "Event loop is closed"."""
+    global _loop, _dispatcher
+    loop, dispatcher, _loop, _dispatcher = _loop, _dispatcher, None, None
+    if loop is None or loop.is_closed():
+        return
+    try:
+        if dispatcher is not None:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.wait_for(dispatcher.store.close(), 5))
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 def _authorized(invocation: Invocation, secret: str | None) -> bool:

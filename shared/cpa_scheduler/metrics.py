@@ -3,7 +3,10 @@
 Process metrics (requests, ToDo run time, finished ToDos, claims, lease expiries, retries) live
 in :func:`instruments` (made on first use) and count what this process did. Queue gauges are computed from the
 database each time ``/metrics`` is scraped (:func:`render`), so they are true however many
-processes or Lambda invocations do the work. No metric has a tenant label by default;
+processes or Lambda invocations do the work. Every process with ``/metrics`` (serve, the API
+function, the dispatcher worker) exports them, as the contract has it, each the same
+database-wide value: dashboards and alerts aggregate them across processes with ``max``, never
+``sum`` (``infra/observability/``), while the process counters are summed. No metric has a tenant label by default;
 ``CPA_METRICS_TOP_TENANTS=N`` adds ``cpa_tenant_todos_ready`` for the N busiest tenants only.
 
 On Lambda a process lives for a few invocations, so its counters go out as CloudWatch Embedded
@@ -43,6 +46,7 @@ class Instruments:
     lease_expiries: Counter
     retries: Counter
     database_up: Gauge
+    a2a_requests: Counter
 
 
 @functools.cache
@@ -117,6 +121,12 @@ def instruments() -> Instruments:
         database_up=Gauge(
             "cpa_metrics_database_up",
             "1 when the last scrape could read the database gauges, else 0.",
+            registry=registry,
+        ),
+        a2a_requests=Counter(
+            "cpa_a2a_requests",
+            "A2A JSON-RPC calls, by method and outcome (ok, or the JSON-RPC error code).",
+            ["method", "outcome"],
             registry=registry,
         ),
     )

@@ -71,12 +71,20 @@ def migrations(directory: Traversable | None = None) -> list[Migration]:
     return found
 
 
+def _options() -> dict[str, Any]:
+    """Keepalives and tcp_user_timeout as every connection has them (a dead network is an
+    error, not a hang); connecting may take up to 10 s."""
+    from cpa_scheduler import store
+
+    return {**store.connect_options(2.0), "connect_timeout": 10}
+
+
 def bootstrap(admin_url: str, directory: Traversable | None = None) -> None:
     """Make a plain Postgres database Supabase-like (idempotent; needs a superuser)."""
     import psycopg  # deferred: the Lambda handlers import this module but never migrate
 
     sql = (directory or supabase_dir()).joinpath("local", "bootstrap.sql").read_text("utf-8")
-    with psycopg.connect(admin_url, autocommit=True, prepare_threshold=None) as conn:
+    with psycopg.connect(admin_url, autocommit=True, prepare_threshold=None, **_options()) as conn:
         conn.execute("select pg_advisory_lock(7263001)")
         try:
             conn.execute(sql)
@@ -89,7 +97,7 @@ def apply(url: str, directory: Traversable | None = None) -> list[str]:
     import psycopg
 
     applied_now: list[str] = []
-    with psycopg.connect(url, prepare_threshold=None) as conn:
+    with psycopg.connect(url, prepare_threshold=None, **_options()) as conn:
         with conn.transaction():
             conn.execute("select pg_advisory_xact_lock(7263002)")
             conn.execute(_HISTORY)

@@ -20,7 +20,8 @@ class Limiter(Protocol):
 def _refuse(limit: int, window: int, retry_after: float) -> errors.RateLimitedError:
     wait = max(1, math.ceil(retry_after))
     return errors.RateLimitedError(
-        f"The tenant created more than {limit} jobs in {window} seconds; retry in {wait} s.",
+        f"The tenant created more than {limit} jobs and schedules in {window} seconds (the "
+        f"limit CPA_RATE_LIMIT); retry in {wait} s.",
         retry_after=wait,
     )
 

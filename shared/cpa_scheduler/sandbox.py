@@ -5,6 +5,11 @@ A path check followed by an open can race (a directory swapped for a symlink in 
 relative to the directory opened before it (``dir_fd``), starting at the sandbox; a file with
 more than one link is refused (it may be a hard link to a file outside); and only paths
 relative to the sandbox are ever reported back, never the local absolute path.
+
+Only regular files are read or written: the open is non-blocking, so a FIFO (whose open would
+wait for a writer for good) or a device is refused after ``fstat`` instead of hanging the
+agent. Reads are bounded by size (MAX_READ) and time (READ_SECONDS, checked between chunks; the
+agent also stops waiting for the whole action after ACTION_SECONDS, see desktop.perform_bounded).
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from cpa_scheduler import errors
 
 MAX_READ = 1024 * 1024
+READ_SECONDS = 10.0
+_CHUNK = 64 * 1024
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_NOCTTY = getattr(os, "O_NOCTTY", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -48,8 +58,24 @@ class Sandbox:
         parts = _parts(name)
         with self._parent(parts, create=False) as parent:
             fd = self._open(parts, parent, os.O_RDONLY)
-            with os.fdopen(fd, "rb") as handle:
-                data = handle.read(MAX_READ + 1)
+            deadline = time.monotonic() + READ_SECONDS
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                while size <= MAX_READ:
+                    chunk = os.read(fd, _CHUNK)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if time.monotonic() > deadline:
+                        raise errors.PermanentError(
+                            f"Reading {'/'.join(parts)!r} took longer than {READ_SECONDS:g} s; "
+                            "the file is on a slow or hung drive."
+                        )
+            finally:
+                os.close(fd)
+            data = b"".join(chunks)
         if len(data) > MAX_READ:
             raise errors.PermanentError(
                 f"The file {'/'.join(parts)!r} is larger than {MAX_READ} bytes; read a smaller file."
@@ -84,7 +110,10 @@ class Sandbox:
     def _open(self, parts: list[str], parent: int, flags: int) -> int:
         rel = "/".join(parts)
         try:
-            fd = os.open(parts[-1], flags | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=parent)
+            # Non-blocking: opening a FIFO would otherwise wait for its other end for good.
+            fd = os.open(
+                parts[-1], flags | _NOFOLLOW | _CLOEXEC | _NONBLOCK | _NOCTTY, 0o600, dir_fd=parent
+            )
         except OSError as exc:
             raise errors.PermanentError(
                 f"The file {rel!r} in the sandbox cannot be opened: {_reason(exc)}."
@@ -92,12 +121,14 @@ class Sandbox:
         info = os.fstat(fd)
         problem = None
         if not stat.S_ISREG(info.st_mode):
-            problem = "it is not a regular file"
+            kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device, socket or folder"
+            problem = f"it is {kind}, not a regular file"
         elif info.st_nlink > 1:
             problem = "it has other hard links, which may lead outside the sandbox"
         if problem is not None:
             os.close(fd)
             raise errors.PermanentError(f"The file {rel!r} in the sandbox is refused: {problem}.")
+        os.set_blocking(fd, True)  # a regular file: back to plain reads and writes
         return fd
 
 
@@ -118,4 +149,6 @@ def _reason(exc: OSError) -> str:
         return "it is a symbolic link or not a folder"
     if exc.errno == errno.ENOENT:
         return "it does not exist"
+    if exc.errno == errno.ENXIO:
+        return "it is a FIFO or device without another end, not a regular file"
     return os.strerror(exc.errno or 0) or type(exc).__name__

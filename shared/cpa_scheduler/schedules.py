@@ -22,7 +22,7 @@ from cpa_scheduler import errors, graph, intents, protocol, store, times
 log = logging.getLogger(__name__)
 
 FIELDS = ("id", "cron", "time_zone", "paused", "next_run_at", "created_at", "request", "graph",
-          "intent", "last_run_at", "last_job_id")  # fmt: skip
+          "intent", "last_run_at", "last_job_id", "skipped_runs", "last_skipped_at")  # fmt: skip
 
 
 def view(row: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +91,11 @@ async def create(
     spec: protocol.GraphSpec | None,
     planner_configured: bool,
     now: datetime | None = None,
+    cap: int = store.SCHEDULE_CAP,
 ) -> dict[str, Any]:
-    """Validate and create a schedule; its first run is the next occurrence after ``now``."""
+    """Validate and create a schedule; its first run is the next occurrence after ``now``.
+
+    A tenant with ``cap`` active schedules gets a :class:`errors.ConflictError` instead."""
     tz = times.zone(time_zone)
     clean = times.validate_cron(cron)
     intent, todos = plan(request=request, spec=spec, planner_configured=planner_configured)
@@ -100,19 +103,34 @@ async def create(
     graph = None if spec is None else spec.model_dump(mode="json", exclude_none=True)
     return await session.schedule_create(
         tenant_id=tenant_id, cron=clean, time_zone=tz.key, request=request, graph=graph,
-        intent=intent, todos=todos, next_run_at=first,
+        intent=intent, todos=todos, next_run_at=first, cap=cap,
     )  # fmt: skip
 
 
-async def resume(session: store.Session, schedule_id: uuid.UUID | str) -> dict[str, Any]:
+async def resume(
+    session: store.Session,
+    schedule_id: uuid.UUID | str,
+    *,
+    cap: int = store.SCHEDULE_CAP,
+    now: datetime | None = None,
+) -> dict[str, Any]:
     """Resume from the next occurrence after now: what fell into the pause is skipped."""
     row = await session.schedule_get(schedule_id)
-    nxt = times.cron_next(row["cron"], times.zone(row["time_zone"]), datetime.now(UTC))
-    return await session.schedule_pause(schedule_id, paused=False, next_run_at=nxt)
+    nxt = times.cron_next(row["cron"], times.zone(row["time_zone"]), now or datetime.now(UTC))
+    return await session.schedule_pause(schedule_id, paused=False, next_run_at=nxt, cap=cap)
 
 
-async def fire_due(db: store.Store, *, now: datetime | None = None, limit: int = 50) -> int:
-    """Materialise every due occurrence; returns how many schedules fired."""
+async def fire_due(
+    db: store.Store,
+    *,
+    now: datetime | None = None,
+    limit: int = 50,
+    budget: int = store.SCHEDULE_JOBS_PER_MINUTE,
+) -> int:
+    """Materialise every due occurrence; returns how many schedules fired (skipped ones too).
+
+    ``budget``: jobs one tenant's schedules may start in one minute; an occurrence past it is
+    skipped, its job created cancelled without ToDos (see migration 20261207003000)."""
     now = now or datetime.now(UTC)
     fired = 0
     async with db.service() as session:
@@ -122,10 +140,12 @@ async def fire_due(db: store.Store, *, now: datetime | None = None, limit: int =
                     tz = times.zone(row["time_zone"])
                     due: datetime = row["next_run_at"]
                     occurrence = times.cron_latest(row["cron"], tz, due, now) or due
-                    await session.schedule_fire(
-                        row["id"], occurrence, times.cron_next(row["cron"], tz, now)
+                    job = await session.schedule_fire(
+                        row["id"], occurrence, times.cron_next(row["cron"], tz, now), budget
                     )
                 fired += 1
+                if job.status == "cancelled" and job.todo_count == 0:
+                    log.info("schedule %s skipped %s: %s", row["id"], occurrence, job.error)
             except errors.CpaError as exc:
                 log.warning("schedule %s could not fire: %s", row["id"], exc.message)
     return fired

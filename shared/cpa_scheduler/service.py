@@ -87,6 +87,7 @@ class Services:
             self.store,
             registry=self.registry,
             tenant_cap=self.config.tenant_cap,
+            schedule_budget=self.config.schedule_jobs_per_minute,
             retention_days=self.config.retention_days,
             audit_retention_days=self.config.audit_retention_days,
             **tuning,
@@ -114,6 +115,10 @@ def build_services(config: settings.Settings, *, url: str | None = None) -> Serv
     """
     if url is None:
         url = database.prepare(config, migrate=config.local)
-    return Services(
-        config, store.Store(url, max_size=config.pool_max_size, timeout=config.db_timeout)
+    db = store.Store(
+        url,
+        max_size=config.pool_max_size,
+        timeout=config.db_timeout,
+        lost_lease_limit=config.lost_lease_limit,
     )
+    return Services(config, db)

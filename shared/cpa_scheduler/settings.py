@@ -32,6 +32,8 @@ class Settings(BaseModel):
     # The supabase/ folder to migrate from; None: the copy shipped in the package.
     supabase_dir: Path | None = None
     supabase_url: str | None = None
+    # The project's publishable (anon) key: the jobs page (/ui) joins Realtime with it.
+    supabase_publishable_key: str | None = None
     supabase_jwt_secret: str | None = None
     supabase_jwks_url: str | None = None
     openai_api_key: str | None = None
@@ -58,6 +60,13 @@ class Settings(BaseModel):
     # Running cloud ToDos one tenant may hold at once (0: no cap), so one cannot fill the
     # dispatcher.
     tenant_running_cap: int = Field(default=64, ge=0)
+    # Lost leases (the worker running the ToDo died or stopped answering) a ToDo may cost
+    # before it fails for good; they do not count against its max_attempts.
+    lost_lease_limit: int = Field(default=5, ge=1, le=1000)
+    # Active (unpaused) schedules per tenant, and the jobs a tenant's schedules may start in one
+    # minute: an occurrence past that budget is skipped (a cancelled job without ToDos).
+    schedule_cap: int = Field(default=100, ge=1)
+    schedule_jobs_per_minute: int = Field(default=60, ge=1)
     # Days job_events and finished jobs are kept, and audit_log entries.
     retention_days: int = Field(default=30, ge=1)
     audit_retention_days: int = Field(default=365, ge=1)
@@ -161,6 +170,7 @@ _ENV = {
     "data_dir": "CPA_DATA_DIR",
     "supabase_dir": "CPA_SUPABASE_DIR",
     "supabase_url": "SUPABASE_URL",
+    "supabase_publishable_key": "SUPABASE_PUBLISHABLE_KEY",
     "supabase_jwt_secret": "SUPABASE_JWT_SECRET",
     "supabase_jwks_url": "SUPABASE_JWKS_URL",
     "openai_api_key": "OPENAI_API_KEY",
@@ -178,6 +188,9 @@ _ENV = {
     "dispatch_budget": "CPA_DISPATCH_BUDGET",
     "dispatch_max_down": "CPA_DISPATCH_MAX_DOWN",
     "tenant_running_cap": "CPA_TENANT_RUNNING_CAP",
+    "lost_lease_limit": "CPA_LOST_LEASE_LIMIT",
+    "schedule_cap": "CPA_SCHEDULE_CAP",
+    "schedule_jobs_per_minute": "CPA_SCHEDULE_JOBS_PER_MINUTE",
     "retention_days": "CPA_RETENTION_DAYS",
     "audit_retention_days": "CPA_AUDIT_RETENTION_DAYS",
     "log_level": "CPA_LOG_LEVEL",
@@ -205,6 +218,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     values = _present(_ENV, source)
     allow = values.get("http_allow", "")
     values["http_allow"] = tuple(a.strip() for a in str(allow).split(",") if a.strip())
+    anon = source.get("SUPABASE_ANON_KEY", "").strip()  # older projects' name for the key
+    if anon and "supabase_publishable_key" not in values:
+        values["supabase_publishable_key"] = anon
     return _validate(Settings, _ENV, values, source)
 
 

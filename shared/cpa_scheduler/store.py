@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import uuid
@@ -37,10 +38,24 @@ _T = TypeVar("_T")
 
 # Attempts of an API operation that PostgreSQL aborted to break a deadlock (Session.job_cancel).
 DEADLOCK_ATTEMPTS = 3
+# A dead network (packets dropped, no reset) answers nothing: without a bound a call waits for
+# good. A request's statements run with statement_timeout = CPA_DB_TIMEOUT, and each wait for
+# an answer gives up DEADLINE_MARGIN later (the server's own timeout error comes first when it
+# is alive); the dispatcher's work (no statement timeout) waits up to SERVICE_DEADLINE seconds.
+# A call that gives up closes its connection, which the pool then replaces.
+DEADLINE_MARGIN = 0.5
+SERVICE_DEADLINE = 15.0
+# /readyz answers within 3 s: its ping waits this long for a connection, and as long again for
+# the answer.
+PING_WAIT = 1.25
 # How long a claim that fails a ToDo it holds waits for the ToDo's job
 # (Session.todo_fail_unless_job_held): well below PostgreSQL's deadlock_timeout (1 s by
 # default), so a cancel that holds the job and waits for the ToDo is never the one aborted.
 CLAIM_LOCK_WAIT = "200ms"
+# Defaults of CPA_SCHEDULE_CAP (active schedules per tenant) and CPA_SCHEDULE_JOBS_PER_MINUTE
+# (jobs a tenant's schedules may start in one minute); the settings hand in the configured ones.
+SCHEDULE_CAP = 100
+SCHEDULE_JOBS_PER_MINUTE = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +100,13 @@ class TodoRow:
     timer_until: datetime | None  # set once the ToDo has snoozed
     lease_expires_at: datetime | None
     error: str | None  # the last attempt's, e.g. that its lease expired
+    # Leases of earlier attempts lost with their worker: not counted against max_attempts.
+    lost_leases: int = 0
+
+    @property
+    def failed_attempts(self) -> int:
+        """Attempts that count against ``max_attempts``, this one included."""
+        return self.attempts - self.lost_leases
 
 
 @contextlib.contextmanager
@@ -379,6 +401,24 @@ class Session:
             JobRow,
         )
 
+    async def task_list(
+        self,
+        *,
+        tenant_id: uuid.UUID | str,
+        status: graph.JobStatus | None = None,
+        key_prefix: str | None = None,
+        changed_after: datetime | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        limit: int = 50,
+    ) -> tuple[list[JobRow], int]:
+        """A page of the tenant's jobs for A2A's ListTasks, and how many match in all."""
+        params = {"tenant_id": str(tenant_id), "status": status, "key_prefix": key_prefix,
+                  "changed_after": changed_after}  # fmt: skip
+        total = int(await self._scalar("task_count", params))
+        page = params | {"before_created": before[0] if before else None,
+                         "before_id": before[1] if before else None, "limit": limit}  # fmt: skip
+        return await self._typed("task_list", page, JobRow), total
+
     async def job_todos(self, job_id: uuid.UUID | str) -> list[Row]:
         return await self._all("job_todos", {"job_id": _uuid(job_id, "job")})
 
@@ -656,6 +696,10 @@ class Session:
         params = {"job_id": _uuid(job_id, "job"), "after_id": after_id, "limit": limit}
         return await self._all("event_list", params)
 
+    async def event_last(self, job_id: uuid.UUID | str) -> int:
+        """The id of the job's latest visible event (0: none): a cursor to follow it from."""
+        return int(await self._scalar("event_last", {"job_id": _uuid(job_id, "job")}))
+
     async def event_append(
         self,
         *,
@@ -699,11 +743,14 @@ class Session:
     async def schedule_create(
         self, *, tenant_id: uuid.UUID | str, cron: str, time_zone: str, request: str | None,
         graph: Any, intent: str, todos: Sequence[Mapping[str, Any]], next_run_at: datetime,
+        cap: int = SCHEDULE_CAP,
     ) -> Row:  # fmt: skip
+        """A new schedule; a :class:`errors.ConflictError` when the tenant already has
+        ``cap`` active schedules."""
         params = {
             "tenant_id": str(tenant_id), "cron": cron, "time_zone": time_zone, "request": request,
             "graph": None if graph is None else _jsonb(graph), "intent": intent,
-            "todos": _jsonb(list(todos)), "next_run_at": next_run_at,
+            "todos": _jsonb(list(todos)), "next_run_at": next_run_at, "cap": cap,
         }  # fmt: skip
         return await self._first("schedule_create", params)
 
@@ -719,12 +766,20 @@ class Session:
         return await self._all("schedule_list", {"tenant_id": str(tenant_id), "limit": limit})
 
     async def schedule_pause(
-        self, schedule_id: uuid.UUID | str, *, paused: bool, next_run_at: datetime | None = None
+        self,
+        schedule_id: uuid.UUID | str,
+        *,
+        paused: bool,
+        next_run_at: datetime | None = None,
+        cap: int = SCHEDULE_CAP,
     ) -> Row:
+        """Pause or resume; resuming past the tenant's ``cap`` of active schedules is a
+        :class:`errors.ConflictError`."""
         params = {
             "schedule_id": _uuid(schedule_id, "schedule"),
             "paused": paused,
             "next_run_at": next_run_at,
+            "cap": cap,
         }
         return await self._first("schedule_pause", params)
 
@@ -735,12 +790,19 @@ class Session:
         return await self._all("schedule_due", {"now": now, "limit": limit})
 
     async def schedule_fire(
-        self, schedule_id: uuid.UUID | str, occurrence: datetime, next_run_at: datetime
+        self,
+        schedule_id: uuid.UUID | str,
+        occurrence: datetime,
+        next_run_at: datetime,
+        budget: int | None = SCHEDULE_JOBS_PER_MINUTE,
     ) -> JobRow:
+        """The occurrence's job; past the tenant's ``budget`` of scheduled jobs in the
+        occurrence's minute it is created cancelled, without ToDos (a skip)."""
         params = {
             "schedule_id": str(schedule_id),
             "occurrence": occurrence,
             "next_run_at": next_run_at,
+            "budget": budget,
         }
         return await self._job("schedule_fire", params)
 
@@ -784,6 +846,10 @@ class Session:
         rows = await self._all("membership_mine")
         return [uuid.UUID(str(r["tenant_id"])) for r in rows]
 
+    async def my_memberships(self) -> list[Row]:
+        """The caller's tenants with their names and the caller's role (user scope)."""
+        return await self._all("membership_mine_named")
+
     async def tenant_of_user(self, user_id: uuid.UUID | str) -> uuid.UUID | None:
         row = await self._one("tenant_of_user", {"user_id": str(user_id)})
         return None if row is None else uuid.UUID(str(row["tenant_id"]))
@@ -802,6 +868,56 @@ def _uuid(value: uuid.UUID | str, what: str) -> str:
         raise errors.NotFoundError(f"The {what} id {value!r} is not a valid id.") from None
 
 
+def connect_options(timeout: float) -> dict[str, Any]:
+    """libpq options of every connection: TCP keepalives (an idle connection whose peer is gone
+    is noticed within ~20 s) and tcp_user_timeout (data left unacknowledged that long breaks
+    the connection), so a dropped network ends in an error, not a hang."""
+    return {
+        "connect_timeout": max(2, math.ceil(timeout)),
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(max(timeout + DEADLINE_MARGIN, 5.0) * 1000),
+    }
+
+
+@functools.cache
+def connection_class() -> type[psycopg.AsyncConnection[DictRow]]:
+    """AsyncConnection whose waits for the server honour :attr:`deadline` (made on first use:
+    psycopg stays out of the Lambda cold import)."""
+    import psycopg
+    from psycopg import errors as pgerrors
+
+    class BoundedConnection(psycopg.AsyncConnection[Any]):
+        """A connection with an optional deadline (seconds) for each wait for the server. Past
+        it the connection is closed (its state is unknown: a query may be in flight) and the
+        call raises OperationalError, which :func:`translate` makes a 503."""
+
+        deadline: float | None = None
+
+        # psycopg's own signature, overridden: its timeout parameter is psycopg's.
+        async def wait(
+            self,
+            gen: Any,
+            interval: float = 0.1,
+            timeout: float | None = None,  # noqa: ASYNC109
+        ) -> Any:
+            if timeout is not None or self.deadline is None:
+                return await super().wait(gen, interval, timeout)
+            try:
+                return await super().wait(gen, interval, self.deadline)
+            except pgerrors._WaitTimeout:
+                self.pgconn.finish()
+                raise psycopg.OperationalError(
+                    f"the database did not answer within {self.deadline:g} s (a dead network?); "
+                    "the connection was closed"
+                ) from None
+
+    found: type[psycopg.AsyncConnection[DictRow]] = BoundedConnection
+    return found
+
+
 async def _transactional(conn: psycopg.AsyncConnection[DictRow]) -> None:
     """The pool's reset: every connection goes back to the pool out of autocommit (which only
     :meth:`Store.submit` turns on, for one call), so every scope is one transaction."""
@@ -813,14 +929,22 @@ class Store:
     """A connection pool and the three transaction scopes."""
 
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 2.0
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 2.0,
+        lost_lease_limit: int = 5,
     ) -> None:
-        import psycopg
-        from psycopg.rows import DictRow, dict_row
+        from psycopg.rows import dict_row
         from psycopg_pool import AsyncConnectionPool
 
         self.url = url
         self.timeout = timeout
+        # Every scope sets it for the lease expiry its claims run (CPA_LOST_LEASE_LIMIT).
+        self._limits = {"lost_lease_limit": str(lost_lease_limit)}
+        self._user_limits = {**self._limits, "statement_timeout": f"{int(timeout * 1000)}ms"}
         # While the database is down a request must get its 503 in about `timeout` seconds,
         # not the pool's default 30: the wait for a connection and each new connection are
         # bounded. The pool's background reconnect backs off exponentially without a cap (1, 2,
@@ -838,11 +962,12 @@ class Store:
                 "prepare_threshold": None,
                 "row_factory": dict_row,
                 "autocommit": False,
-                "connect_timeout": max(2, int(timeout + 0.999)),
+                **connect_options(timeout),
             },
-            connection_class=psycopg.AsyncConnection[DictRow],
+            connection_class=connection_class(),
             reset=_transactional,
         )
+        self._request_deadline = timeout + DEADLINE_MARGIN
         self._opened = False
         self._opening: asyncio.Lock | None = None
         self._submit_as = True  # see submit: False once the login role may not call it
@@ -860,7 +985,9 @@ class Store:
             with translate():
                 # One direct connection first: a wrong URL fails now, with the server's reason.
                 probe = await asyncio.wait_for(
-                    psycopg.AsyncConnection.connect(self.url, connect_timeout=10),
+                    psycopg.AsyncConnection.connect(
+                        self.url, **{**connect_options(self.timeout), "connect_timeout": 10}
+                    ),
                     timeout=max(self.timeout, 2.0),
                 )
                 await probe.close()
@@ -873,17 +1000,40 @@ class Store:
             self._opened = False
 
     @contextlib.asynccontextmanager
-    async def _scope(self, first: str | None, params: Mapping[str, Any]) -> AsyncIterator[Session]:
+    async def _connection(
+        self, deadline: float, wait: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        """A pooled connection whose waits for the server give up after ``deadline`` s
+        (``wait``: how long to wait for the connection, default ``timeout``)."""
+        async with self._pool.connection(timeout=wait) as conn:
+            bounded = cast(Any, conn)
+            bounded.deadline = deadline
+            try:
+                yield conn
+            finally:
+                bounded.deadline = None
+
+    @contextlib.asynccontextmanager
+    async def _scope(
+        self,
+        first: str | None,
+        params: Mapping[str, Any],
+        deadline: float = SERVICE_DEADLINE,
+        wait: float | None = None,
+    ) -> AsyncIterator[Session]:
         await self.open()
         with translate():
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._connection(deadline, wait) as conn, conn.transaction():
                 if first is not None:
                     await conn.execute(sql.get(first), params)
                 yield Session(conn)
 
     def user(self, claims: Mapping[str, Any]) -> contextlib.AbstractAsyncContextManager[Session]:
-        """A transaction as ``authenticated`` with these verified claims."""
-        return self._scope("session_user_scope", {"claims": _jsonb(dict(claims))})
+        """A transaction as ``authenticated`` with these verified claims: request work, its
+        statements bounded by ``statement_timeout`` = ``timeout`` and each answer by
+        ``timeout`` plus a margin (a dead network is a 503 in about ``timeout`` s)."""
+        params = {"claims": _jsonb(dict(claims)), **self._user_limits}
+        return self._scope("session_user_scope", params, self._request_deadline)
 
     async def submit(self, claims: Mapping[str, Any], submission: Submission) -> str:
         """:meth:`Session.job_submit` as ``authenticated`` with these verified claims, in a
@@ -911,7 +1061,7 @@ class Store:
     async def _submit_as_one(self, claims: Mapping[str, Any], submission: Submission) -> str:
         params = {"claims": _jsonb(dict(claims)), **submission.params()}
         with rate_limited():
-            async with self._pool.connection() as conn:
+            async with self._connection(self._request_deadline) as conn:
                 await conn.set_autocommit(True)
                 cur = await conn.execute(sql.get("job_submit_as"), params)
                 row = await cur.fetchone()
@@ -924,10 +1074,10 @@ class Store:
         if not AsyncPipeline.is_supported():  # a libpq without pipeline mode: three trips
             async with self.user(claims) as session:
                 return await session.submit(submission)
-        scope = {"claims": _jsonb(dict(claims))}
+        scope = {"claims": _jsonb(dict(claims)), **self._user_limits}
         params = submission.params()
         with rate_limited():
-            async with self._pool.connection() as conn:
+            async with self._connection(self._request_deadline) as conn:
                 await conn.set_autocommit(True)
                 async with conn.pipeline():  # its end sends the Sync and reads every answer
                     await conn.execute(sql.get("session_user_scope"), scope)
@@ -974,10 +1124,10 @@ class Store:
             params["items"] = _jsonb(list(items))
             name, factory = "todo_complete_claim", kwargs_row(_done_and_todo)
         with translate():
-            async with self._pool.connection() as conn:
+            async with self._connection(SERVICE_DEADLINE) as conn:
                 await conn.set_autocommit(True)
                 async with conn.pipeline():  # its end sends the Sync and reads every answer
-                    await conn.execute(sql.get("session_service_scope"))
+                    await conn.execute(sql.get("session_service_scope"), self._limits)
                     cur = conn.cursor(row_factory=factory)
                     await cur.execute(sql.get(name), params)
                 await conn.set_autocommit(False)
@@ -986,15 +1136,16 @@ class Store:
 
     def service(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as ``service_role`` (bypasses RLS)."""
-        return self._scope("session_service_scope", {})
+        return self._scope("session_service_scope", self._limits)
 
     def admin(self) -> contextlib.AbstractAsyncContextManager[Session]:
         """A transaction as the login role (local set-up)."""
         return self._scope(None, {})
 
     async def ping(self) -> bool:
+        """Whether the database answers, within about 2 * PING_WAIT seconds."""
         try:
-            async with self.admin() as session:
+            async with self._scope(None, {}, PING_WAIT, wait=PING_WAIT) as session:
                 await session.conn.execute("select 1")
         except errors.UnavailableError:
             return False

@@ -41,20 +41,59 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b(heute|morgen|übermorgen)\s+(?:nachmittag|nachmittags)\b", re.I), r"\1 15:00"),
     (re.compile(r"\b(heute|morgen|übermorgen)\s+(?:mittag|mittags)\b", re.I), r"\1 12:00"),
     (re.compile(r"\b(heute|morgen|übermorgen)\s+(?:früh|vormittag|morgens)\b", re.I), r"\1 08:00"),
-    (re.compile(r"\bthis\s+evening\b", re.I), "today 19:00"),
+    (re.compile(r"\b(?:this\s+evening|tonight)\b", re.I), "today 19:00"),
+    (re.compile(r"\bthis\s+afternoon\b", re.I), "today 15:00"),
+    (re.compile(r"\bthis\s+morning\b", re.I), "today 08:00"),
     (re.compile(r"\btomorrow\s+evening\b", re.I), "tomorrow 19:00"),
     (re.compile(r"\bam\s+(?=\w)", re.I), ""),
 ]
 
 
+# A part of today ("heute Abend", "tonight") names its usual hour (the rewrites above); said
+# when that hour has passed but the part of the day has not, it means "later on": one hour
+# from now, rounded up to the quarter hour. The value is the hour the part ends.
+_TODAY_PART = re.compile(
+    r"^(?:heute\s+(?P<de>abends?|nachmittags?|mittags?|früh|vormittags?|morgens)"
+    r"|(?:this\s+(?P<en>evening|afternoon|morning))|(?P<tonight>tonight))$",
+    re.IGNORECASE,
+)
+_PART_ENDS = {"abend": 24, "evening": 24, "tonight": 24, "nachmittag": 18, "afternoon": 18,
+              "mittag": 14, "früh": 12, "vormittag": 12, "morgens": 12, "morning": 12}  # fmt: skip
+
+
+def _later_today(raw: str, now: datetime) -> datetime | None:
+    """The time "heute Abend" said at 21:30 means, or None (not such a phrase, or
+    that part of the day is over)."""
+    match = _TODAY_PART.match(raw)
+    if match is None:
+        return None
+    part = (match["de"] or match["en"] or match["tonight"]).lower()
+    end = _PART_ENDS.get(part) or _PART_ENDS[part.removesuffix("s")]
+    if now.hour >= end:
+        return None
+    later = now + timedelta(hours=1)
+    later = later.replace(second=0, microsecond=0) + timedelta(minutes=-later.minute % 15)
+    return later
+
+
 _CLOCK_TEXT = re.compile(r"\b(\d{1,2}):(\d{2})\b(?!\s*[ap]\.?m)", re.I)
+
+
+# Files of a zoneinfo tree that load but are not IANA zone names: the host's own zone, the
+# POSIX rules template, tzdata's placeholder, and the leap-second ("right/") and "posix/" copies.
+_NOT_ZONES = frozenset({"localtime", "posixrules", "factory", "leapseconds", "tzdata.zi"})
+_ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(?:/[A-Za-z0-9_+\-]+){0,2}")
 
 
 def zone(name: str | None) -> ZoneInfo:
     """The IANA zone ``name`` (``UTC`` when empty), or a 422 that names it."""
     key = (name or "UTC").strip()
     try:
-        if not key or key.startswith(("/", ".")) or ".." in key:
+        if (
+            not _ZONE_NAME.fullmatch(key)
+            or key.lower() in _NOT_ZONES
+            or key.lower().startswith(("right/", "posix/"))
+        ):
             raise ValueError(key)
         return ZoneInfo(key)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -113,6 +152,8 @@ def resolve(text: str, *, tz: ZoneInfo, now: datetime | None = None) -> datetime
             errors=[{"loc": ["body", "request"], "msg": "unreadable time"}],
         )
     when = parsed.replace(tzinfo=UTC).astimezone(tz) if relative else localize(parsed, tz)
+    if when < now - timedelta(seconds=1) and (later := _later_today(raw, now)) is not None:
+        when = later
     if when < now - timedelta(seconds=1):
         raise errors.InvalidError(
             f"The time {text!r} is in the past ({when.isoformat(timespec='minutes')} in "
@@ -142,32 +183,74 @@ _EVERY_N = re.compile(
 )
 
 
-def validate_cron(expr: str) -> str:
-    """``expr`` normalised, when it is a valid 5-field cron expression; else a 422 naming it."""
-    from croniter import croniter
+# Standard cron: numbers (ASCII digits), ranges, lists, steps and '*'; month and weekday may be
+# named (JAN, MON). croniter also reads extensions (L, W, #, a sixth field, any Unicode digit).
+_CRON_NUMERIC = re.compile(r"[0-9*,/\-]+")
+_CRON_NAMED = re.compile(r"(?:[0-9*,/\-]|(?<![A-Za-z])[A-Za-z]{3}(?![A-Za-z]))+")
+_CRON_NAMES = {
+    3: {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"},
+    4: {"sun", "mon", "tue", "wed", "thu", "fri", "sat"},
+}
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
-    clean = " ".join(expr.split())
-    if len(clean.split(" ")) != 5 or not croniter.is_valid(clean):
+
+def validate_cron(expr: str) -> str:
+    """``expr`` normalised, when it is a standard 5-field cron expression that occurs; else a
+    422 that names it and says why."""
+    from croniter import CroniterError, croniter
+
+    fields = expr.split()
+    clean = " ".join(fields)
+    why = None
+    if clean.startswith("@"):
+        why = (
+            f"{clean!r} is a macro, not 5 fields; write '0 0 * * *' for @daily, '0 * * * *' for "
+            "@hourly, '0 0 * * 0' for @weekly"
+        )
+    elif len(fields) != 5:
+        why = f"it has {len(fields)} fields, not 5"
+    else:
+        for i, field in enumerate(fields):
+            names = _CRON_NAMES.get(i)
+            pattern = _CRON_NAMED if names else _CRON_NUMERIC
+            words = {w.lower() for w in re.findall(r"[A-Za-z]+", field)}
+            if not pattern.fullmatch(field) or (names and not words <= names):
+                why = (
+                    f"its {_CRON_FIELDS[i]} field {field!r} is not standard cron (ASCII digits, "
+                    "'*', ',', '-', '/'" + (", or 3-letter names" if names else "") + "; no "
+                    "L, W, # or ?)"
+                )
+                break
+        if why is None and not croniter.is_valid(clean):
+            why = "a field is out of range (minute 0-59, hour 0-23, day 1-31, month 1-12, weekday 0-7) or malformed"
+    if why is None:
+        try:  # a valid expression may still never occur: the 30th of February
+            croniter(clean, _BASE).get_next(datetime)
+        except (CroniterError, ValueError):
+            why = "no date matches it (the day does not exist in that month)"
+    if why is not None:
         raise errors.InvalidError(
-            f"The cron expression {expr!r} is not valid; give 5 fields "
-            "(minute hour day-of-month month day-of-week), for example '0 8 * * 1' for "
-            "Mondays at 08:00.",
-            errors=[{"loc": ["body", "cron"], "msg": "invalid cron expression"}],
+            f"The cron expression {expr!r} is not valid: {why}. Give 5 fields (minute hour "
+            "day-of-month month day-of-week), for example '0 8 * * 1' for Mondays at 08:00.",
+            errors=[{"loc": ["body", "cron"], "msg": f"invalid cron expression: {why}"}],
         )
     return clean
 
 
 def cron_next(expr: str, tz: ZoneInfo, after: datetime) -> datetime:
     """The first occurrence of ``expr`` (wall-clock in ``tz``) strictly after ``after``."""
-    from croniter import croniter
+    from croniter import CroniterError, croniter
 
     local = after.astimezone(tz)
     # Iterate in naive wall-clock time, then localise: cron names local times, not offsets.
-    it = croniter(expr, local.replace(tzinfo=None, fold=0))
-    for _ in range(1000):
-        when = localize(it.get_next(datetime), tz)
-        if when > after:
-            return when
+    try:
+        it = croniter(expr, local.replace(tzinfo=None, fold=0))
+        for _ in range(1000):
+            when = localize(it.get_next(datetime), tz)
+            if when > after:
+                return when
+    except (CroniterError, ValueError):
+        pass
     raise errors.InvalidError(f"The cron expression {expr!r} has no future occurrence.")
 
 

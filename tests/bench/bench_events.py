@@ -3,7 +3,7 @@
 1. Realtime: the Python client (real ``supabase`` realtime client) follows a job through the
    Phoenix-channels test double (tests/realtime_double.py), which relays the rows the triggers
    write to ``realtime.messages``. Each status change is a real operation in its own transaction
-   (todo_claim_v1 with limit 1, then todo_complete_v1), and the next one starts once the client
+   (todo_claim_v3 with limit 1, then todo_complete_v4), and the next one starts once the client
    has the event (ping-pong: latency without queueing).
 2. Lambda mode: the real Mangum handler (functions.api.handler) answering GET /v1/jobs/{id}/events
    in a thread of its own, as a warm Lambda does (one loop, one pool), and a client loop that

@@ -105,7 +105,7 @@ async def main() -> None:
 
         steps: dict[str, Any] = {
             "transaction + claims + select 1 + commit (no write)": rtt,
-            "cpa.job_submit_v2 in the user scope, rolled back": rolled_back,
+            "cpa.job_submit in the user scope, rolled back": rolled_back,
             "store: transaction + claims + job_submit + commit": create,
             "store: the same in one round trip (Store.submit)": one_trip,
             "store, the old path: tenants, create, read-back, rate limit (4 calls) + commit": old_path,

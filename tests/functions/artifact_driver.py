@@ -61,3 +61,15 @@ while time.monotonic() < deadline:
         break
     time.sleep(0.5)
 say("dispatch", status=status, passes=len(passes), first=passes[0])
+
+# The A2A edge from the artifact alone: the SDK imports and answers GetTask for the job.
+rpc = event("apigw_v2_post_jobs.json")
+rpc.pop("routeKey", None)
+rpc["rawPath"] = rpc["requestContext"]["http"]["path"] = "/a2a"
+rpc["headers"].pop("idempotency-key")
+rpc["headers"]["a2a-version"] = "1.0"
+rpc["body"] = json.dumps(
+    {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": job["id"]}}
+)
+answer = functions.api.handler(rpc, Context())
+say("a2a", status=answer["statusCode"], body=json.loads(answer["body"]))

@@ -70,3 +70,51 @@ def test_bad_database_url_is_a_clear_error() -> None:
     # The dispatcher logs the failed claim (a warning), then the command exits with the error.
     assert "\nerror: The database is unavailable: connection failed" in done.stderr, done.stderr
     assert "port 1" in done.stderr
+
+
+def test_top_level_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "serve runs the API" in out
+    for markup in ("``", ":func:", ":class:", ":meth:"):
+        assert markup not in out
+
+
+def test_a_cron_macro_and_a_worded_run_at_get_clear_answers(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CPA_TOKEN", raising=False)
+    assert cli.main(["schedule", "add", "@daily", "check my email"]) != 0
+    err = capsys.readouterr().err
+    assert "'0 0 * * *' for @daily" in err and "at least 9 characters" not in err
+    assert cli._run_at("2026-12-01T08:00:00+01:00", "UTC") == "2026-12-01T08:00:00+01:00"
+    tomorrow = cli._run_at("tomorrow at 9am", "Europe/Berlin")
+    assert tomorrow is not None and "T09:00:00+0" in tomorrow
+    assert cli.main(["submit", "--run-at", "next blursday", "check my email"]) != 0
+    err = capsys.readouterr().err
+    assert "--run-at 'next blursday' is not a time" in err and "RFC 3339" in err
+
+
+def test_a_second_serve_on_a_busy_port_says_so_in_one_line() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "cpa_scheduler.cli", "serve", "--port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--port" in lines[0], lines
+    assert "Traceback" not in done.stderr and "CPA Scheduler on" not in done.stderr
+
+
+def test_the_seed_tenant_is_the_one_token_makes() -> None:
+    from pathlib import Path
+
+    seed = (Path(__file__).resolve().parents[2] / "supabase" / "seed.sql").read_text()
+    assert f"'{cli._ident('demo', 'tenant')}', 'demo'" in seed

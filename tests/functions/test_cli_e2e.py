@@ -171,6 +171,20 @@ def test_agent_completes_a_desktop_todo(served: dict[str, str], tmp_path: Path) 
     assert (sandbox / "gruss.txt").read_text() == "Hallo Welt"
 
 
+def test_ui_prints_the_signed_in_page_and_the_page_knows_who(served: dict[str, str]) -> None:
+    done = cli("ui", "--tenant", "demo", "--user", "me", env=served)
+    assert done.returncode == 0, done.stderr
+    base = served["CPA_API_URL"]
+    url = done.stdout.strip()
+    assert url.startswith(f"{base}/ui/#access_token=") and "\n" not in url
+    token = url.partition("#access_token=")[2]
+    page = httpx.get(f"{base}/ui/", timeout=5)  # the fragment never reaches the server
+    assert page.status_code == 200 and "Content-Security-Policy" in page.headers
+    me = httpx.get(f"{base}/ui/session", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert me.status_code == 200, me.text
+    assert me.json()["tenant_name"] == "demo" and me.json()["role"] == "owner"
+
+
 def test_watch_and_errors(served: dict[str, str]) -> None:
     env = dict(served)
     bad = cli("watch", "00000000-0000-0000-0000-000000000000", env=env)

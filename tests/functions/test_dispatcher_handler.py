@@ -128,3 +128,24 @@ def test_a_lambda_pass_leaves_an_emf_line(capsys: pytest.CaptureFixture[str]) ->
     assert line["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "CpaScheduler"
     assert (line["TodosDone"], line["TodosFailed"], line["PassSeconds"]) == (3.0, 1.0, 0.25)
     assert line["Function"] == "dispatcher"
+
+
+def test_the_handler_exits_quietly(db_url: str) -> None:
+    """A process that ran the handler ends without asyncio's complaints about the loop it kept
+    (the pool's tasks destroyed while pending, a closed loop)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = "from functions.dispatcher import handler; print(handler({})['claimed'])"
+    env = {**os.environ, "DATABASE_URL": db_url, "CPA_DISPATCH_BUDGET": "1",
+           "PYTHONPATH": str(root)}  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "0"
+    for noise in ("Task was destroyed", "Event loop is closed", "Traceback", "Exception ignored"):
+        assert noise not in run.stderr, run.stderr

@@ -47,6 +47,21 @@ async def test_function_url_healthz(db_url: str, config: settings.Settings) -> N
     assert answer["statusCode"] == 200 and json.loads(answer["body"]) == {"status": "ok"}
 
 
+async def test_function_url_serves_the_jobs_page_with_its_csp(
+    db_url: str, config: settings.Settings
+) -> None:
+    event = json.loads((EVENTS / "function_url_get_healthz.json").read_text())
+    for path, kind in (("/ui/", "text/html"), ("/ui/assets/graph.js", "text/javascript")):
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path
+        answer = await asyncio.to_thread(invoke, event, db_url, config)
+        assert answer["statusCode"] == 200, answer
+        headers = {k.lower(): v for k, v in answer["headers"].items()}
+        assert headers["content-type"].startswith(kind)
+        assert "default-src 'self'" in headers["content-security-policy"]
+        body = base64.b64decode(answer["body"]) if answer["isBase64Encoded"] else answer["body"]
+        assert len(body) > 100
+
+
 async def test_bad_environment_is_an_http_answer_naming_the_variable(
     db_url: str, monkeypatch: Any
 ) -> None:
@@ -88,3 +103,44 @@ async def test_api_gateway_v2_post_job(
     denied = await asyncio.to_thread(invoke, unauth, db_url, config)
     assert denied["statusCode"] == 401
     assert denied["headers"]["content-type"].startswith("application/problem+json")
+
+
+def _a2a_event(token: str, body: dict[str, Any], path: str = "/a2a") -> dict[str, Any]:
+    event: dict[str, Any] = json.loads((EVENTS / "apigw_v2_post_jobs.json").read_text())
+    event["rawPath"] = event["requestContext"]["http"]["path"] = path
+    headers = event["headers"]
+    del headers["idempotency-key"]
+    headers["authorization"] = f"Bearer {token}"
+    headers["a2a-version"] = "1.0"
+    if path != "/a2a":
+        event["requestContext"]["http"]["method"] = "GET"
+        del event["body"]
+    else:
+        event["body"] = json.dumps(body)
+    return event
+
+
+async def test_a2a_behind_lambda(
+    db_url: str, config: settings.Settings, member_factory: MemberFactory
+) -> None:
+    """The card names the public URL; a stream answers within the bound (buffered), and the
+    caller resubscribes with the last cpa.event_id."""
+    m = await member_factory()
+    token = token_for(m)
+    card = await asyncio.to_thread(
+        invoke, _a2a_event(token, {}, "/.well-known/agent-card.json"), db_url, config
+    )
+    [interface] = json.loads(card["body"])["supportedInterfaces"]
+    assert interface["url"] == "https://abc123.execute-api.eu-central-1.amazonaws.com/a2a"
+    todos = [{"key": "a", "action": "noop"}]  # no dispatcher runs: the job stays submitted
+    message = {"messageId": "l1", "role": "ROLE_USER", "parts": [{"data": {"graph": {"todos": todos}}}]}  # fmt: skip
+    body = {"jsonrpc": "2.0", "id": 1, "method": "SendStreamingMessage", "params": {"message": message}}  # fmt: skip
+    bounded = config.model_copy(update={"events_bound": 1.0})
+    answer = await asyncio.to_thread(invoke, _a2a_event(token, body), db_url, bounded)
+    assert answer["statusCode"] == 200
+    text = (
+        base64.b64decode(answer["body"]).decode() if answer["isBase64Encoded"] else answer["body"]
+    )
+    results = [json.loads(line[5:])["result"] for line in text.splitlines() if line.startswith("data:")]  # fmt: skip
+    assert results[0]["task"]["status"]["state"] == "TASK_STATE_SUBMITTED"
+    assert results[-1]["statusUpdate"]["metadata"]["cpa.event_id"] > 0

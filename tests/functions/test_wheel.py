@@ -58,6 +58,9 @@ def test_wheel_installs_one_top_level_package(wheel: Path) -> None:
     shipped = sorted(n.rsplit("/", 1)[1] for n in names if "/supabase/migrations/" in n)
     assert shipped == sorted(p.name for p in (ROOT / "supabase" / "migrations").glob("*.sql"))
     assert "cpa_scheduler/supabase/local/bootstrap.sql" in names
+    # The jobs page: every file of shared/cpa_scheduler/ui, nothing built elsewhere.
+    page = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("cpa_scheduler/ui/"))
+    assert page == sorted(p.name for p in (ROOT / "shared" / "cpa_scheduler" / "ui").iterdir())
 
 
 @pytest.fixture
@@ -121,6 +124,9 @@ def test_installed_wheel_serves_mints_and_migrates(
         timeout=10,
     )
     assert jobs.status_code == 200 and jobs.json()["jobs"] == []
+    # The installed wheel serves the jobs page from its package data.
+    script = httpx.get(f"{served['CPA_API_URL']}/ui/assets/graph.js", timeout=10)
+    assert script.status_code == 200 and "export class GraphView" in script.text
 
     # A fresh database elsewhere (DATABASE_URL), prepared as a hosted project comes (the
     # template_db fixture has created the cluster-wide roles).

@@ -41,13 +41,6 @@ async def test_the_claim_leases_to_the_helpers_owner(
     await job_factory(m, [OPEN_APP, OPEN_APP | {"key": "p"}])
     row = await claim_one(db, m, "laptop:1")
     assert row["lease_owner"] == await agent_owner(db, "laptop:1")
-    # agent_claim_v1 (code of the previous deploy) still leases to the same owner.
-    async with db.user(m.claims) as s:
-        cur = await s.conn.execute(
-            "select * from cpa.agent_claim_v1(%s, 'laptop:1', null, 1)", (m.tenant_id,)
-        )
-        [old] = await cur.fetchall()
-    assert old["lease_owner"] == row["lease_owner"]
 
 
 async def test_reports_refuse_another_agents_lease(

@@ -175,7 +175,9 @@ async def test_executors_answer_outcomes_and_the_dispatcher_acts_on_them(
     m = await member_factory()
     for action in ("later", "untyped"):
         await register_action(db, action)
-    job = await job_factory(m, [{"key": "l", "action": "later"}, {"key": "u", "action": "untyped"}])
+    # Two jobs: a ToDo failing for good ends its job, and the job's other ToDos with it.
+    job = await job_factory(m, [{"key": "l", "action": "later"}])
+    other = await job_factory(m, [{"key": "u", "action": "untyped"}])
     d = dispatch.Dispatcher(db, registry=reg)
     first = await d.run_pass(5)
     assert (first.timers, first.failed) == (1, 1), first.as_dict()
@@ -185,6 +187,7 @@ async def test_executors_answer_outcomes_and_the_dispatcher_acts_on_them(
     assert (await d.run_pass(5)).done == 1
     rows = await todos_of(db, m, job.id)
     assert rows["l"]["status"] == "done" and "snoozed_until" in rows["l"]["result"]
+    rows = await todos_of(db, m, other.id)
     assert rows["u"]["status"] == "failed"
     assert "answered dict, not an outcome" in rows["u"]["error"]
 

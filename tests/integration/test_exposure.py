@@ -71,12 +71,12 @@ async def test_operations_live_in_cpa_with_their_grants(db: store.Store) -> None
         )
         row = await cur.fetchone()
         assert row is not None and row["n"] == 0
-    for name in ("job_create_v1", "todo_complete_v1", "todo_claim_v1", "job_attach_v1"):
+    for name in ("job_create_v1", "todo_complete_v1", "todo_claim_v3", "job_attach_v1"):
         assert name in grants
     assert not any(g["anon"] for g in grants.values())
     assert all(g["service"] for g in grants.values())
     # The dispatcher's own operations are not for end users.
-    for name in ("todo_claim_v1", "todo_snooze_v1", "todo_extend_v1", "job_attach_v1"):
+    for name in ("todo_claim_v3", "todo_snooze_v1", "todo_extend_v2", "job_attach_v1"):
         assert not grants[name]["authenticated"], name
 
 

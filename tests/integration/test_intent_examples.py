@@ -8,6 +8,7 @@ timed ToDos come due by moving their time, not by sleeping.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
@@ -18,6 +19,9 @@ from tests.unit.test_planner import chat
 
 DESKTOP = sorted(a.name for a in catalogue.default().actions.values() if a.target == "desktop")
 AGENT = "e2e-agent"
+# A fixed clock (Monday 09:00 in Berlin): the examples name times ("heute Abend") that the real
+# hour could have passed; the test moves timed ToDos to the database's now itself.
+CLOCK = datetime(2030, 1, 7, 8, 0, tzinfo=UTC)
 
 
 def _result(action: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -41,7 +45,7 @@ async def test_every_positive_intent_example_completes(
         async with db.user(m.claims) as s:
             job = await intake.submit(
                 s, tenant_id=m.tenant_id, text=text, time_zone="Europe/Berlin",
-                planner_configured=True,
+                planner_configured=True, now=CLOCK,
             )  # fmt: skip
         assert job.intent == name, (text, job.intent)
         jobs[str(job.id)] = (name, text)

@@ -142,11 +142,65 @@ async def test_a_report_that_completes_and_fails_in_one_job_beside_another_lane(
     job_factory: JobFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The dispatcher's report completes a1 and then fails a2 for good in one transaction; just
-    before the failure, another lane starts completing a3 (same job). Without the report's
+    """The dispatcher's report completes a1 and then releases a2 in one transaction; just
+    before the release, another lane starts completing a3 (same job). Without the report's
     gates taken first, the report would hold the shared gate and the job row (its completion's
-    counts), the lane would wait for that row, and the failure's exclusive gate would wait for
-    the lane's shared one: 40P01. With them, the lane waits at the gate."""
+    counts), the lane would wait for that row, and the release's exclusive gate would wait for
+    the lane's shared one: 40P01. With them, the lane waits at the gate. (A report that fails a
+    ToDo for good stores its completions of that job first, in a transaction of their own:
+    test_a_report_that_ends_a_job_keeps_its_results_and_cancels_the_running_rest.)"""
+    m = await member_factory()
+    job = await job_factory(
+        m,
+        [
+            {"key": "a1", "action": "noop"},
+            {"key": "a2", "action": "noop", "max_attempts": 1},
+            {"key": "a3", "action": "noop"},
+            {"key": "b", "action": "noop", "depends_on": ["a1", "a3"]},
+        ],
+    )
+    ids = await _ids(db_url, job.id)
+    await _lease(db_url, [ids["a1"], ids["a2"], ids["a3"]])
+    rows = {r.key: r for r in await _rows(db_url, [ids["a1"], ids["a2"]])}
+    finished = [
+        dispatch._Finished(rows["a1"], executor.Done({})),
+        dispatch._Finished(rows["a2"], dispatch.Release()),
+    ]
+    lane_done: list[int] = []
+    loop = asyncio.get_running_loop()
+    lane_pid: asyncio.Future[int] = loop.create_future()
+
+    async def lane() -> None:
+        async with db.service() as s:
+            lane_pid.set_result(s.conn.info.backend_pid)
+            lane_done.append(await s.todo_complete([_item(ids["a3"], result={})]))
+
+    lanes: list[asyncio.Task[None]] = []
+    real_release = store.Session.todo_release
+
+    async def release_after_the_lane_waits(self: store.Session, *args: Any, **kw: Any) -> int:
+        lanes.append(asyncio.create_task(lane()))
+        assert await _waits_for_a_lock(db_url, await asyncio.wait_for(lane_pid, 10))
+        return await real_release(self, *args, **kw)
+
+    monkeypatch.setattr(store.Session, "todo_release", release_after_the_lane_waits)
+    await asyncio.wait_for(
+        dispatch.Dispatcher(db, owner=OWNER)._flush_batch(finished, dispatch.Summary()), 20
+    )
+    await asyncio.wait_for(lanes[0], 10)
+    assert lane_done == [1]
+    status, todos = await _job(db_url, job.id)
+    assert status == "running"
+    assert todos == {"a1": "done", "a2": "ready", "a3": "done", "b": "ready"}
+
+
+async def test_a_report_that_ends_a_job_keeps_its_results_and_cancels_the_running_rest(
+    db: store.Store, db_url: str, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """A report completes a1 and fails a2 for good (same job) while a3 still runs elsewhere.
+    a1's result is stored first (its own transaction), then the failure ends the job with
+    every ToDo final: a3 is cancelled before the job's event, and its worker's late
+    completion changes nothing (migration 20261207002100_terminal_event_last)."""
     m = await member_factory()
     job = await job_factory(
         m,
@@ -164,32 +218,18 @@ async def test_a_report_that_completes_and_fails_in_one_job_beside_another_lane(
         dispatch._Finished(rows["a1"], executor.Done({})),
         dispatch._Finished(rows["a2"], executor.Fail("boom", retryable=False)),
     ]
-    lane_done: list[int] = []
-    loop = asyncio.get_running_loop()
-    lane_pid: asyncio.Future[int] = loop.create_future()
-
-    async def lane() -> None:
-        async with db.service() as s:
-            lane_pid.set_result(s.conn.info.backend_pid)
-            lane_done.append(await s.todo_complete([_item(ids["a3"], result={})]))
-
-    lanes: list[asyncio.Task[None]] = []
-    real_fail = store.Session.todo_fail
-
-    async def fail_after_the_lane_waits(self: store.Session, *args: Any, **kw: Any) -> int:
-        lanes.append(asyncio.create_task(lane()))
-        assert await _waits_for_a_lock(db_url, await asyncio.wait_for(lane_pid, 10))
-        return await real_fail(self, *args, **kw)
-
-    monkeypatch.setattr(store.Session, "todo_fail", fail_after_the_lane_waits)
-    await asyncio.wait_for(
-        dispatch.Dispatcher(db, owner=OWNER)._flush_batch(finished, dispatch.Summary()), 20
-    )
-    await asyncio.wait_for(lanes[0], 10)
-    assert lane_done == [1]
+    await dispatch.Dispatcher(db, owner=OWNER)._flush_batch(finished, dispatch.Summary())
+    async with db.service() as s:
+        assert await s.todo_complete([_item(ids["a3"], result={})]) == 0
     status, todos = await _job(db_url, job.id)
     assert status == "failed"
-    assert todos == {"a1": "done", "a2": "failed", "a3": "done", "b": "cancelled"}
+    assert todos == {"a1": "done", "a2": "failed", "a3": "cancelled", "b": "cancelled"}
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "select kind, status from public.job_events where job_id = %s order by id desc limit 1",
+            (job.id,),
+        )
+        assert await cur.fetchone() == ("job.status", "failed")
 
 
 async def _rows(db_url: str, todo_ids: list[str]) -> list[store.TodoRow]:

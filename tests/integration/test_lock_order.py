@@ -419,9 +419,9 @@ async def test_cancel_against_a_complete_and_claim(
     assert report_error == [], report_error
     status, todos = await _job(db_url, job.id)
     # The report went first (it held the job): a1 done and b, released, claimed; the cancel
-    # then ends the job (a running ToDo ends with its lease holder's report).
+    # then ends the job and b, running, with it (a job ends with every ToDo final).
     assert cancel_error == [] and status == "cancelled", (cancel_error, status)
-    assert todos == {"a1": "done", "b": "running"}
+    assert todos == {"a1": "done", "b": "cancelled"}
 
 
 async def _unresolvable_desktop_todo(
@@ -508,16 +508,9 @@ async def test_a_claim_that_fails_an_unresolvable_todo_gives_way_to_a_cancel(
     assert [j.status for j in cancelled] == ["cancelled"]
     assert any(ids["o"] in r.getMessage() for r in caplog.records), caplog.records
     status, todos = await _job(db_url, job.id)
-    # o is still the agent's (running ToDos finish on a cancel): nothing lost, n's result kept.
-    assert status == "cancelled" and todos == {"n": "done", "o": "running"}, (status, todos)
-
-    # Its lease expires (no agent got it) and the next claim ends it: cancelled, as the job is
-    # (todo_expire_v3; it was requeued and failed by the claim before).
-    async with await psycopg.AsyncConnection.connect(db_url) as conn:
-        await conn.execute(
-            "update public.todos set lease_expires_at = now() - interval '1 second' where id = %s",
-            (ids["o"],),
-        )
+    # o, which the claim had leased, ended with the job (a job ends with every ToDo final,
+    # migration 20261207002100_terminal_event_last); n's result is kept.
+    assert status == "cancelled" and todos == {"n": "done", "o": "cancelled"}, (status, todos)
     async with db.user(m.claims) as s:
         assert await agent.claim(s, tenant_id=m.tenant_id, agent_id="laptop", actions=None) == []
     status, todos = await _job(db_url, job.id)

@@ -8,12 +8,13 @@ from cpa_scheduler import store
 from tests.conftest import JobFactory, MemberFactory
 
 
-async def test_retry_of_a_cancelled_job_whose_running_todos_all_finished_ends_done(
+async def test_retry_of_a_job_cancelled_while_its_todo_ran_runs_it_again(
     db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
-    """Cancel lets running ToDos finish; once they are all done, nothing is left to retry.
-    job_retry_v2 set such a job 'running' with todos_done = todo_count and nothing ready:
-    no completion ever comes to finish it, so it stayed running for good."""
+    """Found first as: a cancel let running ToDos finish, and a retry of a job whose ToDos had
+    all finished (or still ran) left it running or pending for good. A cancel now ends the
+    running ToDo with the job (migration 20261207002100_terminal_event_last): its late
+    completion is dropped, and a retry runs it again to done."""
     m = await member_factory()
     job = await job_factory(m, [{"key": "a", "action": "noop"}])
     async with db.service() as s:
@@ -22,28 +23,12 @@ async def test_retry_of_a_cancelled_job_whose_running_todos_all_finished_ends_do
         assert (await s.job_cancel(job.id)).status == "cancelled"
     async with db.service() as s:
         item = {"id": str(a.id), "owner": "w", "attempt": a.attempts, "result": {}}
-        assert await s.todo_complete([item]) == 1
+        assert await s.todo_complete([item]) == 0
     async with db.user(m.claims) as s:
-        retried = await s.job_retry(job.id)
-    assert (retried.status, retried.todos_done, retried.todo_count) == ("done", 1, 1)
-    assert retried.completed_at is not None
-
-
-async def test_retry_while_the_cancelled_jobs_todo_still_runs_then_it_finishes_ends_done(
-    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
-) -> None:
-    """Retried at todos_done = 0 while its only ToDo still runs (a cancel lets it finish), the
-    job went back to 'pending'; the completion finishes only 'running' jobs, and no claim is
-    left to start it: pending for good with every ToDo done."""
-    m = await member_factory()
-    job = await job_factory(m, [{"key": "a", "action": "noop"}])
+        assert (await s.job_retry(job.id)).status == "pending"
     async with db.service() as s:
-        [a] = await s.todo_claim(target="cloud", owner="w", limit=10)
-    async with db.user(m.claims) as s:
-        await s.job_cancel(job.id)
-        assert (await s.job_retry(job.id)).status == "running"
-    async with db.service() as s:
-        item = {"id": str(a.id), "owner": "w", "attempt": a.attempts, "result": {}}
+        [again] = await s.todo_claim(target="cloud", owner="w", limit=10)
+        item = {"id": str(again.id), "owner": "w", "attempt": again.attempts, "result": {}}
         assert await s.todo_complete([item]) == 1
     async with db.user(m.claims) as s:
         finished = await s.job_get(job.id)

@@ -3,8 +3,9 @@
 ``cpa.job_submit_v3`` inserts the events of the job it creates (the job's, then its ToDos' in
 id order) into ``job_events`` with their final ids and sends their one Realtime broadcast in
 its own transaction, instead of staging them for the commit-time flush. The rows, their order
-and the broadcast must be what v2 (staged and flushed) produced; nothing may stay staged; a
-rolled-back call leaves nothing; anything later in the same transaction is staged as before.
+and the broadcast must be what v1 (keyed requests: staged and flushed; the v2 this replaced was
+dropped by the contract migration) produces; nothing may stay staged; a rolled-back call
+leaves nothing; anything later in the same transaction is staged as before.
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ def _shape(db_url: str, job_id: str) -> list[tuple[Any, ...]]:
     ]
 
 
-async def test_v3_writes_the_events_v2_staged_and_broadcasts_them_once(
+async def test_v3_writes_the_events_v1_stages_and_broadcasts_them_once(
     db: store.Store, db_url: str, member_factory: MemberFactory
 ) -> None:
     m = await member_factory()
-    old = await _submit(db, m, "v2", GRAPH)
+    old = await _submit(db, m, "v1", GRAPH)
     new = await _submit(db, m, "v3", GRAPH)
     assert _residue(db_url) == (0, 0)
     # Same events in the same order (the job's first, then the ToDos' in id order).
@@ -210,7 +211,7 @@ async def test_a_job_of_more_than_100_todos_is_staged_and_flushed(
 ) -> None:
     m = await member_factory()
     todos = [{"key": f"k{i}", "action": "noop"} for i in range(101)]
-    old = await _submit(db, m, "v2", todos)
+    old = await _submit(db, m, "v1", todos)
     new = await _submit(db, m, "v3", todos)
     assert len(_events(db_url, new)) == 102
     assert sorted(_shape(db_url, new), key=str) == sorted(_shape(db_url, old), key=str)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
-from cpa_scheduler import catalogue, errors, intents
+from cpa_scheduler import catalogue, errors, intents, times
 
 ROUTER = intents.default()
+# A fixed clock: the examples name times ("heute Abend") that the real hour could have passed.
+CLOCK = datetime(2026, 12, 7, 9, 0, tzinfo=times.zone("Europe/Berlin"))
+
+
+def at_clock(when: str) -> str:
+    return times.resolve(when, tz=CLOCK.tzinfo, now=CLOCK).isoformat()  # type: ignore[arg-type]
+
+
 POSITIVE = [(i.name, s) for i in ROUTER.intents for s in i.examples.get("positive", [])]
 NEGATIVE = [(i.name, s) for i in ROUTER.intents for s in i.examples.get("negative", [])]
 
@@ -19,7 +29,7 @@ def test_at_least_15_intents_with_examples() -> None:
 
 @pytest.mark.parametrize(("name", "text"), POSITIVE)
 def test_positive_examples_route_to_their_intent(name: str, text: str) -> None:
-    routed = ROUTER.route(text)
+    routed = ROUTER.route(text, resolve_time=at_clock)
     assert routed.intent == name
     assert routed.graph is not None
     catalogue.default().build(routed.graph)  # the filled template is a valid graph
@@ -27,7 +37,7 @@ def test_positive_examples_route_to_their_intent(name: str, text: str) -> None:
 
 @pytest.mark.parametrize(("name", "text"), NEGATIVE)
 def test_negative_examples_do_not(name: str, text: str) -> None:
-    assert ROUTER.route(text).intent != name
+    assert ROUTER.route(text, resolve_time=at_clock).intent != name
 
 
 @pytest.mark.parametrize(
@@ -39,7 +49,7 @@ def test_negative_examples_do_not(name: str, text: str) -> None:
     ],
 )
 def test_case_and_whitespace_do_not_matter(variant: str) -> None:
-    routed = ROUTER.route(variant)
+    routed = ROUTER.route(variant, resolve_time=at_clock)
     assert routed.intent == "reminder"
     assert routed.groups["what"].lower() == "den zahnarzt"
     assert routed.groups["when"].lower() == "morgen um 9"

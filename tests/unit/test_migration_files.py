@@ -36,7 +36,7 @@ def test_applied_migrations_are_unchanged() -> None:
     ]
     assert not changed, (
         f"migrations {changed} were edited or removed; they are append-only: put the change "
-        "in a new migration (a new versioned function, _v2) instead"
+        "in a new migration instead (create or replace a compatible change in place; a new _vN name only for a changed signature or meaning; supabase/README.md)"
     )
 
 

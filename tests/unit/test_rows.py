@@ -12,6 +12,7 @@ TYPED = {
     "job_create": store.JobRow,
     "job_get": store.JobRow,
     "job_list": store.JobRow,
+    "task_list": store.JobRow,
     "job_cancel": store.JobRow,
     "job_retry": store.JobRow,
     "job_by_idempotency_key": store.JobRow,

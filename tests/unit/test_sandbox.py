@@ -4,10 +4,11 @@ paths only in answers."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
-from cpa_scheduler import errors
+from cpa_scheduler import errors, sandbox
 from cpa_scheduler.sandbox import Sandbox
 
 
@@ -59,3 +60,48 @@ def test_read_text_is_storable(tmp_path: Path) -> None:
     box = Sandbox(tmp_path / "box")
     box.write("bin", b"a\x00b\xffc")
     assert box.read("bin") == "a\ufffdb\ufffdc"
+
+
+def test_a_fifo_is_refused_at_once_for_reading_and_writing(tmp_path: Path) -> None:
+    box = Sandbox(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    started = time.monotonic()
+    with pytest.raises(errors.PermanentError, match="FIFO"):
+        box.read("pipe")
+    with pytest.raises(errors.PermanentError, match="FIFO"):
+        box.write("pipe", b"x")
+    assert time.monotonic() - started < 2  # no open that waits for the other end
+
+
+def test_reads_are_bounded_by_size_and_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = Sandbox(tmp_path)
+    (tmp_path / "big").write_bytes(b"x" * (sandbox.MAX_READ + 1))
+    with pytest.raises(errors.PermanentError, match="larger than"):
+        box.read("big")
+    (tmp_path / "slow").write_bytes(b"y" * (3 * 64 * 1024))
+    monkeypatch.setattr(sandbox, "READ_SECONDS", -1.0)  # every chunk comes too late
+    with pytest.raises(errors.PermanentError, match="took longer"):
+        box.read("slow")
+
+
+async def test_the_agent_gives_up_on_a_stuck_action(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cpa_scheduler import desktop, protocol
+
+    def stuck(assign: object, where: Path) -> None:
+        time.sleep(1)
+
+    monkeypatch.setattr(desktop, "perform", stuck)
+    monkeypatch.setattr(desktop, "ACTION_SECONDS", 0.1)
+    assign = protocol.make(
+        "assign",
+        {"todo_id": "00000000-0000-0000-0000-000000000001", "job_id":
+         "00000000-0000-0000-0000-000000000002", "key": "r", "action": "file.read",
+         "params": {"path": "x"}},
+        sender="scheduler", receiver="agent",
+    )  # fmt: skip
+    with pytest.raises(errors.PermanentError, match="did not finish"):
+        await desktop.perform_bounded(assign, tmp_path)  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ def test_a_host_may_hand_in_its_own_parts(tmp_path: Path) -> None:
 
 def test_each_lambda_function_imports_only_what_it_runs() -> None:
     code = "import sys, functions.{fn}; print(sorted(m for m in {mods!r} if m in sys.modules))"
-    api_mods = ("cpa_scheduler.planner", "cpa_scheduler.dispatch", "cpa_scheduler.llm")
+    api_mods = ("cpa_scheduler.planner", "cpa_scheduler.dispatch", "cpa_scheduler.llm", "a2a")
     dispatcher_mods = ("cpa_scheduler.auth", "cpa_scheduler.ratelimit", "jwt", "fastapi")
     for fn, mods in (("api", api_mods), ("dispatcher", dispatcher_mods)):
         done = subprocess.run(

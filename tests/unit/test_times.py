@@ -55,7 +55,20 @@ CASES = [
     ("morgen um 9", AUTUMN_EVE, BERLIN, "2026-10-25T09:00:00+01:00"),
     ("in 2 Stunden", AUTUMN_NIGHT, BERLIN, "2026-10-25T02:30:00+01:00"),
     ("um 2:30", AUTUMN_NIGHT, BERLIN, "2026-10-25T02:30:00+02:00"),
-]
+    # a part of today said when its hour has passed: one hour on, rounded up to the quarter
+    ("heute Abend", datetime(2026, 12, 7, 21, 30, tzinfo=BERLIN), BERLIN,
+     "2026-12-07T22:30:00+01:00"),
+    ("heute Abend", datetime(2026, 12, 7, 20, 2, tzinfo=BERLIN), BERLIN,
+     "2026-12-07T21:15:00+01:00"),
+    ("tonight", datetime(2026, 12, 31, 23, 59, tzinfo=times.zone("UTC")), times.zone("UTC"),
+     "2027-01-01T01:00:00+00:00"),
+    ("this evening", datetime(2026, 3, 29, 1, 30, tzinfo=BERLIN), BERLIN,
+     "2026-03-29T19:00:00+02:00"),
+    ("heute Abend", datetime(2026, 10, 25, 22, 50, tzinfo=BERLIN), BERLIN,
+     "2026-10-26T00:00:00+01:00"),
+    ("heute Nachmittag", datetime(2026, 12, 7, 16, 5, tzinfo=BERLIN), BERLIN,
+     "2026-12-07T17:15:00+01:00"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("text", "now", "tz", "expected"), CASES)
@@ -73,6 +86,11 @@ def test_unreadable_or_past_times_quote_the_text(text: str, why: str) -> None:
         times.resolve(text, tz=BERLIN, now=NOW)
     assert repr(text) in info.value.message
     assert info.value.status == 422
+
+
+def test_a_part_of_today_that_is_over_is_in_the_past() -> None:
+    with pytest.raises(errors.InvalidError, match="in the past"):
+        times.resolve("heute Nachmittag", tz=BERLIN, now=datetime(2026, 12, 7, 19, tzinfo=BERLIN))
 
 
 @pytest.mark.parametrize("name", ["Mars/Olympus", "", "../etc/passwd", "Europe/"])

@@ -386,11 +386,8 @@ export class CpaClient {
         await sleep(Math.min(5000, 200 * 2 ** failures), signal);
         continue;
       }
-      for (const event of page.events) {
-        if (!CpaClient.accept(event, cursor)) continue;
-        yield event;
-        if (isTerminal(event)) return;
-      }
+      // A page's terminal event may be an earlier run's (the job was retried): `done` is the end.
+      for (const event of page.events) if (CpaClient.accept(event, cursor)) yield event;
       cursor.last = Math.max(cursor.last, page.last_event_id);
       if (page.done) return;
       if (!page.events.length) await sleep(page.retry_ms, signal);
@@ -410,6 +407,7 @@ export class CpaClient {
       const headers: Record<string, string> = { Accept: "text/event-stream" };
       if (cursor.last) headers["Last-Event-ID"] = String(cursor.last);
       let got = false;
+      let ended = false;
       try {
         const response = await this.raw("GET", `/v1/jobs/${encodeURIComponent(jobId)}/events`, { headers, signal });
         if (response.status === 204) return; // the job has ended and nothing follows `last`
@@ -427,7 +425,9 @@ export class CpaClient {
           got = true;
           if (!CpaClient.accept(event, cursor)) continue;
           yield event;
-          if (isTerminal(event)) return;
+          // The end only as the answer's last event: after an earlier run's end (the job was
+          // retried) more follows, and the server goes on.
+          ended = isTerminal(event);
         }
       } catch (error) {
         if (isAbort(error, signal)) return;
@@ -442,6 +442,7 @@ export class CpaClient {
         await sleep(Math.min(5000, 200 * 2 ** failures), signal);
         continue;
       }
+      if (ended) return;
       // The answer ended before the job did (a bounded answer): resume from `last`, straight
       // away when it brought events, else after the server's retry hint.
       if (!got) await sleep(retryMs, signal);
@@ -504,11 +505,9 @@ export class CpaClient {
           check = true; // (re)joined: fill the gap from the API
         }
         if (check) {
+          // A page's terminal event may be an earlier run's: the page's `done` is the end.
           const [missed, ended] = await this.fill(jobId, cursor, signal);
-          for (const event of missed) {
-            yield event;
-            if (isTerminal(event)) return;
-          }
+          yield* missed;
           if (ended) return;
           continue;
         }

@@ -103,6 +103,12 @@ describe("jobs", () => {
     const more = await collect(client.follow(job.id, { after: events.at(-1).id }));
     assert.equal(more.at(-1).status, "cancelled");
     assert.ok(more.every((e) => e.id > events.at(-1).id));
+    // From the start, the first run's end does not end the follow: the last event does.
+    for (const via of ["sse", "poll"]) {
+      const whole = await collect(client.follow(job.id, { via }));
+      assert.deepEqual(ids(whole), ids(await storedEvents(client, job.id)), via);
+      assert.equal(whole.filter((e) => e.kind === "job.status" && e.status === "cancelled").length, 2, via);
+    }
   });
 
   test("aborting the signal ends a follow early, without an error", async () => {

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from cpa_scheduler import service, tracing
-from cpa_scheduler.api import jobs, messages, observe, problems, schedules
+from cpa_scheduler.api import a2a, jobs, messages, observe, problems, schedules, ui
 from cpa_scheduler.api.deps import AppState
 
 if TYPE_CHECKING:  # the API function never runs a dispatcher; keep its cold import small
@@ -42,6 +42,8 @@ def create_app(
     app.include_router(messages.router)
     app.include_router(schedules.router)
     app.include_router(observe.router)
+    app.include_router(a2a.router)
+    app.include_router(ui.router)
     app.add_middleware(observe.RequestMetrics)
     # Only an OTEL_* endpoint imports OpenTelemetry; without one the cold import stays as it was.
     if tracing.setup("cpa-scheduler-api"):

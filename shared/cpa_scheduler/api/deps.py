@@ -10,7 +10,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
@@ -64,13 +64,27 @@ class Caller:
     tenant_id: uuid.UUID
 
 
-TenantHeader = Annotated[str | None, Header(description="Act for this tenant (optional).")]
+def _uuid_schema(schema: dict[str, Any]) -> None:
+    schema.pop("anyOf", None)
+    schema.update(type="string", format="uuid")
 
 
-def wanted_tenant(claims: auth.Claims, x_cpa_tenant: str | None) -> uuid.UUID | None:
+# Checked by wanted_tenant (the POST /v1/jobs shortcut reads the header itself and must answer
+# alike), documented as the UUID it must be.
+TenantHeader = Annotated[
+    str | None,
+    Header(
+        description="Act for this tenant (its UUID; optional: the oldest membership).",
+        json_schema_extra=_uuid_schema,
+    ),
+]
+
+
+def wanted_tenant(claims: auth.Claims, x_cpa_tenant: uuid.UUID | str | None) -> uuid.UUID | None:
     """The tenant the caller asks for (header, else the token's app_metadata), unchecked;
     None: their oldest membership."""
-    wanted = x_cpa_tenant or claims.app_metadata.get("tenant_id")
+    # An empty header is a wrong tenant id, not an absent one.
+    wanted = claims.app_metadata.get("tenant_id") if x_cpa_tenant is None else x_cpa_tenant
     if wanted is None:
         return None
     try:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from cpa_scheduler import (
     auth,
@@ -37,11 +37,10 @@ from cpa_scheduler.api.deps import (
     UserSession,
     VerifiedClaims,
     get_caller,
-    get_claims,
-    get_state,
     wanted_tenant,
 )
 
+log = logging.getLogger("cpa.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.RESPONSES)
 
 
@@ -122,6 +121,7 @@ async def _kick(url: str, secret: str | None) -> None:
         pass  # the schedule picks the job up anyway
 
 
+@router.post("", status_code=201, response_model=JobOut)
 async def create_job(
     body: JobCreate,
     app: AppState,
@@ -183,79 +183,6 @@ async def create_job(
     return Response(content=text, status_code=201, media_type="application/json")
 
 
-class _CreateRoute(APIRoute):
-    """``POST /v1/jobs`` with a shortcut for its common request.
-
-    FastAPI resolves the route's declared parameters (the body model, the dependencies, two
-    headers, BackgroundTasks) for every request, about 0.1 ms of Python per POST, more than
-    the work itself. The declared signature of :func:`create_job` stays what the OpenAPI
-    document, and every request the shortcut does not take, go through; :func:`_create_fast`
-    answers the common one (a JSON body that validates, no Idempotency-Key, the Postgres
-    limiter, tracing off, no dependency overrides) with the same checks in FastAPI's order
-    (JSON decoding, then the caller's token, then the body model) and the same answer. Anything else, including every invalid request, goes to FastAPI's handler, so
-    errors keep FastAPI's exact shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        standard = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            fast = await _create_fast(request)
-            return fast if fast is not None else await standard(request)
-
-        return handler
-
-
-router.add_api_route(
-    "", create_job, methods=["POST"], status_code=201, response_model=JobOut,
-    route_class_override=_CreateRoute,
-)  # fmt: skip
-
-
-async def _create_fast(request: Request) -> Response | None:
-    """The answer to a common ``POST /v1/jobs`` (see :class:`_CreateRoute`), or None to let
-    FastAPI's handler take the request (it then does the same work again, from the start)."""
-    headers = request.headers
-    if (
-        headers.get("content-type") != "application/json"
-        or "idempotency-key" in headers
-        or tracing.active()
-        or request.app.dependency_overrides
-    ):
-        return None
-    app = await get_state(request)
-    limiter = app.limiter
-    if not isinstance(limiter, ratelimit.PostgresLimiter):
-        return None
-    # FastAPI's order: the JSON is decoded first (a decode error is a 422 even without a
-    # token), then the dependencies run (a bad token is a 401), then the body validates.
-    try:
-        value = json.loads(await request.body())
-    except ValueError:  # JSONDecodeError, also an empty body
-        return None
-    claims = await get_claims(request, app)
-    try:
-        body = JobCreate.model_validate(value)
-    except ValidationError:
-        return None
-    call = intake.one_call(
-        tenant_id=wanted_tenant(claims, headers.get("x-cpa-tenant")), text=body.request,
-        spec=body.graph, idempotency_key=None, priority=body.priority,
-        planner_configured=app.config.planner_configured, force_planner=body.plan,
-        time_zone=body.time_zone, run_at=body.run_at, traceparent=None,
-        rate_limit=(limiter.limit, limiter.window),
-    )  # fmt: skip
-    if call is None:  # a recurring request or agent-dependent ToDos: create_job's other path
-        return None
-    # As create_job: the claims, the call and the commit in one round trip.
-    text = await app.store.submit(claims.for_database(), call)
-    background = None
-    if app.config.dispatch_url:
-        background = BackgroundTasks()
-        background.add_task(_kick, app.config.dispatch_url, app.config.dispatch_secret)
-    return Response(content=text, status_code=201, media_type="application/json",
-                    background=background)  # fmt: skip
-
-
 async def _create_in_steps(
     app: service.Services,
     claims: auth.Claims,
@@ -272,7 +199,7 @@ async def _create_in_steps(
         session, tenant_id=caller.tenant_id, text=body.request, spec=body.graph,
         idempotency_key=idempotency_key, priority=body.priority,
         planner_configured=app.config.planner_configured, force_planner=body.plan,
-        time_zone=body.time_zone, run_at=body.run_at,
+        time_zone=body.time_zone, run_at=body.run_at, schedule_cap=app.config.schedule_cap,
     )  # fmt: skip
     await intake.keep_trace(session, job, span)
     # Counted last: the tenant's counter row stays locked only until this transaction
@@ -333,6 +260,7 @@ class EventPage(BaseModel):
 
 BOUND_SECONDS = 20.0  # a buffered answer (Lambda) closes after at most this long
 POLL_SECONDS = 0.2
+PAGE = 500  # events per read
 RETRY_MS = 1000
 MAX_ID = 2**63 - 1  # job_events.id is a bigint
 _EVENTS_DOC = {
@@ -345,6 +273,11 @@ _EVENTS_DOC = {
     },
     204: {"description": "The job has ended and nothing follows Last-Event-ID: stop reconnecting."},
 }
+
+
+def _event_id_schema(schema: dict[str, Any]) -> None:
+    schema.pop("anyOf", None)
+    schema.update(type="string", pattern="^[0-9]{1,19}$")
 
 
 def _buffered_bound(request: Request, configured: float | None) -> float | None:
@@ -369,7 +302,13 @@ async def job_events(
     request: Request,
     app: AppState,
     verified: VerifiedClaims,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            description="SSE: resume after this event id.",
+            json_schema_extra=_event_id_schema,
+        ),
+    ] = None,
     after: Annotated[
         int | None,
         Query(ge=0, le=MAX_ID, description="JSON long-poll: the events after this id."),
@@ -398,44 +337,77 @@ async def job_events(
     bound = _buffered_bound(request, app.config.events_bound)
 
     async def poll(last: int) -> tuple[list[dict[str, Any]], bool]:
-        """Events after ``last``, and whether the job had ended with none left."""
+        """Events after ``last``, and whether the job has ended with them: nothing follows."""
         async with app.store.user(claims) as session:
             # The status first: a job's final status commits with its last events, so a job
             # already ended here has all its events visible to the read after it. Read the
             # other way round, an end committing in between would close the stream without them.
             terminal = (await session.job_get(job_id)).status in events_mod.TERMINAL
-            rows = await session.event_list(job_id, last, 500)
-        return [events_mod.view(r) for r in rows], terminal and not rows
+            rows = await session.event_list(job_id, last, PAGE)
+        batch = [events_mod.view(r) for r in rows]
+        return batch, events_mod.ends(batch, terminal=terminal, complete=len(rows) < PAGE)
 
     first, ended = await poll(after if after is not None else start)  # 404 unless visible
     if after is not None:
         return await _long_poll(poll, after, first, ended, min(wait, bound or wait))
-    if ended:
+    if ended and not first:
         return Response(status_code=204)  # EventSource stops reconnecting on 204
 
     async def stream() -> AsyncIterator[str]:
-        yield f"retry: {RETRY_MS}\n\n"
-        batch, gone, last, beat = first, False, start, time.monotonic()
+        batch, gone, last, beat = first, ended, start, time.monotonic()
         deadline = None if bound is None else time.monotonic() + bound
-        while True:
-            for event in batch:
-                last = event["id"]
-                yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
-                if events_mod.is_terminal(event):
-                    return
-            if gone or (deadline is not None and (batch or time.monotonic() >= deadline)):
-                return  # buffered: deliver what there is; the client resumes from `last`
-            if not batch:
-                if time.monotonic() - beat > 15:
+        chunk = f"retry: {RETRY_MS}\n\n"
+        done = False
+        try:
+            while True:
+                # One write per poll, not one per event: a client that has left makes the
+                # first write fail, and every further write of the same batch would log
+                # asyncio's "socket.send() raised exception." before the server notices.
+                for event in batch:
+                    last = event["id"]
+                    chunk += f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
+                # The job's terminal event ends the stream only as its last event: an earlier
+                # run's end (before a retry) is followed by the next run's events. Buffered:
+                # deliver what there is; the client resumes from `last`.
+                done = bool(
+                    gone or (deadline is not None and (batch or time.monotonic() >= deadline))
+                )
+                if not batch and not done and time.monotonic() - beat > 15:
                     beat = time.monotonic()
-                    yield ": heartbeat\n\n"
-                await asyncio.sleep(POLL_SECONDS)
-            if await request.is_disconnected():
-                return
-            batch, gone = await poll(last)
+                    chunk += ": heartbeat\n\n"
+                if chunk:
+                    yield chunk
+                    chunk = ""
+                if done:
+                    return
+                if not batch:
+                    await asyncio.sleep(POLL_SECONDS)
+                if await request.is_disconnected():
+                    done = True
+                    _hung_up(job_id, last)
+                    return
+                # Shielded: a hang-up cancels the stream at once, but a query cut off midway
+                # would close its pooled connection (and log two warnings); it finishes alone.
+                polled = asyncio.ensure_future(poll(last))
+                polled.add_done_callback(_retrieved)
+                batch, gone = await asyncio.shield(polled)
+        except (asyncio.CancelledError, GeneratorExit):
+            # Starlette cancels the stream as soon as the client disconnects.
+            if not done:
+                _hung_up(job_id, last)
+            raise
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # the stream that awaited it is gone: nobody else will ask
+
+
+def _hung_up(job_id: uuid.UUID, last: int) -> None:
+    log.debug("events stream of job %s: the client left after event %s", job_id, last)
 
 
 async def _long_poll(
@@ -450,7 +422,7 @@ async def _long_poll(
         await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         batch, ended = await poll(after)
     last = batch[-1]["id"] if batch else after
-    done = ended or any(events_mod.is_terminal(e) for e in batch)
+    done = ended
     page = EventPage(events=batch, last_event_id=last, done=done, retry_ms=RETRY_MS)
     return JSONResponse(page.model_dump(), headers={"Cache-Control": "no-cache"})
 

@@ -142,6 +142,7 @@ async def get_context(app: AppState, caller: CurrentCaller, session: UserSession
         tenant_id=caller.tenant_id,
         planner_configured=app.config.planner_configured,
         limiter=app.limiter,
+        schedule_cap=app.config.schedule_cap,
     )
 
 

@@ -1,9 +1,11 @@
-"""RFC 9457 problem+json answers for every error, and the request-body size limit."""
+"""RFC 9457 problem+json answers for every error, and the limits at the edge: header size,
+body size and JSON nesting, checked before any route (or JSON parser) sees the request."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,10 +18,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cpa_scheduler import errors
 
 MAX_BODY = 256 * 1024
+# JSON deeper than this is refused before any parser recurses into it (a 100,000-deep body
+# would raise RecursionError in json.loads). Params may nest 64 levels (bounds.MAX_DEPTH);
+# the envelopes around them (message, payload, graph, todos, ToDo) add a few.
+MAX_BODY_DEPTH = 96
+# All request headers together (names and values). `serve` lets uvicorn's h11 parser buffer
+# up to H11_MAX_HEAD bytes so that this limit, not h11's, answers (with problem+json).
+MAX_HEADER_BYTES = 16 * 1024
+H11_MAX_HEAD = 2 * 1024 * 1024
 log = logging.getLogger("cpa.api")
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Content Too Large", 422: "Unprocessable Content",
-           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
+           429: "Too Many Requests", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
 
 class Problem(BaseModel):
@@ -39,12 +50,14 @@ def _doc(description: str) -> dict[str, Any]:
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _doc("The body cannot be parsed (not UTF-8 JSON)."),
     401: _doc("Missing, expired or invalid access token."),
     404: _doc("No such entity, or it belongs to another tenant."),
     409: _doc("The state does not allow this change."),
     413: _doc("The body or the graph is too large."),
-    422: _doc("The request is invalid; errors name the fields."),
-    429: _doc("Too many jobs created; see Retry-After."),
+    422: _doc("The request is invalid (errors name the fields), or its JSON nests too deep."),
+    429: _doc("Too many jobs or schedules created; see Retry-After."),
+    431: _doc("The request headers are too large (16 KiB in all)."),
     503: _doc("The database is unavailable; see Retry-After."),
 }
 
@@ -87,7 +100,39 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, HTTPException):  # registered for this type alone
         return await _unexpected(request, exc)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return problem(exc.status_code, code, str(exc.detail))
+    detail = str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route on the path; Allow lists them all.
+        allow = _allowed(request) or headers.get("Allow", "")
+        headers["Allow"] = allow
+        detail = f"{request.method} is not allowed on {request.url.path}; use {allow}."
+    elif exc.status_code == 400:
+        detail = "The body cannot be parsed; send UTF-8 JSON with Content-Type: application/json."
+    response = problem(exc.status_code, code, detail)
+    response.headers.update(headers)
+    return response
+
+
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def _allowed(request: Request) -> str:
+    """Every method the OpenAPI document gives the request's path."""
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(
+        request.app.state, "allow_table", None
+    )
+    if table is None:
+        paths = request.app.openapi().get("paths", {})
+        table = [
+            (re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path))),
+             {m.upper() for m in item if m in _METHODS})
+            for path, item in paths.items()
+        ]  # fmt: skip
+        request.app.state.allow_table = table
+    path = request.url.path
+    methods = set().union(*(ms for rx, ms in table if rx.fullmatch(path)))
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -110,8 +155,42 @@ def install(app: FastAPI) -> None:
     app.add_middleware(BodyLimit)
 
 
+_JSON_SPECIAL = re.compile(rb'[\[\]{}"\\]')
+
+
+def nesting_over(body: bytes, limit: int) -> bool:
+    """Whether the JSON text ``body`` nests arrays and objects deeper than ``limit`` (brackets
+    inside strings do not count). Linear, without recursion, and free for the usual body: one
+    with no more brackets than ``limit`` cannot be deeper."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth, in_string, skip = 0, False, -1
+    for match in _JSON_SPECIAL.finditer(body):
+        at = match.start()
+        if at < skip:  # the character after a backslash
+            continue
+        char = body[at]
+        if in_string:
+            if char == 0x5C:  # backslash
+                skip = at + 2
+            elif char == 0x22:  # quote
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 class BodyLimit:
-    """Refuse bodies over MAX_BODY bytes with 413, by header or while streaming."""
+    """The edge: refuse oversized headers (431), bodies over MAX_BODY bytes (413, by header or
+    while reading) and JSON nested deeper than MAX_BODY_DEPTH (422), before any route runs.
+
+    A body is read here in full (it is at most MAX_BODY bytes) and handed on unchanged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -120,24 +199,54 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            too_large = problem(
-                413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes."
-            )
-            await too_large(scope, receive, send)
+        headers = scope.get("headers") or []
+        size = sum(len(name) + len(value) for name, value in headers)
+        if size > MAX_HEADER_BYTES:
+            await problem(
+                431, "headers_too_large", f"The request headers are {size} bytes, more than "
+                f"{MAX_HEADER_BYTES}; send a shorter Authorization token or fewer headers.",
+            )(scope, receive, send)  # fmt: skip
             return
+        fields = dict(headers)
+        length = fields.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            await _too_large()(scope, receive, send)
+            return
+        if (length is None or length in (b"", b"0")) and b"transfer-encoding" not in fields:
+            await self.app(scope, receive, send)  # no body: nothing to read ahead
+            return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > MAX_BODY:
-                    raise errors.BodyTooLargeError(
-                        f"The request body is larger than {MAX_BODY} bytes."
-                    )
-            return message
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > MAX_BODY:
+                await _too_large()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if nesting_over(body, MAX_BODY_DEPTH):
+            await problem(
+                422, "invalid", f"The request body nests JSON deeper than {MAX_BODY_DEPTH} "
+                "levels; send flatter JSON (params may nest at most 64 levels).",
+            )(scope, receive, send)  # fmt: skip
+            return
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect
+
+        await self.app(scope, replay, send)
+
+
+def _too_large() -> JSONResponse:
+    return problem(413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes.")

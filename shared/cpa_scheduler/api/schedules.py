@@ -22,7 +22,10 @@ class ScheduleCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cron: str = Field(
-        min_length=9, max_length=200, description="5 fields: minute hour day month weekday."
+        min_length=1,
+        max_length=200,
+        description="5 standard fields: minute hour day month weekday (ASCII digits, '*', ',', "
+        "'-', '/'; month and weekday may be 3-letter names). No macros (@daily), L, W or #.",
     )
     time_zone: str = Field(
         default="UTC", min_length=1, max_length=64, description="IANA zone the cron is read in."
@@ -49,6 +52,11 @@ class ScheduleOut(BaseModel):
     intent: str | None = None
     last_run_at: datetime | None = None
     last_job_id: str | None = None
+    skipped_runs: int = Field(
+        default=0, description="Occurrences skipped: the tenant's scheduled jobs per minute "
+        "(CPA_SCHEDULE_JOBS_PER_MINUTE) were spent; each still has its job, cancelled.",
+    )  # fmt: skip
+    last_skipped_at: datetime | None = None
 
 
 class ScheduleList(BaseModel):
@@ -60,9 +68,12 @@ async def create_schedule(
     body: ScheduleCreate, app: AppState, caller: CurrentCaller, session: UserSession
 ) -> dict[str, Any]:
     configured = app.config.planner_configured
+    # A schedule makes jobs: its creation counts against the tenant's rate limit of jobs.
+    await app.limiter.hit(str(caller.tenant_id), session)
     row = await schedules.create(
         session, tenant_id=caller.tenant_id, cron=body.cron, time_zone=body.time_zone,
         request=body.request, spec=body.graph, planner_configured=configured,
+        cap=app.config.schedule_cap,
     )  # fmt: skip
     return schedules.view(row)
 
@@ -99,6 +110,7 @@ async def pause_schedule(
 
 @router.post("/{schedule_id}/resume", response_model=ScheduleOut)
 async def resume_schedule(
-    schedule_id: uuid.UUID, caller: CurrentCaller, session: UserSession
+    schedule_id: uuid.UUID, app: AppState, caller: CurrentCaller, session: UserSession
 ) -> dict[str, Any]:
-    return schedules.view(await schedules.resume(session, schedule_id))
+    row = await schedules.resume(session, schedule_id, cap=app.config.schedule_cap)
+    return schedules.view(row)

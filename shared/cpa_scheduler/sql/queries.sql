@@ -2,13 +2,17 @@
 -- Parameters are psycopg placeholders; nothing here is built with string formatting.
 
 -- name: session_user_scope
--- Impersonate an end user for this transaction, as PostgREST does.
+-- Impersonate an end user for this transaction, as PostgREST does. Request work runs with
+-- statement_timeout = CPA_DB_TIMEOUT. cpa.lost_lease_limit is CPA_LOST_LEASE_LIMIT for the
+-- lease expiry every claim runs (private.lost_lease_limit_v1).
 select set_config('role', 'authenticated', true),
        set_config('request.jwt.claims', %(claims)s, true),
-       set_config('statement_timeout', '8s', true);
+       set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('cpa.lost_lease_limit', %(lost_lease_limit)s, true);
 
 -- name: session_service_scope
-select set_config('role', 'service_role', true);
+select set_config('role', 'service_role', true),
+       set_config('cpa.lost_lease_limit', %(lost_lease_limit)s, true);
 
 -- name: job_create
 -- The job queries select the columns of store.JobRow, which their rows are built as.
@@ -54,6 +58,32 @@ select id, tenant_id, created_by, request, intent, status, priority, idempotency
  order by created_at desc, id desc
  limit %(limit)s;
 
+-- name: task_list
+-- A2A ListTasks: job_list's keyset page, optionally of one conversation (the prefix of the
+-- idempotency key, a2a_tasks.idempotency_key) and changed since a time.
+select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
+       todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
+       time_zone, schedule_id, scheduled_for, traceparent
+  from public.jobs
+ where tenant_id = %(tenant_id)s::uuid
+   and (%(status)s::text is null or status = %(status)s::text)
+   and (%(key_prefix)s::text is null or starts_with(idempotency_key, %(key_prefix)s::text))
+   and (%(changed_after)s::timestamptz is null
+        or coalesce(completed_at, started_at, created_at) > %(changed_after)s::timestamptz)
+   and (%(before_created)s::timestamptz is null
+        or (created_at, id) < (%(before_created)s::timestamptz, %(before_id)s::uuid))
+ order by created_at desc, id desc
+ limit %(limit)s;
+
+-- name: task_count
+select count(*) as total
+  from public.jobs
+ where tenant_id = %(tenant_id)s::uuid
+   and (%(status)s::text is null or status = %(status)s::text)
+   and (%(key_prefix)s::text is null or starts_with(idempotency_key, %(key_prefix)s::text))
+   and (%(changed_after)s::timestamptz is null
+        or coalesce(completed_at, started_at, created_at) > %(changed_after)s::timestamptz);
+
 -- name: job_todos
 select t.*,
        coalesce((select array_agg(p.key order by p.key)
@@ -87,7 +117,7 @@ select * from public.todos where id = %(todo_id)s;
 -- name: todo_claim
 -- The columns of store.TodoRow, which the rows are built as.
 select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer_until,
-       lease_expires_at, error
+       lease_expires_at, error, lost_leases
   from cpa.todo_claim_v3(%(target)s, %(owner)s, %(limit)s, %(lease_seconds)s,
                          %(tenant_id)s, %(actions)s, %(tenant_cap)s);
 
@@ -96,7 +126,7 @@ select id, job_id, tenant_id, key, action, params, attempts, max_attempts, timer
 -- claimed: the call's single row).
 select c.done, (c.todo).id, (c.todo).job_id, (c.todo).tenant_id, (c.todo).key, (c.todo).action,
        (c.todo).params, (c.todo).attempts, (c.todo).max_attempts, (c.todo).timer_until,
-       (c.todo).lease_expires_at, (c.todo).error
+       (c.todo).lease_expires_at, (c.todo).error, (c.todo).lost_leases
   from cpa.todo_complete_claim_v4(%(items)s::jsonb, %(target)s, %(owner)s, %(limit)s,
                                   %(lease_seconds)s, %(tenant_id)s, %(actions)s,
                                   %(tenant_cap)s) c;
@@ -155,10 +185,16 @@ select cpa.agent_fail_v1(%(agent_key)s, %(items)s::jsonb, %(backoff_base)s) as n
 select cpa.agent_release_v1(%(agent_key)s, %(items)s::jsonb, %(refusal)s, %(max_refusals)s) as n;
 
 -- name: event_list
+-- job_events is partitioned by day: a job's events are no older than the job, so the bound on
+-- created_at (an initplan) lets the executor skip the partitions before it.
 select * from public.job_events
  where job_id = %(job_id)s and id > %(after_id)s
+   and created_at >= (select j.created_at from public.jobs j where j.id = %(job_id)s)
  order by id
  limit %(limit)s;
+
+-- name: event_last
+select coalesce(max(id), 0) as last from public.job_events where job_id = %(job_id)s;
 
 -- name: event_append
 insert into public.job_events (tenant_id, job_id, todo_id, kind, status, data)
@@ -279,9 +315,9 @@ select exists (
 ) as online;
 
 -- name: schedule_create
-select * from cpa.schedule_create_v1(%(tenant_id)s, %(cron)s, %(time_zone)s, %(request)s,
+select * from cpa.schedule_create_v2(%(tenant_id)s, %(cron)s, %(time_zone)s, %(request)s,
                                      %(graph)s::jsonb, %(intent)s, %(todos)s::jsonb,
-                                     %(next_run_at)s);
+                                     %(next_run_at)s, %(cap)s);
 
 -- name: schedule_get
 select * from public.schedules where id = %(schedule_id)s;
@@ -293,7 +329,7 @@ select * from public.schedules
  limit %(limit)s;
 
 -- name: schedule_pause
-select * from cpa.schedule_pause_v1(%(schedule_id)s, %(paused)s, %(next_run_at)s);
+select * from cpa.schedule_pause_v2(%(schedule_id)s, %(paused)s, %(next_run_at)s, %(cap)s);
 
 -- name: schedule_delete
 select cpa.schedule_delete_v1(%(schedule_id)s) as ok;
@@ -310,7 +346,7 @@ select * from public.schedules
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
        todos_done, created_at, started_at, completed_at, error, retry_count, max_retries, run_at,
        time_zone, schedule_id, scheduled_for, traceparent
-  from cpa.schedule_fire_v1(%(schedule_id)s, %(occurrence)s, %(next_run_at)s);
+  from cpa.schedule_fire_v2(%(schedule_id)s, %(occurrence)s, %(next_run_at)s, %(budget)s);
 
 -- name: job_by_idempotency_key
 select id, tenant_id, created_by, request, intent, status, priority, idempotency_key, todo_count,
@@ -343,3 +379,9 @@ select cpa.todo_reclaim_dead_v1(%(owners)s) as n;
 
 -- name: retention_prune
 select cpa.retention_prune_v1(%(job_days)s, %(audit_days)s, %(batch)s) as pruned;
+
+-- name: membership_mine_named
+select m.tenant_id, t.name, m.role
+from public.memberships m join public.tenants t on t.id = m.tenant_id
+where m.user_id = (select auth.uid())
+order by m.created_at, m.tenant_id;
