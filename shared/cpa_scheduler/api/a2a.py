@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from cpa_scheduler.api import jobs, problems
+from cpa_scheduler.api import deps, jobs, problems
 from cpa_scheduler.api.deps import AppState, TenantHeader, VerifiedClaims
 
 ENDPOINT = "/a2a"
@@ -42,7 +42,7 @@ async def agent_card(request: Request) -> JSONResponse:
 @router.post(
     ENDPOINT,
     summary="A2A JSON-RPC 2.0 endpoint",
-    responses={k: v for k, v in problems.RESPONSES.items() if k in (401, 413, 429, 503)},
+    responses={k: v for k, v in problems.RESPONSES.items() if k in (401, 413, 422, 429, 503)},
     response_class=Response,
 )
 async def a2a_endpoint(
@@ -57,6 +57,7 @@ async def a2a_endpoint(
     REST routes."""
     from cpa_scheduler.api import a2a_handler
 
+    deps.wanted_tenant(claims, x_cpa_tenant)  # a malformed tenant id is the REST routes' 422
     await request.body()  # read under the body limit before the SDK parses it
 
     def kick() -> None:
