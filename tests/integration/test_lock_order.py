@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cpa_scheduler import errors, query, store
+from cpa_scheduler import errors, query, report, store
 
 from tests.conftest import JobFactory, Member, MemberFactory
 
@@ -290,16 +290,16 @@ async def test_two_dispatcher_reports_over_the_same_jobs_in_opposite_order(
 
         batches = [
             [
-                dispatch._Finished(row(one, "d1"), executor.Done({})),
-                dispatch._Finished(row(two, "f1"), executor.Fail("boom")),
+                report._Finished(row(one, "d1"), executor.Done({})),
+                report._Finished(row(two, "f1"), executor.Fail("boom")),
             ],
             [
-                dispatch._Finished(row(two, "d2"), executor.Done({})),
-                dispatch._Finished(row(one, "f2"), executor.Fail("boom")),
+                report._Finished(row(two, "d2"), executor.Done({})),
+                report._Finished(row(one, "f2"), executor.Fail("boom")),
             ],
         ]
 
-        async def flush(owner: str, batch: list[dispatch._Finished]) -> None:
+        async def flush(owner: str, batch: list[report._Finished]) -> None:
             try:
                 await dispatch.Dispatcher(db, owner=owner)._flush_batch(batch, dispatch.Summary())
             except errors.CpaError as exc:
