@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from cpa_scheduler import claim, errors, health, lane, metrics, report, store, tracing
 
-Health = health.Health  # the readiness api and cli read
+Health = health.Health  # by this name for the api's /readyz and the cli's watchdog
 Summary = report.Summary
 log = logging.getLogger("cpa.dispatch")
 # Seconds a LISTEN connection may stay quiet before the dispatcher asks it whether it lives.
