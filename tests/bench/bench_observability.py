@@ -28,7 +28,7 @@ import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cpa_scheduler import dispatch, intake, store, tracing
+from cpa_scheduler import claim, dispatch, intake, lane, report, store, tracing
 
 from tests.bench.bench_dispatch import _vacuum, server, tenant
 
@@ -56,10 +56,12 @@ def _bare() -> None:
     def nothing(*args: Any, **kwargs: Any) -> None:
         return None
 
-    dispatch.metrics = types.SimpleNamespace(  # type: ignore[assignment]
+    bare = types.SimpleNamespace(
         observe_claim=nothing, observe_pass=nothing, observe_finished=nothing,
         observe_run=nothing,
     )  # fmt: skip
+    for module in (dispatch, claim, lane, report):  # the dispatcher's parts that observe
+        module.metrics = bare  # type: ignore[assignment]
 
 
 async def child(url: str, mode: str, n: int) -> tuple[float, float]:

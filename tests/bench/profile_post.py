@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from cpa_scheduler import api, auth, graph, intents, service, settings, store
+from cpa_scheduler import api, auth, graph, intents, query, service, settings, store
 
 from tests.bench.bench_api import GRAPH, ISSUER, SECRET
 from tests.bench.bench_dispatch import server
@@ -87,7 +87,7 @@ async def main() -> None:
                 async with conn.transaction(force_rollback=True):
                     await conn.execute("select set_config('role', 'authenticated', true),"
                                        " set_config('request.jwt.claims', %s, true)",
-                                       (store._jsonb(claims),))  # fmt: skip
+                                       (query._jsonb(claims),))  # fmt: skip
                     s = store.Session(conn)
                     await s.job_submit(tenant_id=None, todos=rows, request=None, intent="explicit",
                                        idempotency_key=None, priority=0, run_at=None,

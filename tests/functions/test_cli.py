@@ -8,7 +8,7 @@ import sys
 
 import psycopg
 import pytest
-from cpa_scheduler import cli
+from cpa_scheduler import cli, console, host
 
 
 def test_route_shows_intent_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,8 +88,8 @@ def test_a_cron_macro_and_a_worded_run_at_get_clear_answers(
     assert cli.main(["schedule", "add", "@daily", "check my email"]) != 0
     err = capsys.readouterr().err
     assert "'0 0 * * *' for @daily" in err and "at least 9 characters" not in err
-    assert cli._run_at("2026-12-01T08:00:00+01:00", "UTC") == "2026-12-01T08:00:00+01:00"
-    tomorrow = cli._run_at("tomorrow at 9am", "Europe/Berlin")
+    assert console._run_at("2026-12-01T08:00:00+01:00", "UTC") == "2026-12-01T08:00:00+01:00"
+    tomorrow = console._run_at("tomorrow at 9am", "Europe/Berlin")
     assert tomorrow is not None and "T09:00:00+0" in tomorrow
     assert cli.main(["submit", "--run-at", "next blursday", "check my email"]) != 0
     err = capsys.readouterr().err
@@ -117,4 +117,4 @@ def test_the_seed_tenant_is_the_one_token_makes() -> None:
     from pathlib import Path
 
     seed = (Path(__file__).resolve().parents[2] / "supabase" / "seed.sql").read_text()
-    assert f"'{cli._ident('demo', 'tenant')}', 'demo'" in seed
+    assert f"'{host._ident('demo', 'tenant')}', 'demo'" in seed

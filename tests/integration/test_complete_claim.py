@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cpa_scheduler import dispatch, errors, executor, store
+from cpa_scheduler import dispatch, errors, executor, report, store
 
 from tests.conftest import JobFactory, MemberFactory
 from tests.integration.test_dispatch_safety import job_state
@@ -98,8 +98,8 @@ async def test_a_batch_the_database_refuses_is_left_to_the_flush(
     d = dispatch.Dispatcher(db, tenant_cap=None)
     async with db.service() as s:
         rows = await s.todo_claim(target="cloud", owner=d.owner, limit=10)
-    finished = [dispatch._Finished(r, executor.Done({"n": i})) for i, r in enumerate(rows)]
-    finished[3] = dispatch._Finished(rows[3], executor.Done({"bad": "\ud800"}))  # forged
+    finished = [report._Finished(r, executor.Done({"n": i})) for i, r in enumerate(rows)]
+    finished[3] = report._Finished(rows[3], executor.Done({"bad": "\ud800"}))  # forged
     summary = dispatch.Summary()
     claimed, delay, stored = await d._claim_guarded(10, [], finished, summary)
     assert (claimed, delay, stored, summary.done) == ([], None, False, 0)

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from cpa_scheduler import dispatch, store
+from cpa_scheduler import dispatch, health, store
 
 from tests.conftest import JobFactory, MemberFactory
 from tests.integration.test_dispatch_safety import done_events_per_todo, job_state
@@ -113,7 +113,7 @@ async def test_leases_of_a_dead_dispatcher_on_this_host_are_reclaimed_at_once(
 
 
 def test_dead_owners_are_only_those_provably_gone() -> None:
-    me = dispatch.owner_name()
+    me = health.owner_name()
     host, pid = me.split(":")[1], me.split(":")[2]
     gone = _dead_pid()
     owners = [
@@ -125,7 +125,7 @@ def test_dead_owners_are_only_those_provably_gone() -> None:
         "dispatcher:legacyname",
         me,
     ]
-    assert dispatch.dead_owners(owners, me) == owners[:2]
+    assert health.dead_owners(owners, me) == owners[:2]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cpa_scheduler import api, dispatch, errors, executor, service, settings, store
+from cpa_scheduler import api, dispatch, errors, executor, lane, report, service, settings, store
 
 from tests import proxy as proxy_mod
 from tests.conftest import JobFactory, Member, MemberFactory, register_action
@@ -196,8 +196,8 @@ async def test_a_batch_the_database_refuses_is_stored_todo_by_todo(
     assert len(rows) == 100
     # Past the Python checks (forged here): a lone surrogate reaches Postgres, which refuses
     # the whole statement; the fallback stores the other 99 and fails this one.
-    finished = [dispatch._Finished(r, executor.Done({"n": i})) for i, r in enumerate(rows)]
-    finished[7] = dispatch._Finished(rows[7], executor.Done({"bad": "\ud800"}))
+    finished = [report._Finished(r, executor.Done({"n": i})) for i, r in enumerate(rows)]
+    finished[7] = report._Finished(rows[7], executor.Done({"bad": "\ud800"}))
     summary = dispatch.Summary()
     await d._flush(finished, summary)
     assert summary.done == 99 and summary.failed == 1, summary.as_dict()
@@ -217,7 +217,7 @@ async def test_a_lane_that_fails_does_not_keep_the_pass_alive(
     proxy.refuse()
     with pytest.raises(errors.UnavailableError):
         await asyncio.wait_for(
-            d._lane(5, dispatch._Slots(4), None, asyncio.Event(), lanes=(0, busy)), 10
+            d._lane(5, lane._Slots(4), None, asyncio.Event(), lanes=(0, busy)), 10
         )
     assert busy == set()
     proxy.up()
@@ -225,6 +225,6 @@ async def test_a_lane_that_fails_does_not_keep_the_pass_alive(
     stop.set()
     stale = {1}  # another lane still listed as busy
     summary = await asyncio.wait_for(
-        d._lane(5, dispatch._Slots(4), stop, asyncio.Event(), lanes=(0, stale)), 5
+        d._lane(5, lane._Slots(4), stop, asyncio.Event(), lanes=(0, stale)), 5
     )
     assert summary.claimed == 0

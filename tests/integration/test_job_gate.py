@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cpa_scheduler import dispatch, executor, store
+from cpa_scheduler import dispatch, executor, report, store
 
 from tests.conftest import JobFactory, MemberFactory
 from tests.integration.test_lock_order import OWNER, _ids, _item, _job, _lease, _waits_for_a_lock
@@ -163,8 +163,8 @@ async def test_a_report_that_completes_and_fails_in_one_job_beside_another_lane(
     await _lease(db_url, [ids["a1"], ids["a2"], ids["a3"]])
     rows = {r.key: r for r in await _rows(db_url, [ids["a1"], ids["a2"]])}
     finished = [
-        dispatch._Finished(rows["a1"], executor.Done({})),
-        dispatch._Finished(rows["a2"], dispatch.Release()),
+        report._Finished(rows["a1"], executor.Done({})),
+        report._Finished(rows["a2"], report.Release()),
     ]
     lane_done: list[int] = []
     loop = asyncio.get_running_loop()
@@ -215,8 +215,8 @@ async def test_a_report_that_ends_a_job_keeps_its_results_and_cancels_the_runnin
     await _lease(db_url, [ids["a1"], ids["a2"], ids["a3"]])
     rows = {r.key: r for r in await _rows(db_url, [ids["a1"], ids["a2"]])}
     finished = [
-        dispatch._Finished(rows["a1"], executor.Done({})),
-        dispatch._Finished(rows["a2"], executor.Fail("boom", retryable=False)),
+        report._Finished(rows["a1"], executor.Done({})),
+        report._Finished(rows["a2"], executor.Fail("boom", retryable=False)),
     ]
     await dispatch.Dispatcher(db, owner=OWNER)._flush_batch(finished, dispatch.Summary())
     async with db.service() as s:
@@ -262,9 +262,9 @@ def test_a_report_gates_first_when_it_mixes_shared_and_exclusive(
         "done": executor.Done({}),
         "snooze": executor.Snooze(until=datetime.now(UTC)),
         "fail": executor.Fail("x"),
-        "release": dispatch.Release(),
+        "release": report.Release(),
     }
-    exclusive, shared = dispatch._gates([dispatch._Finished(row, kinds[o]) for o in outcomes])
+    exclusive, shared = report._gates([report._Finished(row, kinds[o]) for o in outcomes])
     assert bool(exclusive & shared) is gated
 
 
@@ -326,8 +326,8 @@ async def test_a_report_beside_a_complete_and_claim_that_picks_in_the_failing_jo
     await _lease(db_url, [k["k1"], k["k2"], j["j1"]])
     rows = {r.key: r for r in await _rows(db_url, [k["k1"], j["j1"]])}
     finished = [
-        dispatch._Finished(rows["k1"], executor.Done({})),
-        dispatch._Finished(rows["j1"], executor.Fail("boom", retryable=False)),
+        report._Finished(rows["k1"], executor.Done({})),
+        report._Finished(rows["j1"], executor.Fail("boom", retryable=False)),
     ]
     lane_pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     lane_out: list[Any] = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cpa_scheduler import errors, store
+from cpa_scheduler import errors, query, report, store
 
 from tests.conftest import JobFactory, Member, MemberFactory
 
@@ -290,16 +290,16 @@ async def test_two_dispatcher_reports_over_the_same_jobs_in_opposite_order(
 
         batches = [
             [
-                dispatch._Finished(row(one, "d1"), executor.Done({})),
-                dispatch._Finished(row(two, "f1"), executor.Fail("boom")),
+                report._Finished(row(one, "d1"), executor.Done({})),
+                report._Finished(row(two, "f1"), executor.Fail("boom")),
             ],
             [
-                dispatch._Finished(row(two, "d2"), executor.Done({})),
-                dispatch._Finished(row(one, "f2"), executor.Fail("boom")),
+                report._Finished(row(two, "d2"), executor.Done({})),
+                report._Finished(row(one, "f2"), executor.Fail("boom")),
             ],
         ]
 
-        async def flush(owner: str, batch: list[dispatch._Finished]) -> None:
+        async def flush(owner: str, batch: list[report._Finished]) -> None:
             try:
                 await dispatch.Dispatcher(db, owner=owner)._flush_batch(batch, dispatch.Summary())
             except errors.CpaError as exc:
@@ -367,7 +367,7 @@ async def test_cancel_against_a_complete_and_claim(
     after its ToDos: it held a1 and, once X let b go, waited for the job's row, which the cancel
     held while it waited for a1 (40P01). _v2 locks the job first, so the cancel waits there.
     One attempt: the API's retry on 40P01 would hide the deadlock."""
-    monkeypatch.setattr(store, "DEADLOCK_ATTEMPTS", 1)
+    monkeypatch.setattr(query, "DEADLOCK_ATTEMPTS", 1)
     m = await member_factory()
     job = await job_factory(
         m,
@@ -468,7 +468,7 @@ async def test_a_claim_that_fails_an_unresolvable_todo_gives_way_to_a_cancel(
     cancel goes on. One attempt: the API's retry on 40P01 would hide the deadlock."""
     from cpa_scheduler import agent
 
-    monkeypatch.setattr(store, "DEADLOCK_ATTEMPTS", 1)
+    monkeypatch.setattr(query, "DEADLOCK_ATTEMPTS", 1)
     m = await member_factory()
     job, ids = await _unresolvable_desktop_todo(db, m, job_factory)
     pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()

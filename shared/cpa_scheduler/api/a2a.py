@@ -27,9 +27,9 @@ _kicks: set[asyncio.Task[None]] = set()  # running dispatcher kicks (a task need
 
 @functools.lru_cache(maxsize=8)
 def _card(endpoint: str) -> dict[str, Any]:
-    from cpa_scheduler import a2a_tasks
+    from cpa_scheduler import card
 
-    return a2a_tasks.card_json(a2a_tasks.agent_card(endpoint))
+    return card.card_json(card.agent_card(endpoint))
 
 
 @router.get(CARD_PATH, summary="The A2A Agent Card")
