@@ -326,7 +326,7 @@ async def test_realtime_follows_the_job_and_resumes_after_a_drop_without_losing_
 ) -> None:
     wire(supabase_url=realtime.url, supabase_publishable_key="sb_publishable_test-double-key")
     a = await member_factory("Acme")
-    job = await submit(live_api, a, {"todos": [noop(f"s{i}", [f"s{i - 1}"] if i else [], 250)
+    job = await submit(live_api, a, {"todos": [noop(f"s{i}", [f"s{i - 1}"] if i else [], 400)
                                                for i in range(8)]})  # fmt: skip
     watch = Watch(page)
     sockets: list[str] = []
@@ -334,7 +334,8 @@ async def test_realtime_follows_the_job_and_resumes_after_a_drop_without_losing_
     await open_job(page, live_api, a, job["id"])
     await expect(page.locator(".live")).to_contain_text("live (Realtime)")
     runner = asyncio.create_task(dispatch.Dispatcher(db).run_pass(30))
-    await expect(nodes(page, "done")).to_have_count(2)
+    # At least two done, not exactly two: the poll's interval can step over a 400 ms window.
+    await expect(nodes(page, "done").nth(1)).to_be_attached()
     await realtime.drop(refuse_for=0.7)  # events committed meanwhile reach no socket
     await expect(page.locator(".live")).to_contain_text("reconnecting")
     await shots(page, "realtime-dropped")
