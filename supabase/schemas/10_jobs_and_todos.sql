@@ -161,9 +161,31 @@ CREATE FUNCTION cpa.job_attach_v1(p_job_id uuid, p_todos jsonb) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  v_job public.jobs;
+  v_count integer := jsonb_array_length(p_todos);
+  v_base integer;
 begin
-  perform private.job_gate_v1(array[p_job_id]);
-  return private.job_attach_inner_v1(p_job_id, p_todos);
+  perform cpa.job_gate_v1(array[p_job_id]);
+  select * into v_job from public.jobs j where j.id = p_job_id for no key update;
+  if not found then
+    raise exception 'not found' using errcode = 'P0002', hint = 'No such job.';
+  end if;
+  if v_job.status not in ('pending', 'running') then
+    raise exception 'The job is %; a plan can only be attached to a pending or running job.', v_job.status
+      using errcode = '55000';
+  end if;
+  if exists (select 1 from public.todos t
+              where t.job_id = p_job_id
+                and t.key in (select x ->> 'key' from jsonb_array_elements(p_todos) x)) then
+    raise exception 'A planned ToDo key is already used in this job.' using errcode = '22023';
+  end if;
+  select coalesce(max(t.position), 0) into v_base from public.todos t where t.job_id = p_job_id;
+
+  perform private.todos_insert_v1(p_job_id, v_job.tenant_id, v_job.priority, v_base, p_todos);
+
+  update public.jobs j set todo_count = j.todo_count + v_count where j.id = p_job_id;
+  return v_count;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.job_attach_v1(p_job_id uuid, p_todos jsonb)
@@ -230,8 +252,8 @@ ALTER TABLE public.jobs ENABLE ROW LEVEL SECURITY;
 GRANT SELECT ON TABLE public.jobs TO authenticated;
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.jobs TO service_role;
 
--- FUNCTION cpa.job_create_v1(uuid, text, text, jsonb, text, integer, integer)
-CREATE FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text DEFAULT NULL::text, p_priority integer DEFAULT 0, p_max_retries integer DEFAULT 3) RETURNS public.jobs
+-- FUNCTION cpa.job_create_v2(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text)
+CREATE FUNCTION cpa.job_create_v2(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text DEFAULT NULL::text, p_priority integer DEFAULT 0, p_max_retries integer DEFAULT 3, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_time_zone text DEFAULT 'UTC'::text) RETURNS public.jobs
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
@@ -243,54 +265,28 @@ begin
     raise exception 'A job needs a non-empty array of ToDos.' using errcode = '22023';
   end if;
   if p_idempotency_key is not null then
+    -- A repeated idempotency key answers the job an earlier transaction made: leave it alone.
     select * into v_job from public.jobs j
-    where j.tenant_id = p_tenant_id and j.idempotency_key = p_idempotency_key;
+     where j.tenant_id = p_tenant_id and j.idempotency_key = p_idempotency_key;
     if found then
       return v_job;
     end if;
   end if;
 
   insert into public.jobs (tenant_id, created_by, request, intent, priority, idempotency_key,
-                           todo_count, max_retries)
+                           todo_count, max_retries, run_at, time_zone)
   values (p_tenant_id, (select auth.uid()), p_request, p_intent, p_priority, p_idempotency_key,
-          jsonb_array_length(p_todos), p_max_retries)
+          jsonb_array_length(p_todos), p_max_retries, p_run_at, coalesce(p_time_zone, 'UTC'))
   on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
   returning * into v_job;
   if v_job.id is null then
     -- A concurrent request with the same key won the race: answer with its job.
     select * into v_job from public.jobs j
-    where j.tenant_id = p_tenant_id and j.idempotency_key = p_idempotency_key;
+     where j.tenant_id = p_tenant_id and j.idempotency_key = p_idempotency_key;
     return v_job;
   end if;
 
   perform private.todos_insert_v1(v_job.id, p_tenant_id, p_priority, 0, p_todos);
-  return v_job;
-end;
-$$;
--- COMMENT on FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer)
-COMMENT ON FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer) IS 'Create a job with its whole ToDo graph in one transaction; a repeated idempotency key answers the existing job.';
--- ACL on FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer)
-REVOKE ALL ON FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer) TO authenticated;
-GRANT ALL ON FUNCTION cpa.job_create_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer) TO service_role;
-
--- FUNCTION cpa.job_create_v2(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text)
-CREATE FUNCTION cpa.job_create_v2(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text DEFAULT NULL::text, p_priority integer DEFAULT 0, p_max_retries integer DEFAULT 3, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_time_zone text DEFAULT 'UTC'::text) RETURNS public.jobs
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_job public.jobs;
-begin
-  v_job := cpa.job_create_v1(p_tenant_id, p_request, p_intent, p_todos, p_idempotency_key,
-                                p_priority, p_max_retries);
-  -- A repeated idempotency key answers the job an earlier transaction made: leave it alone.
-  if v_job.created_at <> now() then
-    return v_job;
-  end if;
-  update public.jobs j set run_at = p_run_at, time_zone = coalesce(p_time_zone, 'UTC')
-   where j.id = v_job.id
-  returning * into v_job;
   update public.todos t
      set run_at = greatest(p_run_at, (x.item ->> 'run_at')::timestamptz),
          agent_timeout_seconds = (x.item ->> 'agent_timeout')::integer,
@@ -314,10 +310,21 @@ CREATE FUNCTION cpa.job_route_v2(p_job_id uuid, p_agent_key text) RETURNS intege
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  v_count integer;
 begin
   perform private.job_authorized_v1(p_job_id);
-  perform private.job_gate_v1(array[p_job_id]);
-  return private.job_route_inner_v2(p_job_id, p_agent_key);
+  perform cpa.job_gate_v1(array[p_job_id]);
+  perform 1 from public.jobs j where j.id = p_job_id for no key update;
+  perform 1 from public.todos t
+   where t.job_id = p_job_id and t.target = 'desktop'
+     and t.status in ('waiting', 'confirming', 'ready')
+   order by t.id for no key update;
+  update public.todos t set assigned_agent = p_agent_key, updated_at = now()
+   where t.job_id = p_job_id and t.target = 'desktop'
+     and t.status in ('waiting', 'confirming', 'ready');
+  get diagnostics v_count = row_count;
+  return v_count;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.job_route_v2(p_job_id uuid, p_agent_key text)
@@ -326,89 +333,6 @@ COMMENT ON FUNCTION cpa.job_route_v2(p_job_id uuid, p_agent_key text) IS 'Route 
 REVOKE ALL ON FUNCTION cpa.job_route_v2(p_job_id uuid, p_agent_key text) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.job_route_v2(p_job_id uuid, p_agent_key text) TO authenticated;
 GRANT ALL ON FUNCTION cpa.job_route_v2(p_job_id uuid, p_agent_key text) TO service_role;
-
--- FUNCTION cpa.job_submit_v1(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text, text, integer, integer)
-CREATE FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text DEFAULT NULL::text, p_priority integer DEFAULT 0, p_max_retries integer DEFAULT 3, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_time_zone text DEFAULT 'UTC'::text, p_traceparent text DEFAULT NULL::text, p_rate_limit integer DEFAULT NULL::integer, p_rate_window integer DEFAULT 60) RETURNS jsonb
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    SET "TimeZone" TO 'UTC'
-    AS $$
-declare
-  v_tenant uuid := p_tenant_id;
-  v_job public.jobs;
-  v_key text;
-  v_start timestamptz;
-  v_hits integer;
-begin
-  if v_tenant is null then
-    select m.tenant_id into v_tenant from public.memberships m
-     where m.user_id = (select auth.uid())
-     order by m.created_at, m.tenant_id limit 1;
-    if v_tenant is null then
-      raise exception 'not found' using errcode = 'P0002',
-        hint = 'You are not a member of any tenant; ask an owner to add you (local mode: cpa-scheduler token --tenant NAME --user NAME).';
-    end if;
-  end if;
-
-  v_job := cpa.job_create_v2(v_tenant, p_request, p_intent, p_todos, p_idempotency_key,
-                             p_priority, p_max_retries, p_run_at, p_time_zone);
-  if p_traceparent is not null and v_job.traceparent is null then
-    -- First trace wins (as cpa.job_trace_v1): a repeated key keeps the original trace.
-    update public.jobs j set traceparent = p_traceparent
-     where j.id = v_job.id and j.traceparent is null
-    returning * into v_job;
-  end if;
-
-  if p_rate_limit is not null then
-    -- The fixed window of public.rate_limit_hit_v1, inlined: one call, and no dependency on a
-    -- function name that may move between schemas.
-    v_key := 'jobs:' || v_tenant::text;
-    v_start := to_timestamp(floor(extract(epoch from now()) / p_rate_window) * p_rate_window);
-    insert into private.rate_limits as r (key, window_start, hits)
-    values (v_key, v_start, 1)
-    on conflict (key, window_start) do update set hits = r.hits + 1
-    returning r.hits into v_hits;
-    if random() < 0.01 then
-      delete from private.rate_limits r
-       where r.window_start < now() - make_interval(secs => 2 * p_rate_window);
-    end if;
-    if v_hits > p_rate_limit then
-      raise exception 'The tenant created more than % jobs in % seconds.', p_rate_limit, p_rate_window
-        using errcode = 'CP429',
-              detail = extract(epoch from (v_start + make_interval(secs => p_rate_window) - now()))::text;
-    end if;
-  end if;
-
-  return jsonb_build_object(
-    'id', v_job.id, 'tenant_id', v_job.tenant_id, 'status', v_job.status,
-    'request', v_job.request, 'intent', v_job.intent, 'error', v_job.error,
-    'created_at', v_job.created_at,
-    'started_at', v_job.started_at,
-    'completed_at', v_job.completed_at,
-    'run_at', v_job.run_at, 'schedule_id', v_job.schedule_id,
-    'todos', coalesce((
-      select jsonb_agg(jsonb_build_object(
-               'id', t.id, 'key', t.key, 'action', t.action, 'target', t.target,
-               'status', t.status,
-               'depends_on', coalesce((select jsonb_agg(p.key order by p.key)
-                                         from public.todo_edges e
-                                         join public.todos p on p.id = e.depends_on_id
-                                        where e.todo_id = t.id), '[]'::jsonb),
-               'params', t.params, 'result', t.result, 'error', t.error,
-               'attempts', t.attempts, 'started_at', t.started_at,
-               'finished_at', t.finished_at,
-               'requires_confirmation', t.requires_confirmation,
-               'run_at', t.run_at)
-             order by t.position)
-        from public.todos t where t.job_id = v_job.id), '[]'::jsonb));
-end;
-$$;
--- COMMENT on FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer)
-COMMENT ON FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) IS 'POST /v1/jobs in one call: choose the caller''s tenant, create the job (cpa.job_create_v2), keep its trace context, count the Postgres rate limit (CP429 past it) and answer the job with its ToDos as JSON.';
--- ACL on FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer)
-REVOKE ALL ON FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) TO authenticated;
-GRANT ALL ON FUNCTION cpa.job_submit_v1(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) TO service_role;
 
 -- FUNCTION cpa.job_submit_v3(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text, text, integer, integer)
 CREATE FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text DEFAULT NULL::text, p_priority integer DEFAULT 0, p_max_retries integer DEFAULT 3, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_time_zone text DEFAULT 'UTC'::text, p_traceparent text DEFAULT NULL::text, p_rate_limit integer DEFAULT NULL::integer, p_rate_window integer DEFAULT 60) RETURNS jsonb
@@ -419,7 +343,7 @@ CREATE FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent tex
 declare
   v_tenant uuid := p_tenant_id;
   v_id uuid := gen_random_uuid();
-  v_direct boolean;
+  v_direct boolean := false;
   v_job public.jobs;
   v_todos jsonb;
   v_events jsonb;
@@ -429,18 +353,6 @@ declare
   v_start timestamptz;
   v_hits integer;
 begin
-  if p_idempotency_key is not null then
-    -- A keyed request may answer an earlier job: v1 keeps that path (as v2).
-    v_todos := cpa.job_submit_v1(p_tenant_id, p_request, p_intent, p_todos, p_idempotency_key,
-                                 p_priority, p_max_retries, p_run_at, p_time_zone, p_traceparent,
-                                 p_rate_limit, p_rate_window);
-    if not private.job_visible_v1((v_todos ->> 'id')::uuid) then
-      raise exception 'The Idempotency-Key % belongs to another user''s job; use a new key.', left(p_idempotency_key, 200)
-        using errcode = '55000';
-    end if;
-    return v_todos || jsonb_build_object(
-      'created_by', (select j.created_by from public.jobs j where j.id = (v_todos ->> 'id')::uuid));
-  end if;
   if v_tenant is null then
     select m.tenant_id into v_tenant from public.memberships m
      where m.user_id = (select auth.uid())
@@ -456,95 +368,124 @@ begin
     raise exception 'A job needs a non-empty array of ToDos.' using errcode = '22023';
   end if;
 
-  -- Small jobs write their events here (see the header); larger ones are staged as before.
-  v_direct := jsonb_array_length(p_todos) <= 100;
-  if v_direct then
-    perform set_config('cpa.events_direct', v_id::text, true);
-  end if;
+  if p_idempotency_key is not null then
+    -- A keyed request may answer an earlier job: job_create_v2 finds it, or makes the job (its
+    -- events staged for the flush), and the ToDos are read back.
+    v_job := cpa.job_create_v2(v_tenant, p_request, p_intent, p_todos, p_idempotency_key,
+                               p_priority, p_max_retries, p_run_at, p_time_zone);
+    if p_traceparent is not null and v_job.traceparent is null then
+      -- First trace wins (as cpa.job_trace_v1): a repeated key keeps the original trace.
+      update public.jobs j set traceparent = p_traceparent
+       where j.id = v_job.id and j.traceparent is null
+      returning * into v_job;
+    end if;
+    select jsonb_agg(jsonb_build_object(
+             'id', t.id, 'key', t.key, 'action', t.action, 'target', t.target,
+             'status', t.status,
+             'depends_on', coalesce((select jsonb_agg(p.key order by p.key)
+                                       from public.todo_edges e
+                                       join public.todos p on p.id = e.depends_on_id
+                                      where e.todo_id = t.id), '[]'::jsonb),
+             'params', t.params, 'result', t.result, 'error', t.error,
+             'attempts', t.attempts, 'started_at', t.started_at,
+             'finished_at', t.finished_at,
+             'requires_confirmation', t.requires_confirmation,
+             'run_at', t.run_at)
+           order by t.position)
+      into v_todos
+      from public.todos t where t.job_id = v_job.id;
+  else
+    -- Small jobs write their events here (20261128000800_submit_events_direct); larger ones are
+    -- staged for the commit-time flush.
+    v_direct := jsonb_array_length(p_todos) <= 100;
+    if v_direct then
+      perform set_config('cpa.events_direct', v_id::text, true);
+    end if;
 
-  insert into public.jobs (id, tenant_id, created_by, request, intent, priority, todo_count,
-                           max_retries, run_at, time_zone, traceparent)
-  values (v_id, v_tenant, (select auth.uid()), p_request, p_intent, p_priority,
-          jsonb_array_length(p_todos), p_max_retries, p_run_at, coalesce(p_time_zone, 'UTC'),
-          p_traceparent)
-  returning * into v_job;
+    insert into public.jobs (id, tenant_id, created_by, request, intent, priority, todo_count,
+                             max_retries, run_at, time_zone, traceparent)
+    values (v_id, v_tenant, (select auth.uid()), p_request, p_intent, p_priority,
+            jsonb_array_length(p_todos), p_max_retries, p_run_at, coalesce(p_time_zone, 'UTC'),
+            p_traceparent)
+    returning * into v_job;
 
-  -- As v2: each ToDo with all of its columns at once, the answer from the inserted rows; and,
-  -- on the direct path, the events in the same statement: the job's first, then the ToDos' in
-  -- id order (the order the triggers staged them in), ids from the sequence in that order.
-  with ins as (
-    insert into public.todos (job_id, tenant_id, key, position, action, target, params, status,
-                              priority, max_attempts, requires_confirmation, deps_remaining,
-                              run_at, agent_timeout_seconds, optional)
-    select v_job.id, v_tenant, x.key, e.n::integer, x.action, coalesce(x.target, 'cloud'),
-           coalesce(x.params, '{}'::jsonb),
-           case when coalesce(jsonb_array_length(x.depends_on), 0) > 0 then 'waiting'
-                when coalesce(x.requires_confirmation, false) then 'confirming'
-                else 'ready' end,
-           p_priority, coalesce(x.max_attempts, 3), coalesce(x.requires_confirmation, false),
-           coalesce(jsonb_array_length(x.depends_on), 0),
-           greatest(p_run_at, x.run_at), x.agent_timeout, coalesce(x.optional, false)
-      from jsonb_array_elements(p_todos) with ordinality as e(item, n)
-      cross join lateral jsonb_to_record(e.item) as x(key text, action text, target text,
-                                                     params jsonb, depends_on jsonb,
-                                                     max_attempts integer,
-                                                     requires_confirmation boolean,
-                                                     run_at timestamptz, agent_timeout integer,
-                                                     optional boolean)
-    returning *
-  ), ev as (
-    insert into public.job_events (tenant_id, job_id, todo_id, kind, status, data, created_at)
-    select x.tenant_id, x.job_id, x.todo_id, x.kind, x.status, x.data, now()
-      from (select 0 as o, null::uuid as todo_id, v_tenant as tenant_id, v_job.id as job_id,
-                   'job.status' as kind, v_job.status as status,
-                   jsonb_build_object('intent', v_job.intent) as data
-             where v_direct
-            union all
-            select 1, t.id, t.tenant_id, t.job_id, 'todo.status', t.status,
-                   jsonb_build_object('key', t.key, 'action', t.action, 'target', t.target)
-              from ins t
-             where v_direct) x
-     order by x.o, x.todo_id
-    returning *
-  )
-  select (select jsonb_agg(jsonb_build_object(
-            'id', t.id, 'key', t.key, 'action', t.action, 'target', t.target,
-            'status', t.status,
-            -- The item's own keys, as v1 read them back from the edges: sorted, each once.
-            'depends_on', coalesce((select jsonb_agg(distinct d.key order by d.key)
-                                      from jsonb_array_elements_text(
-                                             case when jsonb_typeof(p_todos -> (t.position - 1) -> 'depends_on') = 'array'
-                                                  then p_todos -> (t.position - 1) -> 'depends_on' end) as d(key)),
-                                   '[]'::jsonb),
-            'params', t.params, 'result', t.result, 'error', t.error,
-            'attempts', t.attempts, 'started_at', t.started_at,
-            'finished_at', t.finished_at,
-            'requires_confirmation', t.requires_confirmation,
-            'run_at', t.run_at)
-          order by t.position) from ins t),
-         (select jsonb_agg(jsonb_build_object('id', i.id, 'job_id', i.job_id,
-                                              'todo_id', i.todo_id, 'kind', i.kind,
-                                              'status', i.status, 'data', i.data,
-                                              'created_at', i.created_at)
-                           order by i.id) from ev i)
-    into v_todos, v_events;
+    -- Each ToDo with all of its columns at once, the answer from the inserted rows; and,
+    -- on the direct path, the events in the same statement: the job's first, then the ToDos' in
+    -- id order (the order the triggers staged them in), ids from the sequence in that order.
+    with ins as (
+      insert into public.todos (job_id, tenant_id, key, position, action, target, params, status,
+                                priority, max_attempts, requires_confirmation, deps_remaining,
+                                run_at, agent_timeout_seconds, optional)
+      select v_job.id, v_tenant, x.key, e.n::integer, x.action, coalesce(x.target, 'cloud'),
+             coalesce(x.params, '{}'::jsonb),
+             case when coalesce(jsonb_array_length(x.depends_on), 0) > 0 then 'waiting'
+                  when coalesce(x.requires_confirmation, false) then 'confirming'
+                  else 'ready' end,
+             p_priority, coalesce(x.max_attempts, 3), coalesce(x.requires_confirmation, false),
+             coalesce(jsonb_array_length(x.depends_on), 0),
+             greatest(p_run_at, x.run_at), x.agent_timeout, coalesce(x.optional, false)
+        from jsonb_array_elements(p_todos) with ordinality as e(item, n)
+        cross join lateral jsonb_to_record(e.item) as x(key text, action text, target text,
+                                                       params jsonb, depends_on jsonb,
+                                                       max_attempts integer,
+                                                       requires_confirmation boolean,
+                                                       run_at timestamptz, agent_timeout integer,
+                                                       optional boolean)
+      returning *
+    ), ev as (
+      insert into public.job_events (tenant_id, job_id, todo_id, kind, status, data, created_at)
+      select x.tenant_id, x.job_id, x.todo_id, x.kind, x.status, x.data, now()
+        from (select 0 as o, null::uuid as todo_id, v_tenant as tenant_id, v_job.id as job_id,
+                     'job.status' as kind, v_job.status as status,
+                     jsonb_build_object('intent', v_job.intent) as data
+               where v_direct
+              union all
+              select 1, t.id, t.tenant_id, t.job_id, 'todo.status', t.status,
+                     jsonb_build_object('key', t.key, 'action', t.action, 'target', t.target)
+                from ins t
+               where v_direct) x
+       order by x.o, x.todo_id
+      returning *
+    )
+    select (select jsonb_agg(jsonb_build_object(
+              'id', t.id, 'key', t.key, 'action', t.action, 'target', t.target,
+              'status', t.status,
+              -- The item's own keys, as v1 read them back from the edges: sorted, each once.
+              'depends_on', coalesce((select jsonb_agg(distinct d.key order by d.key)
+                                        from jsonb_array_elements_text(
+                                               case when jsonb_typeof(p_todos -> (t.position - 1) -> 'depends_on') = 'array'
+                                                    then p_todos -> (t.position - 1) -> 'depends_on' end) as d(key)),
+                                     '[]'::jsonb),
+              'params', t.params, 'result', t.result, 'error', t.error,
+              'attempts', t.attempts, 'started_at', t.started_at,
+              'finished_at', t.finished_at,
+              'requires_confirmation', t.requires_confirmation,
+              'run_at', t.run_at)
+            order by t.position) from ins t),
+           (select jsonb_agg(jsonb_build_object('id', i.id, 'job_id', i.job_id,
+                                                'todo_id', i.todo_id, 'kind', i.kind,
+                                                'status', i.status, 'data', i.data,
+                                                'created_at', i.created_at)
+                             order by i.id) from ev i)
+      into v_todos, v_events;
 
-  insert into public.todo_edges (todo_id, depends_on_id, tenant_id)
-  select c.id, p.id, v_tenant
-  from jsonb_to_recordset(p_todos) as x(key text, depends_on jsonb)
-  cross join lateral jsonb_array_elements_text(coalesce(x.depends_on, '[]'::jsonb)) as d(dep)
-  join public.todos c on c.job_id = v_job.id and c.key = x.key
-  join public.todos p on p.job_id = v_job.id and p.key = d.dep;
-  get diagnostics v_edges = row_count;
-  select coalesce(sum(jsonb_array_length(coalesce(x.depends_on, '[]'::jsonb))), 0)::integer
-    into v_expected
-  from jsonb_to_recordset(p_todos) as x(depends_on jsonb);
-  if v_edges <> v_expected then
-    raise exception 'A ToDo depends on a key that is not in the graph.' using errcode = '22023';
+    insert into public.todo_edges (todo_id, depends_on_id, tenant_id)
+    select c.id, p.id, v_tenant
+    from jsonb_to_recordset(p_todos) as x(key text, depends_on jsonb)
+    cross join lateral jsonb_array_elements_text(coalesce(x.depends_on, '[]'::jsonb)) as d(dep)
+    join public.todos c on c.job_id = v_job.id and c.key = x.key
+    join public.todos p on p.job_id = v_job.id and p.key = d.dep;
+    get diagnostics v_edges = row_count;
+    select coalesce(sum(jsonb_array_length(coalesce(x.depends_on, '[]'::jsonb))), 0)::integer
+      into v_expected
+    from jsonb_to_recordset(p_todos) as x(depends_on jsonb);
+    if v_edges <> v_expected then
+      raise exception 'A ToDo depends on a key that is not in the graph.' using errcode = '22023';
+    end if;
   end if;
 
   if p_rate_limit is not null then
-    -- As v2: the fixed window of the rate limit, counted last.
+    -- The fixed window of the rate limit, counted last.
     v_key := 'jobs:' || v_tenant::text;
     v_start := to_timestamp(floor(extract(epoch from now()) / p_rate_window) * p_rate_window);
     insert into private.rate_limits as r (key, window_start, hits)
@@ -560,6 +501,11 @@ begin
         using errcode = 'CP429',
               detail = extract(epoch from (v_start + make_interval(secs => p_rate_window) - now()))::text;
     end if;
+  end if;
+
+  if p_idempotency_key is not null and not private.job_visible_v1(v_job.id) then
+    raise exception 'The Idempotency-Key % belongs to another user''s job; use a new key.', left(p_idempotency_key, 200)
+      using errcode = '55000';
   end if;
 
   if v_direct then
@@ -581,11 +527,11 @@ begin
     'started_at', v_job.started_at,
     'completed_at', v_job.completed_at,
     'run_at', v_job.run_at, 'schedule_id', v_job.schedule_id,
-    'todos', v_todos);
+    'todos', coalesce(v_todos, '[]'::jsonb));
 end;
 $$;
 -- COMMENT on FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer)
-COMMENT ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) IS 'POST /v1/jobs in one call (as job_submit_v2), writing the new job''s events and their Realtime broadcast (tenant and owner''s user topic) itself (jobs up to 100 ToDos) instead of staging them for the commit-time flush; the answer names created_by. Keyed requests go to job_submit_v1.';
+COMMENT ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) IS 'POST /v1/jobs in one call: the caller''s tenant, the job with its graph, run_at, zone and trace context, the Postgres rate limit (CP429), and the job as JSON naming created_by. A new job of up to 100 ToDos writes its events and their Realtime broadcast (tenant and owner''s user topic) itself instead of staging them for the commit-time flush; a keyed request goes through cpa.job_create_v2 and may answer an earlier job of the caller''s (another user''s key: 55000).';
 -- ACL on FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer)
 REVOKE ALL ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.job_submit_v3(p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text, p_priority integer, p_max_retries integer, p_run_at timestamp with time zone, p_time_zone text, p_traceparent text, p_rate_limit integer, p_rate_window integer) TO authenticated;
@@ -610,42 +556,6 @@ REVOKE ALL ON FUNCTION cpa.job_trace_v1(p_job_id uuid, p_traceparent text) FROM 
 GRANT ALL ON FUNCTION cpa.job_trace_v1(p_job_id uuid, p_traceparent text) TO authenticated;
 GRANT ALL ON FUNCTION cpa.job_trace_v1(p_job_id uuid, p_traceparent text) TO service_role;
 
--- FUNCTION private.job_attach_inner_v1(uuid, jsonb)
-CREATE FUNCTION private.job_attach_inner_v1(p_job_id uuid, p_todos jsonb) RETURNS integer
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_job public.jobs;
-  v_count integer := jsonb_array_length(p_todos);
-  v_base integer;
-begin
-  select * into v_job from public.jobs j where j.id = p_job_id for no key update;
-  if not found then
-    raise exception 'not found' using errcode = 'P0002', hint = 'No such job.';
-  end if;
-  if v_job.status not in ('pending', 'running') then
-    raise exception 'The job is %; a plan can only be attached to a pending or running job.', v_job.status
-      using errcode = '55000';
-  end if;
-  if exists (select 1 from public.todos t
-              where t.job_id = p_job_id
-                and t.key in (select x ->> 'key' from jsonb_array_elements(p_todos) x)) then
-    raise exception 'A planned ToDo key is already used in this job.' using errcode = '22023';
-  end if;
-  select coalesce(max(t.position), 0) into v_base from public.todos t where t.job_id = p_job_id;
-
-  perform private.todos_insert_v1(p_job_id, v_job.tenant_id, v_job.priority, v_base, p_todos);
-
-  update public.jobs j set todo_count = j.todo_count + v_count where j.id = p_job_id;
-  return v_count;
-end;
-$$;
--- COMMENT on FUNCTION private.job_attach_inner_v1(p_job_id uuid, p_todos jsonb)
-COMMENT ON FUNCTION private.job_attach_inner_v1(p_job_id uuid, p_todos jsonb) IS 'Attach a planned sub-graph of ToDos to a pending or running job.';
--- ACL on FUNCTION private.job_attach_inner_v1(p_job_id uuid, p_todos jsonb)
-REVOKE ALL ON FUNCTION private.job_attach_inner_v1(p_job_id uuid, p_todos jsonb) FROM PUBLIC;
-
 -- FUNCTION private.job_authorized_v1(uuid)
 CREATE FUNCTION private.job_authorized_v1(p_job_id uuid) RETURNS public.jobs
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -664,32 +574,6 @@ end;
 $$;
 -- ACL on FUNCTION private.job_authorized_v1(p_job_id uuid)
 REVOKE ALL ON FUNCTION private.job_authorized_v1(p_job_id uuid) FROM PUBLIC;
-
--- FUNCTION private.job_route_inner_v2(uuid, text)
-CREATE FUNCTION private.job_route_inner_v2(p_job_id uuid, p_agent_key text) RETURNS integer
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_count integer;
-begin
-  perform private.job_authorized_v1(p_job_id);
-  perform 1 from public.jobs j where j.id = p_job_id for no key update;
-  perform 1 from public.todos t
-   where t.job_id = p_job_id and t.target = 'desktop'
-     and t.status in ('waiting', 'confirming', 'ready')
-   order by t.id for no key update;
-  update public.todos t set assigned_agent = p_agent_key, updated_at = now()
-   where t.job_id = p_job_id and t.target = 'desktop'
-     and t.status in ('waiting', 'confirming', 'ready');
-  get diagnostics v_count = row_count;
-  return v_count;
-end;
-$$;
--- COMMENT on FUNCTION private.job_route_inner_v2(p_job_id uuid, p_agent_key text)
-COMMENT ON FUNCTION private.job_route_inner_v2(p_job_id uuid, p_agent_key text) IS 'Route a job''s unstarted desktop ToDos to one agent of its tenant. Locks the job first, then the ToDos by id.';
--- ACL on FUNCTION private.job_route_inner_v2(p_job_id uuid, p_agent_key text)
-REVOKE ALL ON FUNCTION private.job_route_inner_v2(p_job_id uuid, p_agent_key text) FROM PUBLIC;
 
 -- FUNCTION private.job_submit_as_v1(text, uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text, text, integer, integer)
 CREATE FUNCTION private.job_submit_as_v1(p_claims text, p_tenant_id uuid, p_request text, p_intent text, p_todos jsonb, p_idempotency_key text DEFAULT NULL::text, p_priority integer DEFAULT 0, p_max_retries integer DEFAULT 3, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_time_zone text DEFAULT 'UTC'::text, p_traceparent text DEFAULT NULL::text, p_rate_limit integer DEFAULT NULL::integer, p_rate_window integer DEFAULT 60) RETURNS text
@@ -931,21 +815,6 @@ COMMENT ON FUNCTION private.todos_check_insert_v2() IS 'The ToDo invariants of 2
 -- ACL on FUNCTION private.todos_check_insert_v2()
 REVOKE ALL ON FUNCTION private.todos_check_insert_v2() FROM PUBLIC;
 
--- FUNCTION private.todos_hold_until_run_at_v1()
-CREATE FUNCTION private.todos_hold_until_run_at_v1() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path TO ''
-    AS $$
-begin
-  if new.run_after < new.run_at then
-    new.run_after := new.run_at;
-  end if;
-  return new;
-end;
-$$;
--- ACL on FUNCTION private.todos_hold_until_run_at_v1()
-REVOKE ALL ON FUNCTION private.todos_hold_until_run_at_v1() FROM PUBLIC;
-
 -- FUNCTION private.todos_insert_v1(uuid, uuid, integer, integer, jsonb)
 CREATE FUNCTION private.todos_insert_v1(p_job_id uuid, p_tenant_id uuid, p_priority integer, p_base integer, p_todos jsonb) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1076,9 +945,6 @@ CREATE TRIGGER todo_edges_check_insert AFTER INSERT ON public.todo_edges REFEREN
 
 -- TRIGGER public.todos todos_check_insert
 CREATE TRIGGER todos_check_insert AFTER INSERT ON public.todos REFERENCING NEW TABLE AS new_todos FOR EACH STATEMENT EXECUTE FUNCTION private.todos_check_insert_v2();
-
--- TRIGGER public.todos todos_hold_until_run_at
-CREATE TRIGGER todos_hold_until_run_at BEFORE INSERT OR UPDATE OF run_after, run_at ON public.todos FOR EACH ROW WHEN ((new.run_at IS NOT NULL)) EXECUTE FUNCTION private.todos_hold_until_run_at_v1();
 
 -- FK CONSTRAINT private.job_idempotency job_idempotency_tenant_id_fkey
 ALTER TABLE ONLY private.job_idempotency

@@ -30,7 +30,7 @@ begin
     select 1 from public.memberships m
      where m.tenant_id = p_tenant_id and m.user_id = v_agent.created_by
        and m.role in ('owner', 'admin'));
-  perform private.todo_expire_v1(100);
+  perform private.todo_expire_v3(100);
   return query
   with picked as materialized (
     select t.id from public.todos t
@@ -225,7 +225,17 @@ CREATE FUNCTION cpa.job_gate_v1(p_exclusive uuid[], p_shared uuid[] DEFAULT '{}'
     SET search_path TO ''
     AS $$
 begin
-  perform private.job_gate_v1(p_exclusive, p_shared);
+  -- One statement, run to its end: the locks are taken after the sort (PostgreSQL evaluates a
+  -- volatile target list above the Sort), in key order. A loop cost ~20 us a lock.
+  perform case when g.exclusive then pg_advisory_xact_lock(1785, g.key)
+               else pg_advisory_xact_lock_shared(1785, g.key) end
+     from (select private.job_gate_key_v1(u.job_id) as key, bool_or(u.exclusive) as exclusive
+             from (select e.job_id, true as exclusive from unnest(p_exclusive) e(job_id)
+                   union all
+                   select s.job_id, false from unnest(p_shared) s(job_id)) u
+            where u.job_id is not null
+            group by 1) g
+    order by g.key;
   return (select count(distinct u.id)::integer
             from unnest(p_exclusive || p_shared) u(id) where u.id is not null);
 end;
@@ -235,20 +245,6 @@ COMMENT ON FUNCTION cpa.job_gate_v1(p_exclusive uuid[], p_shared uuid[]) IS 'Tak
 -- ACL on FUNCTION cpa.job_gate_v1(p_exclusive uuid[], p_shared uuid[])
 REVOKE ALL ON FUNCTION cpa.job_gate_v1(p_exclusive uuid[], p_shared uuid[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.job_gate_v1(p_exclusive uuid[], p_shared uuid[]) TO service_role;
-
--- FUNCTION cpa.todo_claim_v2(text, text, integer, double precision, uuid, text[], integer)
-CREATE FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision DEFAULT 60, p_tenant_id uuid DEFAULT NULL::uuid, p_actions text[] DEFAULT NULL::text[], p_tenant_cap integer DEFAULT NULL::integer) RETURNS SETOF public.todos
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  select * from cpa.todo_claim_v3(p_target, p_owner, p_limit, p_lease_seconds, p_tenant_id,
-                                  p_actions, p_tenant_cap)
-$$;
--- COMMENT on FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
-COMMENT ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'Claim up to p_limit ready ToDos of a target (FOR UPDATE SKIP LOCKED), fair across tenants and at most p_tenant_cap running per tenant, leased to p_owner; reclaims expired leases first. Runs cpa.todo_claim_v3.';
--- ACL on FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
-REVOKE ALL ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION cpa.todo_claim_v2(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) TO service_role;
 
 -- FUNCTION cpa.todo_claim_v3(text, text, integer, double precision, uuid, text[], integer)
 CREATE FUNCTION cpa.todo_claim_v3(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision DEFAULT 60, p_tenant_id uuid DEFAULT NULL::uuid, p_actions text[] DEFAULT NULL::text[], p_tenant_cap integer DEFAULT NULL::integer) RETURNS SETOF public.todos
@@ -333,7 +329,7 @@ begin
      and t.lease_owner like 'dispatcher:%';
   get diagnostics v_count = row_count;
   if v_count > 0 then
-    perform private.todo_expire_v1(greatest(v_count, 100));
+    perform private.todo_expire_v3(greatest(v_count, 100));
   end if;
   return v_count;
 end;
@@ -414,20 +410,6 @@ REVOKE ALL ON FUNCTION private.agent_bind_v1(p_tenant_id uuid, p_agent_key text,
 
 -- FUNCTION private.agent_items_v1(text, jsonb)
 CREATE FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) RETURNS jsonb
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    SET search_path TO ''
-    AS $$
-  select coalesce(jsonb_agg(i.item || jsonb_build_object('owner', private.agent_owner_v1(p_agent_key))
-                            order by i.n), '[]'::jsonb)
-    from jsonb_array_elements(p_items) with ordinality as i(item, n)
-$$;
--- COMMENT on FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb)
-COMMENT ON FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) IS 'Report items with the agent''s lease owner (private.agent_owner_v1) as each item''s owner.';
--- ACL on FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb)
-REVOKE ALL ON FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) FROM PUBLIC;
-
--- FUNCTION private.agent_key_check_v1(text)
-CREATE FUNCTION private.agent_key_check_v1(p_agent_key text) RETURNS void
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path TO ''
     AS $$
@@ -441,12 +423,15 @@ begin
       using errcode = 'CP403',
             hint = 'Each user''s desktop registers its own agent_id; report under your own.';
   end if;
+  return (select coalesce(jsonb_agg(i.item || jsonb_build_object('owner', private.agent_owner_v1(p_agent_key))
+                                    order by i.n), '[]'::jsonb)
+            from jsonb_array_elements(p_items) with ordinality as i(item, n));
 end;
 $$;
--- COMMENT on FUNCTION private.agent_key_check_v1(p_agent_key text)
-COMMENT ON FUNCTION private.agent_key_check_v1(p_agent_key text) IS 'Raise CP403 when an end user reports under an agent id another user of their tenant holds.';
--- ACL on FUNCTION private.agent_key_check_v1(p_agent_key text)
-REVOKE ALL ON FUNCTION private.agent_key_check_v1(p_agent_key text) FROM PUBLIC;
+-- COMMENT on FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb)
+COMMENT ON FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) IS 'Report items with the agent''s lease owner (private.agent_owner_v1) as each item''s owner; CP403 when a user reports under another user''s agent id.';
+-- ACL on FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb)
+REVOKE ALL ON FUNCTION private.agent_items_v1(p_agent_key text, p_items jsonb) FROM PUBLIC;
 
 -- FUNCTION private.agent_owner_v1(text)
 CREATE FUNCTION private.agent_owner_v1(p_agent_key text) RETURNS text
@@ -512,30 +497,6 @@ COMMENT ON FUNCTION private.job_gate_try_v1(p_jobs uuid[]) IS 'Take the exclusiv
 -- ACL on FUNCTION private.job_gate_try_v1(p_jobs uuid[])
 REVOKE ALL ON FUNCTION private.job_gate_try_v1(p_jobs uuid[]) FROM PUBLIC;
 
--- FUNCTION private.job_gate_v1(uuid[], uuid[])
-CREATE FUNCTION private.job_gate_v1(p_exclusive uuid[], p_shared uuid[] DEFAULT '{}'::uuid[]) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-begin
-  -- One statement, run to its end: the locks are taken after the sort (PostgreSQL evaluates a
-  -- volatile target list above the Sort), in key order. A loop cost ~20 us a lock.
-  perform case when g.exclusive then pg_advisory_xact_lock(1785, g.key)
-               else pg_advisory_xact_lock_shared(1785, g.key) end
-     from (select private.job_gate_key_v1(u.job_id) as key, bool_or(u.exclusive) as exclusive
-             from (select e.job_id, true as exclusive from unnest(p_exclusive) e(job_id)
-                   union all
-                   select s.job_id, false from unnest(p_shared) s(job_id)) u
-            where u.job_id is not null
-            group by 1) g
-    order by g.key;
-end;
-$$;
--- COMMENT on FUNCTION private.job_gate_v1(p_exclusive uuid[], p_shared uuid[])
-COMMENT ON FUNCTION private.job_gate_v1(p_exclusive uuid[], p_shared uuid[]) IS 'Take the gates of these jobs for the transaction, in key order: exclusive for p_exclusive, shared for the others (step 1 of the lock order).';
--- ACL on FUNCTION private.job_gate_v1(p_exclusive uuid[], p_shared uuid[])
-REVOKE ALL ON FUNCTION private.job_gate_v1(p_exclusive uuid[], p_shared uuid[]) FROM PUBLIC;
-
 -- FUNCTION private.lost_lease_limit_v1()
 CREATE FUNCTION private.lost_lease_limit_v1() RETURNS integer
     LANGUAGE sql STABLE
@@ -562,7 +523,7 @@ declare
   v_share integer;
   v_due uuid[];
 begin
-  perform private.todo_expire_v1(100);
+  perform private.todo_expire_v3(100);
   -- Parked ToDos that have come due. The dispatcher's claims un-park at most as many as they
   -- may claim: a row un-parked here stays locked until commit, so a concurrent claim skips it,
   -- and one this call did not claim would wait for the next claim (no alarm points at a ToDo
@@ -647,31 +608,9 @@ begin
 end;
 $$;
 -- COMMENT on FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
-COMMENT ON FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'The claim of todo_claim_v2 without starting the jobs: expired leases first, parked ToDos that came due un-parked, fair across tenants, at most p_tenant_cap running per tenant, FOR UPDATE SKIP LOCKED; the caller starts the claimed ToDos'' pending jobs.';
+COMMENT ON FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) IS 'The claim of cpa.todo_claim_v3 without starting the jobs: expired leases first, parked ToDos that came due un-parked, fair across tenants, at most p_tenant_cap running per tenant, FOR UPDATE SKIP LOCKED; the caller starts the claimed ToDos'' pending jobs.';
 -- ACL on FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer)
 REVOKE ALL ON FUNCTION private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) FROM PUBLIC;
-
--- FUNCTION private.todo_expire_v1(integer)
-CREATE FUNCTION private.todo_expire_v1(p_limit integer DEFAULT 100) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  select private.todo_expire_v2(p_limit)
-$$;
--- ACL on FUNCTION private.todo_expire_v1(p_limit integer)
-REVOKE ALL ON FUNCTION private.todo_expire_v1(p_limit integer) FROM PUBLIC;
-
--- FUNCTION private.todo_expire_v2(integer)
-CREATE FUNCTION private.todo_expire_v2(p_limit integer DEFAULT 100) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  select private.todo_expire_v3(p_limit)
-$$;
--- COMMENT on FUNCTION private.todo_expire_v2(p_limit integer)
-COMMENT ON FUNCTION private.todo_expire_v2(p_limit integer) IS 'Requeue (or fail, on their last attempt) ToDos whose lease expired; locks their jobs first, skipping jobs held by others.';
--- ACL on FUNCTION private.todo_expire_v2(p_limit integer)
-REVOKE ALL ON FUNCTION private.todo_expire_v2(p_limit integer) FROM PUBLIC;
 
 -- FUNCTION private.todo_expire_v3(integer)
 CREATE FUNCTION private.todo_expire_v3(p_limit integer DEFAULT 100) RETURNS integer
@@ -763,9 +702,9 @@ begin
    where t.id = any(p_todo_ids)
      and (not v_user or t.tenant_id in (select private.user_tenant_ids_v1()));
   if p_exclusive then
-    perform private.job_gate_v1(v_jobs);
+    perform cpa.job_gate_v1(v_jobs);
   else
-    perform private.job_gate_v1('{}', v_jobs);
+    perform cpa.job_gate_v1('{}', v_jobs);
   end if;
   return v_jobs;
 end;
@@ -795,21 +734,6 @@ COMMENT ON FUNCTION private.todo_jobs_lock_v1(p_todo_ids uuid[]) IS 'Lock the jo
 -- ACL on FUNCTION private.todo_jobs_lock_v1(p_todo_ids uuid[])
 REVOKE ALL ON FUNCTION private.todo_jobs_lock_v1(p_todo_ids uuid[]) FROM PUBLIC;
 
--- FUNCTION private.todos_park_v1()
-CREATE FUNCTION private.todos_park_v1() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path TO ''
-    AS $$
-begin
-  new.parked := new.run_after > now();
-  return new;
-end;
-$$;
--- COMMENT on FUNCTION private.todos_park_v1()
-COMMENT ON FUNCTION private.todos_park_v1() IS 'A ToDo that is ready but not yet due is parked: the claims'' index leaves it out until a claim finds it due.';
--- ACL on FUNCTION private.todos_park_v1()
-REVOKE ALL ON FUNCTION private.todos_park_v1() FROM PUBLIC;
-
 -- FUNCTION private.todos_reset_agent_notice_v1()
 CREATE FUNCTION private.todos_reset_agent_notice_v1() RETURNS trigger
     LANGUAGE plpgsql
@@ -823,6 +747,26 @@ $$;
 -- ACL on FUNCTION private.todos_reset_agent_notice_v1()
 REVOKE ALL ON FUNCTION private.todos_reset_agent_notice_v1() FROM PUBLIC;
 
+-- FUNCTION private.todos_start_v1()
+CREATE FUNCTION private.todos_start_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $$
+begin
+  if new.run_at is not null and new.run_after < new.run_at then
+    new.run_after := new.run_at;
+  end if;
+  if new.status = 'ready' then
+    new.parked := new.run_after > now();
+  end if;
+  return new;
+end;
+$$;
+-- COMMENT on FUNCTION private.todos_start_v1()
+COMMENT ON FUNCTION private.todos_start_v1() IS 'A ToDo never starts before its run_at (run_after is raised to it), and one that is ready but not yet due is parked: the claims'' index leaves it out until a claim finds it due.';
+-- ACL on FUNCTION private.todos_start_v1()
+REVOKE ALL ON FUNCTION private.todos_start_v1() FROM PUBLIC;
+
 -- CHECK CONSTRAINT public.agents agents_actions_count
 ALTER TABLE public.agents
     ADD CONSTRAINT agents_actions_count CHECK ((cardinality(actions) <= 200)) NOT VALID;
@@ -831,11 +775,11 @@ ALTER TABLE public.agents
 ALTER TABLE public.agents
     ADD CONSTRAINT agents_name_length CHECK ((length(name) <= 200)) NOT VALID;
 
--- TRIGGER public.todos todos_park
-CREATE TRIGGER todos_park BEFORE INSERT OR UPDATE OF status, run_after, run_at ON public.todos FOR EACH ROW WHEN ((new.status = 'ready'::text)) EXECUTE FUNCTION private.todos_park_v1();
-
 -- TRIGGER public.todos todos_reset_agent_notice
 CREATE TRIGGER todos_reset_agent_notice BEFORE UPDATE OF status ON public.todos FOR EACH ROW WHEN (((old.status = ANY (ARRAY['failed'::text, 'cancelled'::text])) AND (new.status = ANY (ARRAY['waiting'::text, 'confirming'::text, 'ready'::text])) AND (old.agent_noticed_at IS NOT NULL))) EXECUTE FUNCTION private.todos_reset_agent_notice_v1();
+
+-- TRIGGER public.todos todos_start
+CREATE TRIGGER todos_start BEFORE INSERT OR UPDATE OF status, run_after, run_at ON public.todos FOR EACH ROW WHEN (((new.run_at IS NOT NULL) OR (new.status = 'ready'::text))) EXECUTE FUNCTION private.todos_start_v1();
 
 -- FK CONSTRAINT public.agents agents_tenant_id_fkey
 ALTER TABLE ONLY public.agents

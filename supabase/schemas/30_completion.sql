@@ -17,12 +17,11 @@ CREATE FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) RETURNS i
     SET search_path TO ''
     AS $$
 begin
-  perform private.agent_key_check_v1(p_agent_key);
-  return cpa.todo_complete_v1(private.agent_items_v1(p_agent_key, p_items));
+  return cpa.todo_complete_v4(private.agent_items_v1(p_agent_key, p_items));
 end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb)
-COMMENT ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) IS 'cpa.todo_complete_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
+COMMENT ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) IS 'cpa.todo_complete_v4 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 -- ACL on FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb)
 REVOKE ALL ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_complete_v1(p_agent_key text, p_items jsonb) TO authenticated;
@@ -34,12 +33,11 @@ CREATE FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_bas
     SET search_path TO ''
     AS $$
 begin
-  perform private.agent_key_check_v1(p_agent_key);
-  return cpa.todo_fail_v1(private.agent_items_v1(p_agent_key, p_items), p_backoff_base);
+  return cpa.todo_fail_v2(private.agent_items_v1(p_agent_key, p_items), p_backoff_base);
 end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision)
-COMMENT ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) IS 'cpa.todo_fail_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
+COMMENT ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) IS 'cpa.todo_fail_v2 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 -- ACL on FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision)
 REVOKE ALL ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_fail_v1(p_agent_key text, p_items jsonb, p_backoff_base double precision) TO authenticated;
@@ -51,12 +49,12 @@ CREATE FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal 
     SET search_path TO ''
     AS $$
 begin
-  perform private.agent_key_check_v1(p_agent_key);
-  return cpa.todo_release_v1(private.agent_items_v1(p_agent_key, p_items), p_refusal, p_max_refusals);
+  return cpa.todo_release_v2(private.agent_items_v1(p_agent_key, p_items), p_refusal,
+                             p_max_refusals);
 end;
 $$;
 -- COMMENT on FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer)
-COMMENT ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) IS 'cpa.todo_release_v1 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
+COMMENT ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) IS 'cpa.todo_release_v2 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 -- ACL on FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer)
 REVOKE ALL ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.agent_release_v1(p_agent_key text, p_items jsonb, p_refusal boolean, p_max_refusals integer) TO authenticated;
@@ -67,14 +65,42 @@ CREATE FUNCTION cpa.job_cancel_v2(p_job_id uuid) RETURNS public.jobs
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  v_job public.jobs;
 begin
   perform private.job_authorized_v1(p_job_id);
-  perform private.job_gate_v1(array[p_job_id]);
-  return private.job_cancel_inner_v2(p_job_id);
+  perform cpa.job_gate_v1(array[p_job_id]);
+  select * into v_job from public.jobs j where j.id = p_job_id for no key update;
+  if not found then
+    raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
+  end if;
+  if v_job.status = 'cancelled' then
+    return v_job;
+  end if;
+  if v_job.status in ('done', 'failed') then
+    raise exception 'The job is already %; only pending or running jobs can be cancelled.', v_job.status
+      using errcode = '55000';
+  end if;
+  -- Running ToDos end too, in the statement before the job's: the job's event is its last.
+  perform 1 from public.todos t
+   where t.job_id = p_job_id and t.status in ('waiting', 'confirming', 'ready', 'running')
+   order by t.id for no key update;
+  update public.todos t
+     set status = 'cancelled', finished_at = now(), updated_at = now(),
+         lease_owner = null, lease_expires_at = null,
+         error = case when t.status = 'running'
+                      then 'Cancelled while it ran: the job was cancelled. A result its worker reports later is dropped.'
+                      else t.error end
+   where t.job_id = p_job_id and t.status in ('waiting', 'confirming', 'ready', 'running');
+  update public.jobs j
+     set status = 'cancelled', completed_at = now(), error = 'Cancelled on request.'
+   where j.id = p_job_id
+  returning * into v_job;
+  return v_job;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.job_cancel_v2(p_job_id uuid)
-COMMENT ON FUNCTION cpa.job_cancel_v2(p_job_id uuid) IS 'Cancel a job: its unstarted ToDos are cancelled. Takes the job''s gate exclusively, then its row, then its ToDos by id.';
+COMMENT ON FUNCTION cpa.job_cancel_v2(p_job_id uuid) IS 'Cancel a job: its unstarted and running ToDos are cancelled before the job (its event is the last). Takes the job''s gate exclusively, then its row, then its ToDos by id.';
 -- ACL on FUNCTION cpa.job_cancel_v2(p_job_id uuid)
 REVOKE ALL ON FUNCTION cpa.job_cancel_v2(p_job_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.job_cancel_v2(p_job_id uuid) TO authenticated;
@@ -85,10 +111,55 @@ CREATE FUNCTION cpa.job_retry_v3(p_job_id uuid) RETURNS public.jobs
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  v_job public.jobs;
 begin
   perform private.job_authorized_v1(p_job_id);
-  perform private.job_gate_v1(array[p_job_id]);
-  return private.job_retry_inner_v3(p_job_id);
+  perform cpa.job_gate_v1(array[p_job_id]);
+  select * into v_job from public.jobs j where j.id = p_job_id for no key update;
+  if not found then
+    raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
+  end if;
+  if v_job.status not in ('failed', 'cancelled') then
+    raise exception 'The job is %; only failed or cancelled jobs can be retried.', v_job.status
+      using errcode = '55000';
+  end if;
+  if v_job.retry_count >= v_job.max_retries then
+    raise exception 'The job was already retried % times, the most allowed.', v_job.retry_count
+      using errcode = '55000';
+  end if;
+  perform 1 from public.todos t
+   where t.job_id = p_job_id and t.status in ('failed', 'cancelled')
+   order by t.id for no key update;
+  update public.todos t
+     set deps_remaining = d.open,
+         status = case when d.open > 0 then 'waiting'
+                       when t.requires_confirmation and t.confirmed_at is null then 'confirming'
+                       else 'ready' end,
+         attempts = 0, lost_leases = 0, refusals = 0, error = null, result = null,
+         finished_at = null, run_after = now(), timer_until = null, updated_at = now()
+    from (
+      select c.id,
+             (select count(*) from public.todo_edges e join public.todos p on p.id = e.depends_on_id
+               where e.todo_id = c.id and p.status <> 'done')::integer as open
+        from public.todos c
+       where c.job_id = p_job_id and c.status in ('failed', 'cancelled')
+    ) d
+   where t.id = d.id;
+  -- Every ToDo already done: the job is done now.
+  update public.jobs j
+     set status = case when j.todos_done >= j.todo_count then 'done'
+                       when j.todos_done > 0
+                         or exists (select 1 from public.todos r
+                                     where r.job_id = j.id and r.status = 'running')
+                         then 'running'
+                       else 'pending' end,
+         error = null,
+         completed_at = case when j.todos_done >= j.todo_count then now() end,
+         retry_count = j.retry_count + 1
+   where j.id = p_job_id
+  returning * into v_job;
+  return v_job;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.job_retry_v3(p_job_id uuid)
@@ -175,20 +246,6 @@ COMMENT ON FUNCTION cpa.todo_complete_claim_v4(p_items jsonb, p_target text, p_o
 REVOKE ALL ON FUNCTION cpa.todo_complete_claim_v4(p_items jsonb, p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.todo_complete_claim_v4(p_items jsonb, p_target text, p_owner text, p_limit integer, p_lease_seconds double precision, p_tenant_id uuid, p_actions text[], p_tenant_cap integer) TO service_role;
 
--- FUNCTION cpa.todo_complete_v1(jsonb)
-CREATE FUNCTION cpa.todo_complete_v1(p_items jsonb) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  select cpa.todo_complete_v4(p_items)
-$$;
--- COMMENT on FUNCTION cpa.todo_complete_v1(p_items jsonb)
-COMMENT ON FUNCTION cpa.todo_complete_v1(p_items jsonb) IS 'Complete leased ToDos in one transaction and release their dependents; a repeat or a stale lease changes nothing.';
--- ACL on FUNCTION cpa.todo_complete_v1(p_items jsonb)
-REVOKE ALL ON FUNCTION cpa.todo_complete_v1(p_items jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION cpa.todo_complete_v1(p_items jsonb) TO authenticated;
-GRANT ALL ON FUNCTION cpa.todo_complete_v1(p_items jsonb) TO service_role;
-
 -- FUNCTION cpa.todo_complete_v4(jsonb)
 CREATE FUNCTION cpa.todo_complete_v4(p_items jsonb) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
@@ -240,10 +297,36 @@ CREATE FUNCTION cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean DEFAULT t
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  v_todo public.todos;
 begin
-  -- Only a ToDo the caller may confirm gates its job; the inner body answers "not found" else.
+  -- Only a ToDo the caller may confirm gates its job; the next statement answers "not found" else.
   perform private.todo_jobs_gate_v1(array[p_todo_id], true);
-  return private.todo_confirm_inner_v2(p_todo_id, p_approved);
+  select * into v_todo from public.todos t where t.id = p_todo_id;
+  if not found then
+    raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
+  end if;
+  perform private.tenant_authorize_v1(v_todo.tenant_id);
+  perform 1 from public.jobs j where j.id = v_todo.job_id for no key update;
+  select * into v_todo from public.todos t where t.id = p_todo_id for no key update;
+  if v_todo.status in ('done', 'failed', 'cancelled') then
+    raise exception 'The ToDo % is already %; there is nothing left to confirm.', v_todo.key, v_todo.status
+      using errcode = '55000';
+  end if;
+  if not p_approved then
+    perform private.todo_fail_terminal_v2(array[p_todo_id],
+      array[format('The user declined %s.', v_todo.action)]);
+  else
+    update public.todos t
+       set confirmed_at = coalesce(t.confirmed_at, now()),
+           status = case when t.status = 'confirming' then 'ready' else t.status end,
+           run_after = case when t.status = 'confirming' then greatest(t.run_after, now())
+                            else t.run_after end,
+           updated_at = now()
+     where t.id = p_todo_id;
+  end if;
+  select * into v_todo from public.todos t where t.id = p_todo_id;
+  return v_todo;
 end;
 $$;
 -- COMMENT on FUNCTION cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean)
@@ -252,20 +335,6 @@ COMMENT ON FUNCTION cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean) IS '
 REVOKE ALL ON FUNCTION cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean) TO authenticated;
 GRANT ALL ON FUNCTION cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean) TO service_role;
-
--- FUNCTION cpa.todo_fail_v1(jsonb, double precision)
-CREATE FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision DEFAULT 1.0) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  select cpa.todo_fail_v2(p_items, p_backoff_base)
-$$;
--- COMMENT on FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision)
-COMMENT ON FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision) IS 'Fail leased ToDos: retryable errors back off through run_after until max_attempts; otherwise the job fails and its unstarted ToDos are cancelled.';
--- ACL on FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision)
-REVOKE ALL ON FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision) FROM PUBLIC;
-GRANT ALL ON FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision) TO authenticated;
-GRANT ALL ON FUNCTION cpa.todo_fail_v1(p_items jsonb, p_backoff_base double precision) TO service_role;
 
 -- FUNCTION cpa.todo_fail_v2(jsonb, double precision)
 CREATE FUNCTION cpa.todo_fail_v2(p_items jsonb, p_backoff_base double precision DEFAULT 1.0) RETURNS integer
@@ -336,18 +405,6 @@ REVOKE ALL ON FUNCTION cpa.todo_fail_v2(p_items jsonb, p_backoff_base double pre
 GRANT ALL ON FUNCTION cpa.todo_fail_v2(p_items jsonb, p_backoff_base double precision) TO authenticated;
 GRANT ALL ON FUNCTION cpa.todo_fail_v2(p_items jsonb, p_backoff_base double precision) TO service_role;
 
--- FUNCTION cpa.todo_release_v1(jsonb, boolean, integer)
-CREATE FUNCTION cpa.todo_release_v1(p_items jsonb, p_refusal boolean DEFAULT false, p_max_refusals integer DEFAULT 3) RETURNS integer
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  select cpa.todo_release_v2(p_items, p_refusal, p_max_refusals)
-$$;
--- ACL on FUNCTION cpa.todo_release_v1(p_items jsonb, p_refusal boolean, p_max_refusals integer)
-REVOKE ALL ON FUNCTION cpa.todo_release_v1(p_items jsonb, p_refusal boolean, p_max_refusals integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION cpa.todo_release_v1(p_items jsonb, p_refusal boolean, p_max_refusals integer) TO authenticated;
-GRANT ALL ON FUNCTION cpa.todo_release_v1(p_items jsonb, p_refusal boolean, p_max_refusals integer) TO service_role;
-
 -- FUNCTION cpa.todo_release_v2(jsonb, boolean, integer)
 CREATE FUNCTION cpa.todo_release_v2(p_items jsonb, p_refusal boolean DEFAULT false, p_max_refusals integer DEFAULT 3) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
@@ -399,48 +456,6 @@ REVOKE ALL ON FUNCTION cpa.todo_release_v2(p_items jsonb, p_refusal boolean, p_m
 GRANT ALL ON FUNCTION cpa.todo_release_v2(p_items jsonb, p_refusal boolean, p_max_refusals integer) TO authenticated;
 GRANT ALL ON FUNCTION cpa.todo_release_v2(p_items jsonb, p_refusal boolean, p_max_refusals integer) TO service_role;
 
--- FUNCTION private.job_cancel_inner_v2(uuid)
-CREATE FUNCTION private.job_cancel_inner_v2(p_job_id uuid) RETURNS public.jobs
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_job public.jobs;
-begin
-  perform private.job_authorized_v1(p_job_id);
-  select * into v_job from public.jobs j where j.id = p_job_id for no key update;
-  if not found then
-    raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
-  end if;
-  if v_job.status = 'cancelled' then
-    return v_job;
-  end if;
-  if v_job.status in ('done', 'failed') then
-    raise exception 'The job is already %; only pending or running jobs can be cancelled.', v_job.status
-      using errcode = '55000';
-  end if;
-  perform 1 from public.todos t
-   where t.job_id = p_job_id and t.status in ('waiting', 'confirming', 'ready', 'running')
-   order by t.id for no key update;
-  update public.todos t
-     set status = 'cancelled', finished_at = now(), updated_at = now(),
-         lease_owner = null, lease_expires_at = null,
-         error = case when t.status = 'running'
-                      then 'Cancelled while it ran: the job was cancelled. A result its worker reports later is dropped.'
-                      else t.error end
-   where t.job_id = p_job_id and t.status in ('waiting', 'confirming', 'ready', 'running');
-  update public.jobs j
-     set status = 'cancelled', completed_at = now(), error = 'Cancelled on request.'
-   where j.id = p_job_id
-  returning * into v_job;
-  return v_job;
-end;
-$$;
--- COMMENT on FUNCTION private.job_cancel_inner_v2(p_job_id uuid)
-COMMENT ON FUNCTION private.job_cancel_inner_v2(p_job_id uuid) IS 'Cancel a pending or running job: its unstarted and running ToDos end cancelled before the job does (the job''s event is its last). The caller holds the job''s gate; locks the job row, then its ToDos by id.';
--- ACL on FUNCTION private.job_cancel_inner_v2(p_job_id uuid)
-REVOKE ALL ON FUNCTION private.job_cancel_inner_v2(p_job_id uuid) FROM PUBLIC;
-
 -- FUNCTION private.job_counts_add_v1(uuid[])
 CREATE FUNCTION private.job_counts_add_v1(p_jobs uuid[]) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
@@ -469,106 +484,6 @@ $$;
 COMMENT ON FUNCTION private.job_counts_add_v1(p_jobs uuid[]) IS 'Add completed ToDos to their jobs'' counts (rows locked in id order): a pending job starts, a job with all its ToDos done is done.';
 -- ACL on FUNCTION private.job_counts_add_v1(p_jobs uuid[])
 REVOKE ALL ON FUNCTION private.job_counts_add_v1(p_jobs uuid[]) FROM PUBLIC;
-
--- FUNCTION private.job_retry_inner_v3(uuid)
-CREATE FUNCTION private.job_retry_inner_v3(p_job_id uuid) RETURNS public.jobs
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_job public.jobs;
-begin
-  perform private.job_authorized_v1(p_job_id);
-  select * into v_job from public.jobs j where j.id = p_job_id for no key update;
-  if not found then
-    raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
-  end if;
-  if v_job.status not in ('failed', 'cancelled') then
-    raise exception 'The job is %; only failed or cancelled jobs can be retried.', v_job.status
-      using errcode = '55000';
-  end if;
-  if v_job.retry_count >= v_job.max_retries then
-    raise exception 'The job was already retried % times, the most allowed.', v_job.retry_count
-      using errcode = '55000';
-  end if;
-  perform 1 from public.todos t
-   where t.job_id = p_job_id and t.status in ('failed', 'cancelled')
-   order by t.id for no key update;
-  update public.todos t
-     set deps_remaining = d.open,
-         status = case when d.open > 0 then 'waiting'
-                       when t.requires_confirmation and t.confirmed_at is null then 'confirming'
-                       else 'ready' end,
-         attempts = 0, lost_leases = 0, refusals = 0, error = null, result = null,
-         finished_at = null, run_after = now(), timer_until = null, updated_at = now()
-    from (
-      select c.id,
-             (select count(*) from public.todo_edges e join public.todos p on p.id = e.depends_on_id
-               where e.todo_id = c.id and p.status <> 'done')::integer as open
-        from public.todos c
-       where c.job_id = p_job_id and c.status in ('failed', 'cancelled')
-    ) d
-   where t.id = d.id;
-  -- Every ToDo already done: the job is done now.
-  update public.jobs j
-     set status = case when j.todos_done >= j.todo_count then 'done'
-                       when j.todos_done > 0
-                         or exists (select 1 from public.todos r
-                                     where r.job_id = j.id and r.status = 'running')
-                         then 'running'
-                       else 'pending' end,
-         error = null,
-         completed_at = case when j.todos_done >= j.todo_count then now() end,
-         retry_count = j.retry_count + 1
-   where j.id = p_job_id
-  returning * into v_job;
-  return v_job;
-end;
-$$;
--- COMMENT on FUNCTION private.job_retry_inner_v3(p_job_id uuid)
-COMMENT ON FUNCTION private.job_retry_inner_v3(p_job_id uuid) IS 'Retry a failed or cancelled job: its failed and cancelled ToDos start again; a job whose ToDos are all done already ends done. Locks the job first, then its ToDos by id.';
--- ACL on FUNCTION private.job_retry_inner_v3(p_job_id uuid)
-REVOKE ALL ON FUNCTION private.job_retry_inner_v3(p_job_id uuid) FROM PUBLIC;
-
--- FUNCTION private.todo_confirm_inner_v2(uuid, boolean)
-CREATE FUNCTION private.todo_confirm_inner_v2(p_todo_id uuid, p_approved boolean DEFAULT true) RETURNS public.todos
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_todo public.todos;
-begin
-  select * into v_todo from public.todos t where t.id = p_todo_id;
-  if not found then
-    raise exception 'not found' using errcode = 'P0002', hint = 'It does not exist or is not visible to you.';
-  end if;
-  perform private.tenant_authorize_v1(v_todo.tenant_id);
-  perform 1 from public.jobs j where j.id = v_todo.job_id for no key update;
-  select * into v_todo from public.todos t where t.id = p_todo_id for no key update;
-  if v_todo.status in ('done', 'failed', 'cancelled') then
-    raise exception 'The ToDo % is already %; there is nothing left to confirm.', v_todo.key, v_todo.status
-      using errcode = '55000';
-  end if;
-  if not p_approved then
-    perform private.todo_fail_terminal_v2(array[p_todo_id],
-      array[format('The user declined %s.', v_todo.action)]);
-  else
-    update public.todos t
-       set confirmed_at = coalesce(t.confirmed_at, now()),
-           status = case when t.status = 'confirming' then 'ready' else t.status end,
-           run_after = case when t.status = 'confirming' then greatest(t.run_after, now())
-                            else t.run_after end,
-           updated_at = now()
-     where t.id = p_todo_id;
-  end if;
-  select * into v_todo from public.todos t where t.id = p_todo_id;
-  return v_todo;
-end;
-$$;
--- COMMENT on FUNCTION private.todo_confirm_inner_v2(p_todo_id uuid, p_approved boolean)
-COMMENT ON FUNCTION private.todo_confirm_inner_v2(p_todo_id uuid, p_approved boolean) IS 'Approve (or decline: the ToDo fails) a ToDo that requires confirmation. Locks the job first, then the ToDo.';
--- ACL on FUNCTION private.todo_confirm_inner_v2(p_todo_id uuid, p_approved boolean)
-REVOKE ALL ON FUNCTION private.todo_confirm_inner_v2(p_todo_id uuid, p_approved boolean) FROM PUBLIC;
 
 -- FUNCTION private.todo_dependents_release_v1(uuid[])
 CREATE FUNCTION private.todo_dependents_release_v1(p_done uuid[]) RETURNS void

@@ -365,7 +365,7 @@ async def test_rate_limit_postgres(
 async def test_create_answers_what_get_answers_and_picks_the_tenant(
     client: httpx.AsyncClient, member_factory: MemberFactory, db: store.Store
 ) -> None:
-    """POST /v1/jobs is one SQL call (cpa.job_submit_v1): its answer is the job as GET reads it,
+    """POST /v1/jobs is one SQL call (cpa.job_submit_v3): its answer is the job as GET reads it,
     for the caller's own tenant or the one X-CPA-Tenant names, and 404 for anyone else's."""
     from datetime import datetime
 

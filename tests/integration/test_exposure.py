@@ -71,7 +71,7 @@ async def test_operations_live_in_cpa_with_their_grants(db: store.Store) -> None
         )
         row = await cur.fetchone()
         assert row is not None and row["n"] == 0
-    for name in ("job_create_v1", "todo_complete_v1", "todo_claim_v3", "job_attach_v1"):
+    for name in ("job_create_v2", "todo_complete_v4", "todo_claim_v3", "job_attach_v1"):
         assert name in grants
     assert not any(g["anon"] for g in grants.values())
     assert all(g["service"] for g in grants.values())
@@ -87,7 +87,7 @@ async def _as_user(db: store.Store, member: Member, query: str, params: dict[str
 
 
 CREATE = (
-    "select * from cpa.job_create_v1(%(t)s, 'x', 'explicit', %(todos)s::jsonb, null, %(prio)s, 3)"
+    "select * from cpa.job_create_v2(%(t)s, 'x', 'explicit', %(todos)s::jsonb, null, %(prio)s, 3)"
 )
 
 
@@ -205,13 +205,13 @@ async def test_a_user_cannot_complete_fail_or_release_the_dispatchers_todo(
         {"id": str(a.id), "owner": "agent:dispatcher:abc", "result": {"forged": True}},
     ]
     for item in forged:
-        done = await _as_user(db, m, "select cpa.todo_complete_v1(%(i)s::jsonb) as n",
+        done = await _as_user(db, m, "select cpa.todo_complete_v4(%(i)s::jsonb) as n",
                               {"i": json.dumps([item])})  # fmt: skip
         assert done["n"] == 0, item
-        failed = await _as_user(db, m, "select cpa.todo_fail_v1(%(i)s::jsonb) as n",
+        failed = await _as_user(db, m, "select cpa.todo_fail_v2(%(i)s::jsonb) as n",
                                 {"i": json.dumps([item | {"error": "x"}])})  # fmt: skip
         assert failed["n"] == 0, item
-        released = await _as_user(db, m, "select cpa.todo_release_v1(%(i)s::jsonb) as n",
+        released = await _as_user(db, m, "select cpa.todo_release_v2(%(i)s::jsonb) as n",
                                   {"i": json.dumps([item])})  # fmt: skip
         assert released["n"] == 0, item
     # The service role without an owner: nothing either.

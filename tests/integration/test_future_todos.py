@@ -135,8 +135,8 @@ async def test_desktop_agents_claim_parked_todos_when_due(
         )
         cur = await s.conn.execute("select parked from public.todos where job_id = %s", (job.id,))
         assert (await cur.fetchone())["parked"] is True
-    # todo_claim_v2 is the desktop agents' claim (agent_claim_v2).
-    agent_claim = "select job_id from cpa.todo_claim_v2('desktop', 'agent:a', 5, 60, %s)"
+    # todo_claim_v3 with a tenant is a desktop agent's claim.
+    agent_claim = "select job_id from cpa.todo_claim_v3('desktop', 'agent:a', 5, 60, %s)"
     async with db.service() as s:
         cur = await s.conn.execute(agent_claim, (m.tenant_id,))
         assert await cur.fetchall() == []

@@ -134,7 +134,7 @@ async def test_unset_limit_is_five(
                 " where job_id = %s",
                 (job.id,),
             )
-            cur = await conn.execute("select private.todo_expire_v1(100)")
+            cur = await conn.execute("select private.todo_expire_v3(100)")
             assert (await cur.fetchone()) == (1,)
             cur = await conn.execute(
                 "select status, lost_leases from public.todos where job_id = %s", (job.id,)

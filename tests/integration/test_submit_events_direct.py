@@ -3,8 +3,8 @@
 ``cpa.job_submit_v3`` inserts the events of the job it creates (the job's, then its ToDos' in
 id order) into ``job_events`` with their final ids and sends their one Realtime broadcast in
 its own transaction, instead of staging them for the commit-time flush. The rows, their order
-and the broadcast must be what v1 (keyed requests: staged and flushed; the v2 this replaced was
-dropped by the contract migration) produces; nothing may stay staged; a rolled-back call
+and the broadcast must be what a keyed request (its job made by ``cpa.job_create_v2``, the events
+staged and flushed at commit) produces; nothing may stay staged; a rolled-back call
 leaves nothing; anything later in the same transaction is staged as before.
 """
 
@@ -33,18 +33,21 @@ GRAPH = [
 ]  # fmt: skip
 
 
-def _call(version: str, rate_limit: int | None = None) -> str:
+def _call(path: str, rate_limit: int | None = None) -> str:
+    """``path`` "direct" (no key: v3 writes the events) or "keyed" (a fresh Idempotency-Key:
+    the job is made by job_create_v2 and its events staged for the flush)."""
     limit = "null" if rate_limit is None else str(rate_limit)
+    key = "null" if path == "direct" else f"'{uuid.uuid4()}'"
     return (
-        f"select cpa.job_submit_{version}(%(t)s, 'req', 'explicit', %(todos)s::jsonb, null, 0, 3,"
+        f"select cpa.job_submit_v3(%(t)s, 'req', 'explicit', %(todos)s::jsonb, {key}, 0, 3,"
         f" null, 'UTC', null, {limit}, 60)::text as job"
     )
 
 
-async def _submit(db: store.Store, m: Member, version: str, todos: list[dict[str, Any]]) -> str:
+async def _submit(db: store.Store, m: Member, path: str, todos: list[dict[str, Any]]) -> str:
     async with db.user(m.claims) as s:
         cur = await s.conn.execute(
-            _call(version).encode(),  # type: ignore[arg-type]
+            _call(path).encode(),  # type: ignore[arg-type]
             {"t": str(m.tenant_id), "todos": json.dumps(todos)},
         )
         row = await cur.fetchone()
@@ -105,12 +108,12 @@ def _shape(db_url: str, job_id: str) -> list[tuple[Any, ...]]:
     ]
 
 
-async def test_v3_writes_the_events_v1_stages_and_broadcasts_them_once(
+async def test_the_direct_path_writes_the_events_the_keyed_path_stages_and_broadcasts_them_once(
     db: store.Store, db_url: str, member_factory: MemberFactory
 ) -> None:
     m = await member_factory()
-    old = await _submit(db, m, "v1", GRAPH)
-    new = await _submit(db, m, "v3", GRAPH)
+    old = await _submit(db, m, "keyed", GRAPH)
+    new = await _submit(db, m, "direct", GRAPH)
     assert _residue(db_url) == (0, 0)
     # Same events in the same order (the job's first, then the ToDos' in id order).
     assert len(_shape(db_url, new)) == 1 + len(GRAPH)
@@ -155,7 +158,7 @@ async def test_a_refused_submit_leaves_no_event_and_no_broadcast(
     db: store.Store, db_url: str, member_factory: MemberFactory
 ) -> None:
     m = await member_factory()
-    await _submit(db, m, "v3", GRAPH)
+    await _submit(db, m, "direct", GRAPH)
     with psycopg.connect(db_url) as conn:
         before = conn.execute("select count(*) from public.job_events").fetchone()
         sent = conn.execute("select count(*) from realtime.messages").fetchone()
@@ -163,13 +166,13 @@ async def test_a_refused_submit_leaves_no_event_and_no_broadcast(
     with pytest.raises(errors.RateLimitedError), store.rate_limited():
         async with db.user(m.claims) as s:
             await s.conn.execute(
-                _call("v3", rate_limit=0).encode(),  # type: ignore[arg-type]
+                _call("direct", rate_limit=0).encode(),  # type: ignore[arg-type]
                 {"t": str(m.tenant_id), "todos": json.dumps(GRAPH)},
             )
     cycle = [{"key": "a", "action": "noop", "depends_on": ["b"]},
              {"key": "b", "action": "noop", "depends_on": ["a"]}]  # fmt: skip
     with pytest.raises(errors.InvalidError, match="cycle"), store.translate():
-        await _submit(db, m, "v3", cycle)
+        await _submit(db, m, "direct", cycle)
     with psycopg.connect(db_url) as conn:
         assert conn.execute("select count(*) from public.job_events").fetchone() == before
         assert conn.execute("select count(*) from realtime.messages").fetchone() == sent
@@ -188,7 +191,7 @@ async def test_later_changes_in_the_same_transaction_are_staged_after_the_direct
             "select set_config('request.jwt.claims', %s, true)", (json.dumps(m.claims),)
         )
         cur = await s.conn.execute(
-            _call("v3").encode(),  # type: ignore[arg-type]
+            _call("direct").encode(),  # type: ignore[arg-type]
             {"t": str(m.tenant_id), "todos": json.dumps(GRAPH)},
         )
         row = await cur.fetchone()
@@ -211,8 +214,8 @@ async def test_a_job_of_more_than_100_todos_is_staged_and_flushed(
 ) -> None:
     m = await member_factory()
     todos = [{"key": f"k{i}", "action": "noop"} for i in range(101)]
-    old = await _submit(db, m, "v1", todos)
-    new = await _submit(db, m, "v3", todos)
+    old = await _submit(db, m, "keyed", todos)
+    new = await _submit(db, m, "direct", todos)
     assert len(_events(db_url, new)) == 102
     assert sorted(_shape(db_url, new), key=str) == sorted(_shape(db_url, old), key=str)
     sent = _broadcasts(db_url, m.tenant_id, new)
@@ -226,7 +229,7 @@ async def test_other_writers_still_stage_while_the_setting_names_another_job(
     """Only the named job's inserted rows bypass the stage: an event of another job inserted
     with the setting on is staged and gets its id at commit (restage)."""
     m = await member_factory()
-    other = await _submit(db, m, "v3", GRAPH)
+    other = await _submit(db, m, "direct", GRAPH)
     async with db.service() as s:
         await s.conn.execute(
             "select set_config('cpa.events_direct', %s, true)", (str(uuid.uuid4()),)

@@ -101,13 +101,13 @@ async def test_submit_accepts_values_at_the_bounds(
     assert [t["key"] for t in job["todos"]] == [t["key"] for t in GOOD]
 
 
-async def test_submit_answers_what_v1_answers(
+async def test_submit_answers_the_same_with_and_without_a_key(
     db: store.Store, member_factory: MemberFactory
 ) -> None:
-    """Same answer from v3 (the API's call) as from v1 (keyed requests), and as the job read
-    back, for a graph using every column v1 set by updates: the job's run_at and zone, a ToDo's
-    own later run_at, agent timeouts, optional ToDos, dependencies listed out of order, the
-    trace context."""
+    """Same answer from the direct path (no key: one insert per table) as from the keyed path
+    (cpa.job_create_v2, then updates), and as the job read back, for a graph using every column
+    the keyed path sets by updates: the job's run_at and zone, a ToDo's own later run_at, agent
+    timeouts, optional ToDos, dependencies listed out of order, the trace context."""
     m = await member_factory()
     soon = datetime.now(UTC) + timedelta(hours=1)
     todos = [
@@ -120,13 +120,19 @@ async def test_submit_answers_what_v1_answers(
          "params": {"to": "a@b.c", "subject": "s", "body": "b"}, "depends_on": ["m"]},
     ]  # fmt: skip
     answers = []
-    for version in ("v1", "v3"):
+    for key in (str(uuid.uuid4()), None):
         query = (
-            f"select cpa.job_submit_{version}(%(t)s, 'req', 'explicit', %(todos)s::jsonb, null,"
+            "select cpa.job_submit_v3(%(t)s, 'req', 'explicit', %(todos)s::jsonb, %(key)s,"
             " 2, 3, %(run_at)s, 'Europe/Berlin', %(tp)s, 100, 60)::text as job"
         )
         tp = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
-        params = {"t": str(m.tenant_id), "todos": json.dumps(todos), "run_at": soon, "tp": tp}
+        params = {
+            "t": str(m.tenant_id),
+            "todos": json.dumps(todos),
+            "run_at": soon,
+            "tp": tp,
+            "key": key,
+        }
         answer = json.loads((await _as_user(db, m, query, params))["job"])
         async with db.service() as s:
             job = await s.job_get(answer["id"])
@@ -141,8 +147,7 @@ async def test_submit_answers_what_v1_answers(
         assert job.priority == 2 and job.todo_count == 4
         assert answer["todos"][2]["depends_on"] == ["a", "z"]
         assert [r["key"] for r in rows] == ["z", "a", "m", "c"]
-        # v3 (the API's call) names the job's owner too; v1's answer never did.
-        assert answer.pop("created_by", str(m.user_id)) == str(m.user_id)
+        assert answer.pop("created_by") == str(m.user_id)
         for key in ("id", "tenant_id", "created_at"):
             answer.pop(key)
         for t in answer["todos"]:
