@@ -101,28 +101,14 @@ class Registry:
     def __init__(self) -> None:
         self._executors: dict[str, Executor] = {}
         self._reasons: dict[str, str] = {}
-        self._eager: set[str] = set()
 
-    def register(self, action: str, executor: Executor, *, eager: bool = False) -> None:
-        """Register ``executor`` for ``action``.
-
-        ``eager``: the executor may start inside the dispatcher's claim loop, without a Task
-        of its own until it first suspends (cheaper for executors that mostly answer at once).
-        Only for executors that do not ask for the current task before their first suspension
-        (``asyncio.timeout``, anyio cancel scopes, ``asyncio.current_task``): there it would be
-        the claim loop's.
-        """
+    def register(self, action: str, executor: Executor) -> None:
+        """Register ``executor`` for ``action``."""
         if action in self._executors:
             raise errors.RegistryError(
                 f"An executor for {action!r} is already registered; register each action once."
             )
         self._executors[action] = executor
-        if eager:
-            self._eager.add(action)
-
-    def eager(self, action: str) -> bool:
-        """Whether ``action``'s executor may start in the claim loop (see :meth:`register`)."""
-        return action in self._eager
 
     def unavailable(self, action: str, reason: str) -> None:
         """Say why ``action`` cannot run until an executor for it is registered."""
@@ -376,8 +362,8 @@ def builtin(*, http_allow: Iterable[str] = (), resolver: Resolver | None = None)
     registry = Registry()
     for action in LLM_ACTIONS:
         registry.unavailable(action, NO_LLM.format(action=action))
-    registry.register("noop", noop, eager=True)
-    registry.register("wait", wait, eager=True)
+    registry.register("noop", noop)
+    registry.register("wait", wait)
     registry.register("notify", notify)
     http = HttpRequest(allow=http_allow, resolver=resolver or _system_resolve)
     registry.register("http.request", http)

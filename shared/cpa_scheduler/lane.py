@@ -1,17 +1,13 @@
 """A lane: one claim loop of a dispatch pass, and the concurrency the lanes share.
 
-Eager ToDos run their first step at once (:meth:`_Lane._run_eagerly`), without a Task, and go
-on as a Task only when they have to wait (:func:`_resume`)."""
+Every claimed ToDo runs as an asyncio Task of its own (:meth:`_Lane._start`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
-import types
-from collections.abc import Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,13 +157,9 @@ class _Lane:
         d, traced = self.dispatcher, self.traced
         if not claimed:
             return
-        eager = d.registry.eager
         if traced is None:
             for row, results in claimed:
-                if eager(row.action):
-                    self._run_eagerly(row, d._run_one(row, results))
-                else:
-                    self.running[asyncio.create_task(d._run_one(row, results))] = row
+                self.running[asyncio.create_task(d._run_one(row, results))] = row
             return
         parents = await d._trace_parents([r for r, _ in claimed], traced, claim_started)
         pass_recorded = traced.span.is_recording()
@@ -176,28 +168,8 @@ class _Lane:
             # untraced jobs) costs no span objects at all.
             parent = parents.get(str(row.job_id))
             record = parent is not None or pass_recorded
-            if record or not eager(row.action):
-                task = asyncio.create_task(d._run_one(row, results, parent, record))
-                self.running[task] = row
-            else:
-                self._run_eagerly(row, d._run_one(row, results))
-
-    def _run_eagerly(self, row: TodoRow, run: Coroutine[Any, Any, _Finished]) -> None:
-        """Run a ToDo's first step now; a Task only for one that has to wait.
-
-        For executors registered ``eager``: one that answers without awaiting anything
-        (``noop``, ``wait``'s snooze) costs no Task, no scheduling round and no ``asyncio.wait``
-        entry: its outcome goes straight to ``pending``. The step runs in a copy of the
-        context, as a Task's would, and a ToDo that suspends goes on as a Task in that copy.
-        """
-        context = contextvars.copy_context()
-        try:
-            waiting = context.run(run.send, None)
-        except StopIteration as stop:
-            self.pending.append(stop.value)
-            return
-        task = asyncio.create_task(_continue(run, waiting), context=context)
-        self.running[task] = row
+            task = asyncio.create_task(d._run_one(row, results, parent, record))
+            self.running[task] = row
 
     def _combinable(self) -> bool:
         """Whether the next claim can complete ``pending`` in its transaction: no flush under
@@ -309,28 +281,6 @@ class _Lane:
                 await self.flushing
             except Exception as exc:
                 self.dispatcher.health.fault("completion", exc)
-
-
-@types.coroutine
-def _resume(run: Coroutine[Any, Any, _Finished], waiting: Any) -> Generator[Any, Any, _Finished]:
-    """Drive ``run`` on from the point where it first suspended, waiting on ``waiting``.
-
-    What ``await`` would do from there: values and exceptions the event loop sends in (a
-    future's wake-up, a cancellation) go to ``run``; its return value is the result."""
-    try:
-        while True:
-            try:
-                sent = yield waiting
-            except BaseException as exc:  # a cancellation, thrown into the ToDo
-                waiting = run.throw(exc)
-            else:
-                waiting = run.send(sent)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
-async def _continue(run: Coroutine[Any, Any, _Finished], waiting: Any) -> _Finished:
-    return await _resume(run, waiting)
 
 
 async def _first_of(wake: asyncio.Event, stop: asyncio.Event | None, *, seconds: float) -> None:

@@ -328,7 +328,7 @@ async def latency(srv: Server, jobs: int = 100, length: int = 5) -> list[float]:
             )
         stop = asyncio.Event()
         d = dispatch.Dispatcher(db, concurrency=64, batch=50, tenant_cap=None)
-        d.registry.register("stamp", _stamp, eager=True)  # a noop that says when it ran
+        d.registry.register("stamp", _stamp)  # a noop that says when it ran
         runner = asyncio.create_task(d.run_forever(url, stop=stop, sweep_interval=1.0))
         await asyncio.sleep(0.5)
         chain = [

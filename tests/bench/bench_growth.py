@@ -220,7 +220,7 @@ async def latency(url: str, jobs: int = 50, length: int = 5) -> list[float]:
         )
     stop = asyncio.Event()
     d = dispatch.Dispatcher(db, concurrency=64, batch=50, tenant_cap=None)
-    d.registry.register("stamp", _stamp, eager=True)
+    d.registry.register("stamp", _stamp)
     d.retention_every = 1e9  # no retention pass in the measurement
     runner = asyncio.create_task(d.run_forever(url, stop=stop, sweep_interval=1.0))
     await asyncio.sleep(0.5)

@@ -203,17 +203,17 @@ async def test_budget_stops_the_pass_and_releases_leases(
     assert rows["slow"]["status"] == "ready" and rows["slow"]["attempts"] == 0
 
 
-async def test_eager_executors_may_suspend_fail_and_keep_their_context(
+async def test_executors_may_suspend_fail_and_keep_their_context(
     db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
 ) -> None:
-    """An executor registered eager starts in the claim loop; one that awaits goes on as a
-    Task in the same context copy, one that raises fails, and none leaks its context."""
+    """Each ToDo runs in a context of its own: one that answers at once and one that awaits
+    both report their result, one that raises fails, and none leaks its context."""
     import asyncio
     import contextvars
 
     seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="unset")
 
-    async def eager(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
+    async def remember(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
         seen.set(ctx.key)
         for _ in range(params.get("sleeps", 0)):
             await asyncio.sleep(0.01)
@@ -222,17 +222,16 @@ async def test_eager_executors_may_suspend_fail_and_keep_their_context(
         return executor.Done({"seen": seen.get()})
 
     reg = executor.builtin()
-    reg.register("eager", eager, eager=True)
-    assert reg.eager("eager") and reg.eager("noop") and not reg.eager("http.request")
-    await register_action(db, "eager")
+    reg.register("remember", remember)
+    await register_action(db, "remember")
     m = await member_factory()
     job = await job_factory(m, [
-        {"key": "now", "action": "eager"},
-        {"key": "later", "action": "eager", "params": {"sleeps": 3}},
-        {"key": "after", "action": "eager", "depends_on": ["later"]},
+        {"key": "now", "action": "remember"},
+        {"key": "later", "action": "remember", "params": {"sleeps": 3}},
+        {"key": "after", "action": "remember", "depends_on": ["later"]},
     ])  # fmt: skip
     failing = await job_factory(m, [
-        {"key": "bad", "action": "eager", "params": {"sleeps": 1, "boom": True}},
+        {"key": "bad", "action": "remember", "params": {"sleeps": 1, "boom": True}},
     ])  # fmt: skip
     summary = await dispatch.Dispatcher(db, registry=reg).run_pass(10)
     assert (summary.done, summary.failed) == (3, 1), summary.as_dict()
