@@ -4,13 +4,32 @@ seams."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
-from cpa_scheduler import dispatch, errors, store
+from cpa_scheduler import dispatch, errors, migration, store
 
-from tests.conftest import JobFactory, MemberFactory
+from tests.conftest import JobFactory, MemberFactory, Server
+
+
+@pytest.fixture
+def db_url(pg_server: Server, template_db: str) -> Iterator[str]:
+    """A database migrated now, not a clone of the session's template: the migration makes the
+    partitions of the days after the one it runs on, and a session may cross midnight."""
+    name = f"cpa_p_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server.admin("postgres"), autocommit=True) as conn:
+        conn.execute(f'create database "{name}" owner "{pg_server.app_user}"')
+    try:
+        migration.bootstrap(pg_server.admin(name))
+        migration.apply(pg_server.url(name))
+        yield pg_server.url(name)
+    finally:
+        with psycopg.connect(pg_server.admin("postgres"), autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def _midnight(days: int) -> datetime:
