@@ -36,6 +36,9 @@ begin
             from unnest(p_exclusive || p_shared) u(id) where u.id is not null);
 end;
 $$;
+revoke execute on function cpa.job_gate_v1(uuid[], uuid[]) from public, anon;
+revoke execute on function cpa.job_gate_v1(uuid[], uuid[]) from authenticated;
+grant execute on function cpa.job_gate_v1(uuid[], uuid[]) to service_role;
 
 -- Job operations: the "_inner" bodies move into the operations that gate them --------------------
 
@@ -72,6 +75,9 @@ begin
   return v_count;
 end;
 $$;
+revoke execute on function cpa.job_attach_v1(uuid, jsonb) from public, anon;
+revoke execute on function cpa.job_attach_v1(uuid, jsonb) from authenticated;
+grant execute on function cpa.job_attach_v1(uuid, jsonb) to service_role;
 
 create or replace function cpa.job_cancel_v2(p_job_id uuid)
 returns public.jobs
@@ -113,6 +119,8 @@ begin
   return v_job;
 end;
 $$;
+revoke execute on function cpa.job_cancel_v2(uuid) from public, anon;
+grant execute on function cpa.job_cancel_v2(uuid) to authenticated, service_role;
 
 create or replace function cpa.job_retry_v3(p_job_id uuid)
 returns public.jobs
@@ -171,6 +179,8 @@ begin
   return v_job;
 end;
 $$;
+revoke execute on function cpa.job_retry_v3(uuid) from public, anon;
+grant execute on function cpa.job_retry_v3(uuid) to authenticated, service_role;
 
 create or replace function cpa.job_route_v2(p_job_id uuid, p_agent_key text)
 returns integer
@@ -195,6 +205,8 @@ begin
   return v_count;
 end;
 $$;
+revoke execute on function cpa.job_route_v2(uuid, text) from public, anon;
+grant execute on function cpa.job_route_v2(uuid, text) to authenticated, service_role;
 
 create or replace function cpa.todo_confirm_v2(p_todo_id uuid, p_approved boolean default true)
 returns public.todos
@@ -234,6 +246,8 @@ begin
   return v_todo;
 end;
 $$;
+revoke execute on function cpa.todo_confirm_v2(uuid, boolean) from public, anon;
+grant execute on function cpa.todo_confirm_v2(uuid, boolean) to authenticated, service_role;
 
 -- Agent reports: the newest report functions directly; the agent check with the items --------
 
@@ -259,6 +273,7 @@ begin
             from jsonb_array_elements(p_items) with ordinality as i(item, n));
 end;
 $$;
+revoke execute on function private.agent_items_v1(text, jsonb) from public, anon;
 comment on function private.agent_items_v1 is 'Report items with the agent''s lease owner (private.agent_owner_v1) as each item''s owner; CP403 when a user reports under another user''s agent id.';
 
 create or replace function cpa.agent_complete_v1(p_agent_key text, p_items jsonb)
@@ -271,6 +286,8 @@ begin
   return cpa.todo_complete_v4(private.agent_items_v1(p_agent_key, p_items));
 end;
 $$;
+revoke execute on function cpa.agent_complete_v1(text, jsonb) from public, anon;
+grant execute on function cpa.agent_complete_v1(text, jsonb) to authenticated, service_role;
 
 create or replace function cpa.agent_fail_v1(p_agent_key text, p_items jsonb,
                                              p_backoff_base double precision default 1.0)
@@ -283,6 +300,8 @@ begin
   return cpa.todo_fail_v2(private.agent_items_v1(p_agent_key, p_items), p_backoff_base);
 end;
 $$;
+revoke execute on function cpa.agent_fail_v1(text, jsonb, double precision) from public, anon;
+grant execute on function cpa.agent_fail_v1(text, jsonb, double precision) to authenticated, service_role;
 
 create or replace function cpa.agent_release_v1(p_agent_key text, p_items jsonb,
                                                 p_refusal boolean default false,
@@ -297,6 +316,8 @@ begin
                              p_max_refusals);
 end;
 $$;
+revoke execute on function cpa.agent_release_v1(text, jsonb, boolean, integer) from public, anon;
+grant execute on function cpa.agent_release_v1(text, jsonb, boolean, integer) to authenticated, service_role;
 
 comment on function cpa.agent_complete_v1 is 'cpa.todo_complete_v4 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
 comment on function cpa.agent_fail_v1 is 'cpa.todo_fail_v2 for the ToDos the agent holds (owner private.agent_owner_v1(p_agent_key)); CP403 under another user''s agent id.';
@@ -357,6 +378,8 @@ begin
   return v_job;
 end;
 $$;
+revoke execute on function cpa.job_create_v2(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text) from public, anon;
+grant execute on function cpa.job_create_v2(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text) to authenticated, service_role;
 -- job_submit_v3 sent keyed requests to job_submit_v1 (job_create_v2, the trace, the rate limit
 -- and the job read back as JSON); that path is now a branch here, sharing the tenant, the rate
 -- limit and the answer with the direct path.
@@ -562,6 +585,8 @@ begin
     'todos', coalesce(v_todos, '[]'::jsonb));
 end;
 $$;
+revoke execute on function cpa.job_submit_v3(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text, text, integer, integer) from public, anon;
+grant execute on function cpa.job_submit_v3(uuid, text, text, jsonb, text, integer, integer, timestamp with time zone, text, text, integer, integer) to authenticated, service_role;
 comment on function cpa.job_submit_v3 is 'POST /v1/jobs in one call: the caller''s tenant, the job with its graph, run_at, zone and trace context, the Postgres rate limit (CP429), and the job as JSON naming created_by. A new job of up to 100 ToDos writes its events and their Realtime broadcast (tenant and owner''s user topic) itself instead of staging them for the commit-time flush; a keyed request goes through cpa.job_create_v2 and may answer an earlier job of the caller''s (another user''s key: 55000).';
 
 -- A ToDo's start time: one row trigger -----------------------------------------------------------
@@ -584,8 +609,8 @@ begin
   return new;
 end;
 $$;
+revoke execute on function private.todos_start_v1() from public, anon;
 comment on function private.todos_start_v1 is 'A ToDo never starts before its run_at (run_after is raised to it), and one that is ready but not yet due is parked: the claims'' index leaves it out until a claim finds it due.';
-revoke execute on function private.todos_start_v1() from public, anon, authenticated;
 
 drop trigger todos_hold_until_run_at on public.todos;
 drop trigger todos_park on public.todos;
@@ -646,6 +671,8 @@ begin
   select * from claimed;
 end;
 $$;
+revoke execute on function cpa.agent_claim_v2(uuid, text, text[], integer, double precision) from public, anon;
+grant execute on function cpa.agent_claim_v2(uuid, text, text[], integer, double precision) to authenticated, service_role;
 
 create or replace function cpa.todo_reclaim_dead_v1(p_owners text[])
 returns integer
@@ -667,6 +694,9 @@ begin
   return v_count;
 end;
 $$;
+revoke execute on function cpa.todo_reclaim_dead_v1(text[]) from public, anon;
+revoke execute on function cpa.todo_reclaim_dead_v1(text[]) from authenticated;
+grant execute on function cpa.todo_reclaim_dead_v1(text[]) to service_role;
 
 create or replace function private.todo_claim_pick_v1(p_target text, p_owner text, p_limit integer, p_lease_seconds double precision default 60, p_tenant_id uuid default null, p_actions text[] default null, p_tenant_cap integer default null)
 returns setof public.todos
@@ -764,6 +794,7 @@ begin
   select * from claimed;
 end;
 $$;
+revoke execute on function private.todo_claim_pick_v1(text, text, integer, double precision, uuid, text[], integer) from public, anon;
 
 create or replace function private.todo_jobs_gate_v1(p_todo_ids uuid[], p_exclusive boolean)
 returns uuid[]
@@ -787,6 +818,7 @@ begin
   return v_jobs;
 end;
 $$;
+revoke execute on function private.todo_jobs_gate_v1(uuid[], boolean) from public, anon;
 
 
 -- The helpers and old versions left without a caller ---------------------------------------------
