@@ -123,16 +123,43 @@ declare
   v_ids uuid[];
   v_errors text[];
   v_skipped integer := 0;
+  v_due uuid[];
 begin
+  -- Desktop ToDos that have come due (run_at, a retry's backoff): no status change announces
+  -- them, so wake their owners' agents here, once (un-parked, they are not found again).
+  -- SKIP LOCKED, no gate: as the claims' un-parking; nothing below waits for these rows.
+  with due as (
+    select t.id from public.todos t
+     where t.status = 'ready' and t.parked and t.target = 'desktop' and t.run_after <= now()
+     order by t.run_after
+     limit 1000
+     for update skip locked
+  ), unparked as (
+    update public.todos t set parked = false from due where t.id = due.id returning t.id
+  )
+  select array_agg(u.id order by u.id) into v_due from unparked u;
+  if v_due is not null then
+    perform private.agent_wake_v1(v_due);
+  end if;
+
   v_jobs := private.job_gate_try_v1(array(
     (select t.job_id from public.todos t
       where t.status = 'ready' and t.target = 'desktop' and t.agent_noticed_at is null
         and t.run_after <= now()
         and not exists (
-          select 1 from public.agents a
+          select 1 from public.agents a join public.jobs j on j.id = t.job_id
            where a.tenant_id = t.tenant_id and t.action = any(a.actions)
              and a.last_seen_at > now() - make_interval(secs => p_seen_seconds)
-             and (t.assigned_agent is null or a.agent_key = t.assigned_agent))
+             and (t.assigned_agent is null or a.agent_key = t.assigned_agent)
+             -- An agent that may claim it (cpa.agent_claim_v2): the job owner's, or for a job
+             -- nobody owns one the service registered or an owner's or admin's.
+             and (a.created_by = j.created_by
+                  or (j.created_by is null
+                      and (a.created_by is null
+                           or exists (select 1 from public.memberships m
+                                       where m.tenant_id = t.tenant_id
+                                         and m.user_id = a.created_by
+                                         and m.role in ('owner', 'admin'))))))
       order by t.id
       limit 500)
     union all
@@ -154,10 +181,17 @@ begin
      where t.status = 'ready' and t.target = 'desktop' and t.agent_noticed_at is null
        and t.run_after <= now() and t.job_id = any(v_jobs)
        and not exists (
-         select 1 from public.agents a
+         select 1 from public.agents a join public.jobs j on j.id = t.job_id
           where a.tenant_id = t.tenant_id and t.action = any(a.actions)
             and a.last_seen_at > now() - make_interval(secs => p_seen_seconds)
-            and (t.assigned_agent is null or a.agent_key = t.assigned_agent))
+            and (t.assigned_agent is null or a.agent_key = t.assigned_agent)
+            and (a.created_by = j.created_by
+                 or (j.created_by is null
+                     and (a.created_by is null
+                          or exists (select 1 from public.memberships m
+                                      where m.tenant_id = t.tenant_id
+                                        and m.user_id = a.created_by
+                                        and m.role in ('owner', 'admin'))))))
      order by t.id
      limit 500
      for no key update skip locked
@@ -214,7 +248,7 @@ begin
 end;
 $$;
 -- COMMENT on FUNCTION cpa.desktop_sweep_v3(p_seen_seconds double precision)
-COMMENT ON FUNCTION cpa.desktop_sweep_v3(p_seen_seconds double precision) IS 'As desktop_sweep_v2; takes the jobs'' gates exclusively without waiting (held jobs are swept on the next pass), then their rows, then the ToDos.';
+COMMENT ON FUNCTION cpa.desktop_sweep_v3(p_seen_seconds double precision) IS 'Wake the agents of desktop ToDos that came due; announce once (todo.waiting_for_agent) ready desktop ToDos that no agent allowed to claim them (the job owner''s) has offered in p_seen_seconds; skip optional and fail other ToDos past their agent_timeout_seconds. Takes the jobs'' gates exclusively without waiting (held jobs are swept on the next pass), then their rows, then the ToDos.';
 -- ACL on FUNCTION cpa.desktop_sweep_v3(p_seen_seconds double precision)
 REVOKE ALL ON FUNCTION cpa.desktop_sweep_v3(p_seen_seconds double precision) FROM PUBLIC;
 GRANT ALL ON FUNCTION cpa.desktop_sweep_v3(p_seen_seconds double precision) TO service_role;

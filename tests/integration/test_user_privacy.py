@@ -193,3 +193,60 @@ async def test_realtime_topics_follow_the_same_rule(
             "select payload from realtime.messages where topic = %s", (wake,)
         ).fetchone()
     assert payload is not None and set(payload[0]) == {"todo_id", "job_id", "action"}
+
+
+async def test_bobs_desktop_todo_is_announced_while_only_alices_agent_is_online(
+    db: store.Store, team: tuple[Member, Member, Member]
+) -> None:
+    """The sweep's "no agent offers it" counts only agents that may claim the ToDo: the job
+    owner's. Alice's online agent does not take Bob's ToDo, so Bob's is announced."""
+    _, alice, bob = team
+    async with db.user(alice.claims) as s:
+        await s.agent_upsert(alice.tenant_id, "alice-pc", "Alice's PC", ["desktop.open_app"])
+    alices = await _job_as(db, alice, [OPEN])
+    bobs = await _job_as(db, bob, [OPEN])
+    async with db.service() as s:
+        assert await s.desktop_sweep() == 1
+    async with db.service() as s:  # the events get their ids at commit
+        noticed = {
+            job.id: [e for e in await s.event_list(job.id) if e["kind"] == "todo.waiting_for_agent"]
+            for job in (alices, bobs)
+        }
+    assert noticed[alices.id] == []
+    assert [e["data"]["action"] for e in noticed[bobs.id]] == ["desktop.open_app"]
+
+
+async def test_a_desktop_todo_that_comes_due_wakes_its_owners_agents_once(
+    db: store.Store, db_url: str, team: tuple[Member, Member, Member]
+) -> None:
+    """No status changes when a parked desktop ToDo's run_after passes; the sweep wakes the
+    owner's agents then (NOTIFY for long-polling claims, Realtime todo_ready), once."""
+    _, alice, _ = team
+    later = {**OPEN, "run_at": "2999-01-01T00:00:00Z"}
+    job = await _job_as(db, alice, [later])
+    [todo_id] = await _todo_ids(db, job.id)
+    async with db.admin() as s:
+        # Its time has come: run_after in the past, still parked (the row trigger, which would
+        # un-park it on this write, is off inside this transaction only).
+        await s.conn.execute("alter table public.todos disable trigger todos_start")
+        await s.conn.execute(
+            "update public.todos set run_after = now() - interval '1 second' where id = %s",
+            (todo_id,),
+        )
+        await s.conn.execute("alter table public.todos enable trigger todos_start")
+    topic = f"tenant:{alice.tenant_id}:agents:{alice.user_id}"
+    wakes = "select count(*) from realtime.messages where topic = %s and event = 'todo_ready'"
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("listen cpa_desktop_ready")
+        (before,) = listener.execute(wakes, (topic,)).fetchone() or (0,)
+        for _ in range(2):
+            async with db.service() as s:
+                await s.desktop_sweep()
+        notes = [n.payload for n in listener.notifies(timeout=0.5, stop_after=3)]
+        (after,) = listener.execute(wakes, (topic,)).fetchone() or (0,)
+        parked = listener.execute(
+            "select parked from public.todos where id = %s", (todo_id,)
+        ).fetchone()
+    assert notes == [f"{alice.tenant_id}:{alice.user_id}"]
+    assert after - before == 1
+    assert parked == (False,)
