@@ -9,7 +9,8 @@ migrations, in fresh databases on one server (BENCH_DATABASE_URL, else the machi
 on 127.0.0.1:5432). It prints every figure, the medians, and the ratio this / other of each
 repeat's pair, which holds when the machine's speed drifts; ``*_cpu_us`` is the benchmark
 process's CPU per ToDo (the dispatcher's Python and driver, setup included), steadier than
-throughput on a loaded machine. Used for "behaviour must not change
+throughput on a loaded machine; ``latency_*`` is dependency done -> dependent running (100
+5-ToDo chains, the executors' clock, bench_dispatch.latency). Used for "behaviour must not change
 and throughput stays within noise" checks of refactors.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Only names both revisions have: ours_wide, ours_chains and server of bench_dispatch.
+# Only names both revisions have: ours_wide, ours_chains, latency and server of bench_dispatch.
 SNIPPET = """
 import asyncio, json, sys, time
 from tests.bench import bench_dispatch as b
@@ -38,12 +39,15 @@ async def main():
         t1 = time.process_time()
         chains = await b.ours_chains(srv, 100, n // 100)
         t2 = time.process_time()
+        lat = sorted(await b.latency(srv))
     finally:
         stop()
     # The dispatcher's own CPU (this process: Python and its driver, not the server) per
     # ToDo, in microseconds; the machine's load moves it far less than the wall clock.
     print(json.dumps({"wide": wide, "chains": chains, "wide_cpu_us": (t1 - t0) / n * 1e6,
-                      "chains_cpu_us": (t2 - t1) / n * 1e6}))
+                      "chains_cpu_us": (t2 - t1) / n * 1e6,
+                      "latency_p50_ms": lat[len(lat) // 2],
+                      "latency_p99_ms": lat[min(len(lat) - 1, round(len(lat) * 0.99))]}))
 asyncio.run(main())
 """
 
@@ -74,17 +78,25 @@ def main() -> None:
         for side in order:
             figures = run(sides[side], args.n, url)
             results[side].append(figures)
-            print(f"repeat {rep + 1} {side}: " + ", ".join(f"{k} {v:,.0f}" for k, v in figures.items()), flush=True)  # fmt: skip
+            print(f"repeat {rep + 1} {side}: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()), flush=True)  # fmt: skip
     print(f"\nthis = {ROOT}, other = {sides['other']}")
     print("| figure | this (runs) | other (runs) | median this / other | ratio per pair |")
     print("|---|---|---|---|---|")
-    for key in ("wide", "chains", "wide_cpu_us", "chains_cpu_us"):
+    for key in (
+        "wide",
+        "chains",
+        "wide_cpu_us",
+        "chains_cpu_us",
+        "latency_p50_ms",
+        "latency_p99_ms",
+    ):
         this = [r[key] for r in results["this"]]
         other = [r[key] for r in results["other"]]
         pairs = [a / b for a, b in zip(this, other, strict=True)]
+        digits = 2 if key.startswith("latency") else 0
         print(
-            f"| {key} | {', '.join(f'{v:,.0f}' for v in this)} | "
-            f"{', '.join(f'{v:,.0f}' for v in other)} | "
+            f"| {key} | {', '.join(f'{v:,.{digits}f}' for v in this)} | "
+            f"{', '.join(f'{v:,.{digits}f}' for v in other)} | "
             f"{statistics.median(this) / statistics.median(other):.2f} | "
             f"{', '.join(f'{p:.2f}' for p in pairs)} (median {statistics.median(pairs):.2f}) |"
         )
