@@ -3,7 +3,8 @@
 Ready-driven, not level-by-level: whenever capacity frees up the pass claims again, so a ToDo
 released by a completion starts in the same pass and a job's makespan approaches its critical
 path. Completions and failures that finish close together are committed in one transaction.
-Leases are extended while a ToDo runs longer than half its lease. The pass acts on each
+Leases are extended while a ToDo runs longer than half its lease, and the executor of a ToDo
+no longer leased to the pass (its job cancelled, its lease lost) is stopped. The pass acts on each
 executor's typed outcome (:mod:`cpa_scheduler.executor`), never on an action's name: a
 :class:`~cpa_scheduler.executor.Snooze` parks the ToDo with ``run_after`` (no worker is held,
 which is how ``wait`` timers work), an :class:`~cpa_scheduler.executor.Attach` adds ToDos to

@@ -243,6 +243,9 @@ class _Lane:
             self.need_claim = True
         for task in done:
             self.running.pop(task)  # type: ignore[call-overload]
+            if task.cancelled():  # stopped, no longer leased to us: nothing to report
+                self.slots.release(1)
+                continue
             self.pending.append(task.result())
         return len(done)
 

@@ -234,32 +234,49 @@ class Reporter:
                 await session.todo_release([self._item(r) for r in rows])
 
     async def _extend_leases(self, running: dict[asyncio.Task[_Finished], TodoRow]) -> None:
-        """Extend the leases of the ToDos that run past half their lease, every quarter lease.
+        """Every quarter lease: stop the executors of ToDos no longer leased to this dispatcher,
+        and extend the leases of the ToDos that run past half their lease.
 
-        ``running`` is the lane's own map: an extended row is replaced there by a copy with
-        the new expiry, never changed in place."""
+        A ToDo is no longer ours when its job was cancelled, or its lease expired and another
+        worker took it: its result would be dropped, so its executor is cancelled instead of
+        running on (an LLM call, a download, a second side effect). ``running`` is the lane's
+        own map: an extended row is replaced there by a copy with the new expiry, never changed
+        in place."""
         half = self.lease_seconds / 2
         while True:
             await asyncio.sleep(half / 2)
+            self.health.beat()
+            if not running:
+                continue
             now = datetime.now(UTC)
+            rows = list(running.values())
             long = {
                 r.id
-                for r in running.values()
+                for r in rows
                 if r.lease_expires_at is not None
                 and r.lease_expires_at - now < timedelta(seconds=half)
             }
-            self.health.beat()
-            if long:
-                try:
-                    async with self.store.service() as session:
-                        await session.todo_extend(list(long), self.owner, self.lease_seconds)
-                except Exception as exc:
-                    self.health.fault("lease extension", exc)
-                    continue
-                new_expiry = now + timedelta(seconds=self.lease_seconds)
-                for task, r in list(running.items()):
-                    if r.id in long:
-                        running[task] = replace(r, lease_expires_at=new_expiry)
+            try:
+                async with self.store.service() as session:
+                    held = await session.todo_held([(r.id, r.attempts) for r in rows], self.owner)
+                    if long & held:
+                        await session.todo_extend(list(long & held), self.owner, self.lease_seconds)
+            except Exception as exc:
+                self.health.fault("lease extension", exc)
+                continue
+            new_expiry = now + timedelta(seconds=self.lease_seconds)
+            asked = {r.id for r in rows}  # a task the lane started since is not in the answer
+            for task, r in list(running.items()):
+                if r.id in long and r.id in held:
+                    running[task] = replace(r, lease_expires_at=new_expiry)
+                elif r.id in asked and r.id not in held and task.cancel():
+                    log.info(
+                        "stopped the executor of ToDo %s (%s): it is no longer leased to this "
+                        "dispatcher (its job was cancelled, or its lease was lost)",
+                        r.id, r.action,
+                        extra={"todo_id": str(r.id), "job_id": str(r.job_id),
+                               "action": r.action},
+                    )  # fmt: skip
 
 
 def _storable(row: TodoRow, outcome: executor.Outcome) -> executor.Outcome:

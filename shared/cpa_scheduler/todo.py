@@ -120,6 +120,14 @@ class TodoQueries(query.Queries):
         params = {"ids": [str(i) for i in ids], "owner": owner, "lease_seconds": lease_seconds}
         return int(await self._scalar("todo_extend", params))
 
+    async def todo_held(
+        self, leases: Sequence[tuple[uuid.UUID, int]], owner: str
+    ) -> set[uuid.UUID]:
+        """Of these running ToDos (id, attempt), the ones still leased to ``owner``."""
+        params = {"ids": [str(i) for i, _ in leases], "attempts": [a for _, a in leases],
+                  "owner": owner}  # fmt: skip
+        return {uuid.UUID(str(r["id"])) for r in await self._all("todo_held", params)}
+
     async def todo_lease_owners(self, prefix: str) -> list[str]:
         """Owners (``prefix``...) of the leases on running ToDos."""
         return [str(r["owner"]) for r in await self._all("todo_lease_owners", {"prefix": prefix})]

@@ -242,3 +242,46 @@ async def test_executors_may_suspend_fail_and_keep_their_context(
     assert rows["after"]["result"] == {"seen": "after"}
     bad = (await todos_of(db, m, failing.id))["bad"]
     assert bad["status"] == "failed" and "boom" in bad["error"]
+
+
+async def test_the_executor_of_a_cancelled_running_todo_is_stopped_and_others_run_on(
+    db: store.Store, member_factory: MemberFactory, job_factory: JobFactory
+) -> None:
+    """A ToDo no longer leased to the dispatcher (here: its job was cancelled while it ran) has
+    its executor cancelled at the next lease check (a quarter lease), not run to its end; a
+    ToDo still leased to it keeps running, its lease extended, and is done."""
+    import asyncio
+
+    started: dict[str, asyncio.Event] = {"long": asyncio.Event(), "short": asyncio.Event()}
+    stopped: list[str] = []
+
+    async def slow(params: dict[str, Any], ctx: executor.Context) -> executor.Outcome:
+        started[ctx.key].set()
+        try:
+            await asyncio.sleep(params["seconds"])
+        except asyncio.CancelledError:
+            stopped.append(ctx.key)
+            raise
+        return executor.Done({"slept": params["seconds"]})
+
+    reg = executor.builtin()
+    reg.register("slow", slow)
+    m = await member_factory()
+    await register_action(db, "slow")
+    doomed = await job_factory(m, [{"key": "long", "action": "slow", "params": {"seconds": 30}},
+                                   {"key": "next", "action": "noop", "depends_on": ["long"]}])  # fmt: skip
+    kept = await job_factory(m, [{"key": "short", "action": "slow", "params": {"seconds": 1.5}}])
+    d = dispatch.Dispatcher(db, registry=reg, lease_seconds=2)  # a lease check every 0.5 s
+    runner = asyncio.create_task(d.run_pass(20))
+    for event in started.values():
+        await asyncio.wait_for(event.wait(), 10)
+    async with db.user(m.claims) as s:
+        await s.job_cancel(doomed.id)
+    summary = await asyncio.wait_for(runner, 15)
+    assert stopped == ["long"]
+    assert summary.done == 1 and summary.elapsed < 10, summary.as_dict()
+    rows = await todos_of(db, m, doomed.id)
+    assert rows["long"]["status"] == "cancelled" and rows["long"]["result"] is None
+    assert rows["next"]["status"] == "cancelled"
+    rows = await todos_of(db, m, kept.id)
+    assert rows["short"]["status"] == "done" and rows["short"]["result"] == {"slept": 1.5}

@@ -152,6 +152,14 @@ select cpa.todo_snooze_v1(%(todo_id)s, %(owner)s, %(until)s) as ok;
 -- name: todo_extend
 select cpa.todo_extend_v2(%(ids)s, %(owner)s, %(lease_seconds)s) as n;
 
+-- name: todo_held
+-- Which of these running ToDos (id, attempt) are still leased to this owner: a cancelled job's
+-- ToDos, and leases lost to another worker, are not.
+select t.id
+  from unnest(%(ids)s::uuid[], %(attempts)s::integer[]) as h(id, attempt)
+  join public.todos t on t.id = h.id
+ where t.status = 'running' and t.lease_owner = %(owner)s and t.attempts = h.attempt;
+
 -- name: todo_confirm
 select * from cpa.todo_confirm_v2(%(todo_id)s, %(approved)s);
 
